@@ -1,0 +1,35 @@
+# tollgate — `make run` builds and runs the proxy (embedded mode); `make test` runs the
+# whole suite (installing cmake, redis-server and PostgreSQL when absent).
+SHELL := /bin/bash
+CARGO ?= cargo
+CONFIG ?= config.toml
+
+.PHONY: setup run build test lint fmt bench clean
+
+setup:
+	./scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release
+
+run: build
+	./target/release/tollgate serve --config $(CONFIG)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test:
+	./scripts/setup.sh --test
+	# Thread count via the environment: the criterion benches (run once each as smoke
+	# tests) do not accept libtest's --test-threads flag.
+	RUST_TEST_THREADS=4 $(CARGO) test --all-targets
+
+fmt:
+	$(CARGO) fmt --all
+
+bench: setup
+	./benches/load.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,645 @@
+//! The admin listener (hyper, `server.admin_listen`, localhost by default): the operator's
+//! HTTP surface (SPEC §6) — keys, limits, usage, the ledger, the journal — plus health,
+//! readiness and Prometheus metrics.
+//!
+//! `/healthz`, `/readyz` and `/metrics` are open; every path under `/admin` needs
+//! `Authorization: Bearer <admin_token>`, checked before routing (so unknown admin paths do
+//! not reveal themselves) and compared in constant time over SHA-256 digests, which hides
+//! the token's length too. With no admin token configured every `/admin` route answers 401.
+//! The usage page at `/admin/` ([`page`]) also takes the token as `?token=`, since a
+//! browser cannot send the header when it navigates; no other route does.
+//!
+//! The routes are listed once in [`ROUTES`]; the OpenAPI document served at
+//! `/admin/openapi.json` ([`OPENAPI`]) must describe exactly those, which a unit test
+//! checks. Handlers live in [`keys`] (keys and limits), [`usage`] (usage, ledger) and
+//! [`page`] (the usage page).
+//! Bodies are JSON of at most [`MAX_BODY`] bytes; errors are
+//! `{"error": {"message", "code"}}`. Neither the admin token nor a key secret is ever
+//! logged.
+
+mod keys;
+pub mod page;
+mod usage;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::db::DbError;
+use crate::engine::Engine;
+use crate::keys::Subject;
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The OpenAPI 3 document of this listener, served at `/admin/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route: path template and methods. The OpenAPI document lists exactly these.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/healthz", &["GET"]),
+    ("/readyz", &["GET"]),
+    ("/metrics", &["GET"]),
+    ("/admin/keys", &["GET", "POST"]),
+    ("/admin/keys/{id}", &["GET", "DELETE"]),
+    ("/admin/keys/{id}/limits", &["PUT"]),
+    ("/admin/users/{id}/limits", &["PUT"]),
+    ("/admin/tenants/{id}/limits", &["PUT"]),
+    ("/admin/usage", &["GET"]),
+    ("/admin/transactions", &["GET"]),
+    ("/admin/journal", &["GET"]),
+    ("/admin/reconcile", &["GET", "POST"]),
+    ("/admin/openapi.json", &["GET"]),
+    ("/admin/", &["GET"]),
+];
+
+type Resp = Response<Full<Bytes>>;
+
+/// An admin request that cannot be answered as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("admin token required: send `Authorization: Bearer <server.admin_token>`")]
+    Unauthorized,
+    #[error("admin token required: open /admin/?token=<server.admin_token>")]
+    PageUnauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed; use {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("request body exceeds {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AdminError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::Unauthorized | AdminError::PageUnauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            AdminError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::BadRequest(_) => "invalid_request",
+            AdminError::Unauthorized | AdminError::PageUnauthorized => "invalid_admin_token",
+            AdminError::NotFound(_) => "not_found",
+            AdminError::MethodNotAllowed(_) => "method_not_allowed",
+            AdminError::TooLarge => "request_too_large",
+            AdminError::Unavailable(_) => "store_unavailable",
+            AdminError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn response(&self) -> Resp {
+        let mut r = json(
+            self.status(),
+            &serde_json::json!({"error": {"message": self.to_string(), "code": self.code()}}),
+        );
+        if let AdminError::MethodNotAllowed(allow) = self {
+            r.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+        }
+        r
+    }
+}
+
+impl From<DbError> for AdminError {
+    /// `Invalid` is what the key and limit functions answer for bad input (names, limit
+    /// specs); everything else means the database did not do its job.
+    fn from(e: DbError) -> AdminError {
+        match e {
+            DbError::Invalid(m) => AdminError::BadRequest(m),
+            other => AdminError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+fn json(status: StatusCode, v: &impl Serialize) -> Resp {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// What a path names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Endpoint {
+    Healthz,
+    Readyz,
+    Metrics,
+    Keys,
+    Key(String),
+    Limits(Subject),
+    Usage,
+    Transactions,
+    Journal,
+    Reconcile,
+    OpenApi,
+    Page,
+}
+
+impl Endpoint {
+    /// Match a request path; `Ok(None)` for no route. Path segments are percent-decoded.
+    fn parse(path: &str) -> Result<Option<Endpoint>, AdminError> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let id = |s: &str| -> Result<String, AdminError> {
+            match percent_decode(s, false) {
+                Some(id) if !id.is_empty() => Ok(id),
+                _ => Err(AdminError::BadRequest(format!(
+                    "`{s}` is not a valid percent-encoded id"
+                ))),
+            }
+        };
+        Ok(Some(match segments.as_slice() {
+            ["healthz"] => Endpoint::Healthz,
+            ["readyz"] => Endpoint::Readyz,
+            ["metrics"] => Endpoint::Metrics,
+            ["admin", "keys"] => Endpoint::Keys,
+            ["admin", "keys", k] => Endpoint::Key(id(k)?),
+            ["admin", "keys", k, "limits"] => Endpoint::Limits(Subject::Key(id(k)?)),
+            ["admin", "users", u, "limits"] => Endpoint::Limits(Subject::User(id(u)?)),
+            ["admin", "tenants", t, "limits"] => Endpoint::Limits(Subject::Tenant(id(t)?)),
+            ["admin", "usage"] => Endpoint::Usage,
+            ["admin", "transactions"] => Endpoint::Transactions,
+            ["admin", "journal"] => Endpoint::Journal,
+            ["admin", "reconcile"] => Endpoint::Reconcile,
+            ["admin", "openapi.json"] => Endpoint::OpenApi,
+            ["admin", ""] => Endpoint::Page,
+            _ => return Ok(None),
+        }))
+    }
+
+    /// Methods the endpoint answers, as for an `Allow` header.
+    fn allow(&self) -> &'static str {
+        match self {
+            Endpoint::Keys => "GET, POST",
+            Endpoint::Key(_) => "GET, DELETE",
+            Endpoint::Limits(_) => "PUT",
+            Endpoint::Reconcile => "GET, POST",
+            _ => "GET",
+        }
+    }
+}
+
+/// Whether an `Authorization` header carries the configured admin token.
+fn authorized(configured: &str, authorization: Option<&HeaderValue>) -> bool {
+    let Some(presented) = authorization.and_then(|v| v.to_str().ok()).and_then(|h| {
+        let (scheme, rest) = h.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    }) else {
+        return false;
+    };
+    token_matches(configured, presented)
+}
+
+/// Whether `presented` is the configured admin token; never true when none is configured.
+fn token_matches(configured: &str, presented: &str) -> bool {
+    if configured.is_empty() {
+        return false;
+    }
+    // Digests have a fixed length, so the comparison time says nothing about the token.
+    Sha256::digest(presented.as_bytes())
+        .ct_eq(&Sha256::digest(configured.as_bytes()))
+        .into()
+}
+
+/// Decode `%XX` escapes (and `+` as a space in query strings); `None` when malformed or
+/// not UTF-8.
+fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Decoded query parameters, in order.
+#[derive(Debug, Default)]
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(raw: Option<&str>) -> Result<Query, AdminError> {
+        let mut out = Vec::new();
+        for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match (percent_decode(k, true), percent_decode(v, true)) {
+                (Some(k), Some(v)) => out.push((k, v)),
+                _ => {
+                    return Err(AdminError::BadRequest(format!(
+                        "query parameter `{pair}` is not valid percent-encoded UTF-8"
+                    )));
+                }
+            }
+        }
+        Ok(Query(out))
+    }
+
+    /// The first value of `name`; an empty value counts as absent.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Refuse parameters outside `known`, so a typo does not silently widen a query.
+    fn only(&self, known: &[&str]) -> Result<(), AdminError> {
+        match self.0.iter().find(|(k, _)| !known.contains(&k.as_str())) {
+            Some((k, _)) => Err(AdminError::BadRequest(format!(
+                "unknown query parameter `{k}`; expected one of: {}",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Read a JSON body of at most [`MAX_BODY`] bytes.
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, AdminError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(AdminError::TooLarge);
+    }
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                AdminError::TooLarge
+            } else {
+                AdminError::BadRequest(format!("cannot read the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| AdminError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// Events journaled but not yet applied, per target (SPEC §2 journal status): the
+/// shipper's backlog in shared mode; empty in embedded mode, where the ledger is the journal.
+pub fn journal_status(engine: &Engine) -> crate::journal::JournalStatus {
+    engine.journal().status()
+}
+
+/// Whether each store this instance depends on answers, by store name.
+pub async fn store_status(engine: &Engine) -> BTreeMap<&'static str, bool> {
+    let sqlite = engine
+        .db()
+        .call(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+        .await
+        .is_ok();
+    let mut out = BTreeMap::from([("sqlite", sqlite)]);
+    out.extend(engine.store().health());
+    out
+}
+
+async fn readyz(engine: &Engine) -> Resp {
+    let stores = store_status(engine).await;
+    // Serving needs the local journal; a down Redis only stops us under
+    // `on_unavailable = "closed"` (the other policies keep answering).
+    let closed = engine.config().storage.on_unavailable == crate::config::OnUnavailable::Closed;
+    let ready = stores
+        .iter()
+        .all(|(name, up)| *up || (*name == "redis" && !closed));
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let stores: BTreeMap<&str, &str> = stores
+        .iter()
+        .map(|(k, up)| (*k, if *up { "up" } else { "down" }))
+        .collect();
+    json(
+        status,
+        &serde_json::json!({
+            "status": if ready { "ready" } else { "unavailable" },
+            "mode": engine.config().storage.mode,
+            "stores": stores,
+            "open_reservations": engine.store().open_holds(),
+            "backlog": journal_status(engine).backlog,
+        }),
+    )
+}
+
+/// Levels are read at scrape time (cheaper than tracking every change), then rendered.
+async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
+    let m = engine.metrics();
+    m.set_open_reservations(engine.store().open_holds());
+    let a = engine.alerts().stats();
+    let load = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+    m.set_alert_totals(
+        load(&a.fired),
+        load(&a.dropped),
+        load(&a.delivered),
+        load(&a.failed),
+    );
+    for (store, up) in store_status(engine).await {
+        m.set_store_up(store, up);
+    }
+    let journal = journal_status(engine);
+    if journal.backlog.is_empty() {
+        // Embedded mode: the ledger is the journal, so its backlog is always zero. The
+        // series exists so dashboards and alerts work unchanged in both modes.
+        m.set_journal_backlog("ledger", 0);
+    }
+    for (target, n) in &journal.backlog {
+        m.set_journal_backlog(target, *n);
+    }
+    let text = m
+        .render()
+        .map_err(|e| AdminError::Internal(e.to_string()))?;
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    Ok(r)
+}
+
+async fn dispatch(engine: &Engine, req: Request<Incoming>) -> Result<Resp, AdminError> {
+    let path = req.uri().path().to_string();
+    if path == "/admin" || path.starts_with("/admin/") {
+        let configured = engine.config().server.admin_token.expose();
+        let is_page = path == "/admin/";
+        let allowed = authorized(configured, req.headers().get(AUTHORIZATION))
+            || (is_page && page::query_token_ok(configured, req.uri().query()));
+        if !allowed {
+            return Err(if is_page {
+                AdminError::PageUnauthorized
+            } else {
+                AdminError::Unauthorized
+            });
+        }
+    }
+    let Some(endpoint) = Endpoint::parse(&path)? else {
+        return Err(AdminError::NotFound(format!("no route for {path}")));
+    };
+    let query = Query::parse(req.uri().query())?;
+    let method = req.method().clone();
+    match (endpoint, method) {
+        (Endpoint::Healthz, Method::GET) => {
+            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+        }
+        (Endpoint::Readyz, Method::GET) => Ok(readyz(engine).await),
+        (Endpoint::Metrics, Method::GET) => metrics(engine).await,
+        (Endpoint::Keys, Method::GET) => keys::list(engine).await,
+        (Endpoint::Keys, Method::POST) => keys::create(engine, read_json(req).await?).await,
+        (Endpoint::Key(id), Method::GET) => keys::show(engine, id).await,
+        (Endpoint::Key(id), Method::DELETE) => keys::revoke(engine, id).await,
+        (Endpoint::Limits(subject), Method::PUT) => {
+            keys::put_limits(engine, subject, read_json(req).await?).await
+        }
+        (Endpoint::Usage, Method::GET) => usage::usage(engine, &query).await,
+        (Endpoint::Transactions, Method::GET) => usage::transactions(engine, &query).await,
+        (Endpoint::Journal, Method::GET) => {
+            Ok(json(StatusCode::OK, &journal_status(engine).to_json()))
+        }
+        (Endpoint::Reconcile, m @ (Method::GET | Method::POST)) => {
+            let (status, body) = crate::journal::admin_route(
+                engine,
+                m.as_str(),
+                "/admin/reconcile",
+                req.uri().query(),
+            )
+            .await
+            .unwrap_or((404, serde_json::json!({"error": {"message": "not found"}})));
+            Ok(json(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                &body,
+            ))
+        }
+        (Endpoint::OpenApi, Method::GET) => {
+            let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(r)
+        }
+        (Endpoint::Page, Method::GET) => {
+            query.only(&["token"])?;
+            Ok(page::page())
+        }
+        (endpoint, _) => Err(AdminError::MethodNotAllowed(endpoint.allow())),
+    }
+}
+
+async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = match dispatch(&engine, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            if matches!(e, AdminError::Unavailable(_) | AdminError::Internal(_)) {
+                tracing::error!(%method, %path, error = %e, "admin request failed");
+            } else {
+                tracing::debug!(%method, %path, status = e.status().as_u16(), error = %e, "admin request refused");
+            }
+            e.response()
+        }
+    };
+    Ok(resp)
+}
+
+/// Serve the admin API on `listener` until the task is aborted.
+pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "admin listener cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let e = engine.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| handle(e.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Bind `server.admin_listen` and serve the admin API until the task is aborted.
+pub async fn serve(engine: Arc<Engine>) {
+    let addr = engine.config().server.admin_listen;
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => run(listener, engine).await,
+        Err(e) => tracing::error!(%addr, error = %e, "cannot bind the admin listener"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn openapi_describes_exactly_the_routes() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                if method == "parameters" {
+                    continue;
+                }
+                assert!(op["responses"].is_object(), "{method} {path} has responses");
+                documented.insert((path.clone(), method.to_uppercase()));
+            }
+        }
+        let mut routed = BTreeSet::new();
+        for (template, methods) in ROUTES {
+            let concrete = template.replace("{id}", "x");
+            let endpoint = Endpoint::parse(&concrete).unwrap().unwrap();
+            let allow: BTreeSet<&str> = endpoint.allow().split(", ").collect();
+            assert_eq!(
+                allow,
+                methods.iter().copied().collect(),
+                "{template} dispatches the methods it lists"
+            );
+            for m in *methods {
+                routed.insert((template.to_string(), m.to_string()));
+            }
+        }
+        assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn openapi_references_resolve() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut refs = Vec::new();
+        fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                        out.push(r.to_string());
+                    }
+                    m.values().for_each(|x| walk(x, out));
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+                _ => {}
+            }
+        }
+        walk(&doc, &mut refs);
+        assert!(refs.len() > 20);
+        for r in refs {
+            let pointer = r.strip_prefix('#').unwrap();
+            assert!(doc.pointer(pointer).is_some(), "{r} resolves");
+        }
+    }
+
+    #[test]
+    fn paths_decode_ids() {
+        assert_eq!(
+            Endpoint::parse("/admin/users/alice%40example.com/limits").unwrap(),
+            Some(Endpoint::Limits(Subject::User("alice@example.com".into())))
+        );
+        assert_eq!(
+            Endpoint::parse("/admin/keys/k_1").unwrap(),
+            Some(Endpoint::Key("k_1".into()))
+        );
+        assert_eq!(Endpoint::parse("/admin/keys/k_1/nope").unwrap(), None);
+        assert_eq!(Endpoint::parse("/admin/").unwrap(), Some(Endpoint::Page));
+        assert_eq!(Endpoint::parse("/admin").unwrap(), None);
+        assert!(Endpoint::parse("/admin/tenants/%zz/limits").is_err());
+        assert!(
+            Endpoint::parse("/admin/tenants/%ff/limits").is_err(),
+            "not UTF-8"
+        );
+    }
+
+    #[test]
+    fn queries_decode_and_reject_unknown_names() {
+        let q = Query::parse(Some("user=a+b%2Bc&limit=&key=k_1&key=k_2")).unwrap();
+        assert_eq!(q.get("user"), Some("a b+c"));
+        assert_eq!(q.get("limit"), None, "empty means absent");
+        assert_eq!(q.get("key"), Some("k_1"), "first wins");
+        assert!(q.only(&["user", "limit", "key"]).is_ok());
+        assert!(q.only(&["user"]).is_err());
+        assert!(Query::parse(Some("a=%4")).is_err());
+        assert!(Query::parse(None).unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn admin_token_must_match_and_be_configured() {
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(authorized("s3cret", Some(&h("Bearer s3cret"))));
+        assert!(authorized("s3cret", Some(&h("bearer  s3cret "))));
+        assert!(!authorized("s3cret", Some(&h("Bearer s3cre"))));
+        assert!(!authorized("s3cret", Some(&h("Bearer s3cret2"))));
+        assert!(!authorized("s3cret", Some(&h("Basic s3cret"))));
+        assert!(!authorized("s3cret", Some(&h("s3cret"))));
+        assert!(!authorized("s3cret", None));
+        // No token configured: nothing opens the admin routes, not even an empty bearer.
+        assert!(!authorized("", Some(&h("Bearer "))));
+        assert!(!authorized("", Some(&h("Bearer x"))));
+    }
+
+    #[test]
+    fn errors_have_status_and_code() {
+        let r = AdminError::MethodNotAllowed("GET, POST").response();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[ALLOW], "GET, POST");
+        assert_eq!(
+            AdminError::from(DbError::Invalid("bad".into())).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            AdminError::from(DbError::Closed).code(),
+            "store_unavailable"
+        );
+    }
+}

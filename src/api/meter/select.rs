@@ -1,0 +1,379 @@
+//! Streaming extraction of output text and usage objects from provider JSON.
+//!
+//! A static selector tree ([`Sel`]) names the string fields worth keeping (message text, tool-call
+//! arguments, reasoning text). [`Select`] walks a JSON document with serde's visitor API,
+//! appending selected strings straight into a [`TextSink`] and skipping everything else with
+//! `IgnoredAny`, so a chunk is read without building a `serde_json::Value` or any per-chunk
+//! collection. The only allocation left on the per-event path is serde_json's scratch buffer,
+//! used when a selected string contains escape sequences. [`Envelope`] adds the top-level fields
+//! the meter needs besides text: `usage`, `error` and the length of `choices`.
+//!
+//! Walking is lenient: a field of an unexpected JSON type is skipped rather than failing the
+//! document, so a provider adding or retyping a field cannot lose us the usage numbers.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// What to take from a JSON value.
+#[derive(Debug)]
+pub(crate) enum Sel {
+    /// A string, appended to the sink. Other types are skipped.
+    Text,
+    /// Any value, appended in compact JSON form (Anthropic `tool_use.input` objects). Builds a
+    /// `serde_json::Value`, so it is only used on whole (non-stream) bodies.
+    Json,
+    /// An object: the listed keys are followed, the rest skipped.
+    Obj(&'static [(&'static str, Sel)]),
+    /// An array: every element is taken with the inner selector.
+    Each(&'static Sel),
+}
+
+/// Collected output text with a hard size cap.
+#[derive(Debug, Default)]
+pub(crate) struct TextSink {
+    pub text: String,
+    pub cap: usize,
+    pub truncated: bool,
+}
+
+impl TextSink {
+    pub fn new(cap: usize) -> TextSink {
+        TextSink {
+            text: String::new(),
+            cap,
+            truncated: false,
+        }
+    }
+
+    /// Appends `s`, or as much of it as fits under the cap (cut at a character boundary).
+    pub fn push(&mut self, s: &str) {
+        let room = self.cap.saturating_sub(self.text.len());
+        if s.len() <= room {
+            self.text.push_str(s);
+            return;
+        }
+        let mut cut = room;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.text.push_str(&s[..cut]);
+        self.truncated = true;
+    }
+}
+
+/// Selects text from one JSON value. Its value is the number of elements when the value was an
+/// array (the meter needs `choices.len()`), `None` otherwise.
+pub(crate) struct Select<'s> {
+    pub sel: &'static Sel,
+    pub sink: &'s mut TextSink,
+}
+
+impl<'de> DeserializeSeed<'de> for Select<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        if let Sel::Json = self.sel {
+            let value = serde_json::Value::deserialize(d)?;
+            if !value.is_null() {
+                self.sink.push(&value.to_string());
+            }
+            return Ok(None);
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Select<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Option<usize>, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Option<usize>, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Option<usize>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Option<usize>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Option<usize>, E> {
+        Ok(None)
+    }
+    fn visit_none<E>(self) -> Result<Option<usize>, E> {
+        Ok(None)
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Option<usize>, E> {
+        if let Sel::Text = self.sel {
+            self.sink.push(v);
+        }
+        Ok(None)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Option<usize>, A::Error> {
+        let mut n = 0;
+        match self.sel {
+            Sel::Each(inner) => {
+                while seq
+                    .next_element_seed(Select {
+                        sel: inner,
+                        sink: &mut *self.sink,
+                    })?
+                    .is_some()
+                {
+                    n += 1;
+                }
+            }
+            _ => {
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+            }
+        }
+        Ok(Some(n))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<usize>, A::Error> {
+        let fields: &'static [(&'static str, Sel)] = match self.sel {
+            Sel::Obj(fields) => fields,
+            _ => &[],
+        };
+        while let Some(key) = map.next_key_seed(KeyIndex(fields))? {
+            match key {
+                Some(i) => {
+                    map.next_value_seed(Select {
+                        sel: &fields[i].1,
+                        sink: &mut *self.sink,
+                    })?;
+                }
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Reads a map key and returns its position in `fields`, without allocating the key.
+struct KeyIndex(&'static [(&'static str, Sel)]);
+
+impl<'de> DeserializeSeed<'de> for KeyIndex {
+    type Value = Option<usize>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIndex {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|(k, _)| *k == v))
+    }
+}
+
+/// Top-level fields the meter reads besides text.
+#[derive(Debug)]
+pub(crate) struct EnvelopeInfo<U> {
+    /// `usage`, when present and not null.
+    pub usage: Option<U>,
+    /// `error` was present and not null.
+    pub error: bool,
+    /// Length of `choices` when it is an array.
+    pub choices: Option<usize>,
+}
+
+/// Reads a top-level object: `usage` as `U`, `error`, and text through `fields`.
+pub(crate) struct Envelope<'s, U> {
+    pub fields: &'static [(&'static str, Sel)],
+    pub sink: &'s mut TextSink,
+    pub usage: PhantomData<U>,
+}
+
+impl<'s, U> Envelope<'s, U> {
+    pub fn new(fields: &'static [(&'static str, Sel)], sink: &'s mut TextSink) -> Self {
+        Envelope {
+            fields,
+            sink,
+            usage: PhantomData,
+        }
+    }
+}
+
+enum EnvelopeKey {
+    Usage,
+    Error,
+    Field(usize),
+    Other,
+}
+
+struct EnvelopeKeySeed(&'static [(&'static str, Sel)]);
+
+impl<'de> DeserializeSeed<'de> for EnvelopeKeySeed {
+    type Value = EnvelopeKey;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<EnvelopeKey, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EnvelopeKeySeed {
+    type Value = EnvelopeKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<EnvelopeKey, E> {
+        Ok(match v {
+            "usage" => EnvelopeKey::Usage,
+            "error" => EnvelopeKey::Error,
+            _ => match self.0.iter().position(|(k, _)| *k == v) {
+                Some(i) => EnvelopeKey::Field(i),
+                None => EnvelopeKey::Other,
+            },
+        })
+    }
+}
+
+impl<'de, U: Deserialize<'de>> DeserializeSeed<'de> for Envelope<'_, U> {
+    type Value = EnvelopeInfo<U>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<EnvelopeInfo<U>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, U: Deserialize<'de>> Visitor<'de> for Envelope<'_, U> {
+    type Value = EnvelopeInfo<U>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EnvelopeInfo<U>, A::Error> {
+        let mut info = EnvelopeInfo {
+            usage: None,
+            error: false,
+            choices: None,
+        };
+        while let Some(key) = map.next_key_seed(EnvelopeKeySeed(self.fields))? {
+            match key {
+                EnvelopeKey::Usage => info.usage = map.next_value::<Option<U>>()?,
+                EnvelopeKey::Error => {
+                    info.error = map.next_value::<Option<IgnoredAny>>()?.is_some();
+                }
+                EnvelopeKey::Field(i) => {
+                    let (name, sel) = &self.fields[i];
+                    let len = map.next_value_seed(Select {
+                        sel,
+                        sink: &mut *self.sink,
+                    })?;
+                    if *name == "choices" {
+                        info.choices = len;
+                    }
+                }
+                EnvelopeKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(info)
+    }
+}
+
+/// Runs `seed` over a complete JSON document, rejecting trailing garbage.
+pub(crate) fn parse_with<'de, S: DeserializeSeed<'de>>(
+    data: &'de [u8],
+    seed: S,
+) -> Result<S::Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(data);
+    let value = seed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CALL: Sel = Sel::Obj(&[("function", Sel::Obj(&[("arguments", Sel::Text)]))]);
+    const MSG: Sel = Sel::Obj(&[("content", Sel::Text), ("tool_calls", Sel::Each(&CALL))]);
+    const CHOICE: Sel = Sel::Obj(&[("delta", MSG)]);
+    const TOP: &[(&str, Sel)] = &[("choices", Sel::Each(&CHOICE)), ("input", Sel::Json)];
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct U {
+        n: u64,
+    }
+
+    fn run(json: &str) -> (EnvelopeInfo<U>, String) {
+        let mut sink = TextSink::new(1 << 20);
+        let info = parse_with(json.as_bytes(), Envelope::<U>::new(TOP, &mut sink)).unwrap();
+        (info, sink.text)
+    }
+
+    #[test]
+    fn selects_nested_text_and_counts_choices() {
+        let (info, text) = run(
+            r#"{"id":"x","choices":[{"delta":{"content":"a\"b","role":"assistant"}},
+               {"delta":{"tool_calls":[{"function":{"name":"f","arguments":"{\"q\":1}"}}]}}],
+               "usage":{"n":5},"error":null}"#,
+        );
+        assert_eq!(text, "a\"b{\"q\":1}");
+        assert_eq!(info.usage, Some(U { n: 5 }));
+        assert_eq!(info.choices, Some(2));
+        assert!(!info.error);
+    }
+
+    #[test]
+    fn unexpected_types_are_skipped_not_fatal() {
+        let (info, text) = run(
+            r#"{"choices":[{"delta":{"content":null,"tool_calls":{"x":1}}},{"delta":["a"]},
+               {"delta":{"content":7}}],"usage":null,"error":{"message":"boom"}}"#,
+        );
+        assert_eq!(text, "");
+        assert_eq!(info.usage, None);
+        assert_eq!(info.choices, Some(3));
+        assert!(info.error);
+    }
+
+    #[test]
+    fn json_selector_serialises_values() {
+        let (_, text) = run(r#"{"input":{"city":"Paris","n":[1,2]}}"#);
+        assert_eq!(text, r#"{"city":"Paris","n":[1,2]}"#);
+    }
+
+    #[test]
+    fn sink_cap_cuts_at_a_char_boundary() {
+        let mut sink = TextSink::new(5);
+        sink.push("ab");
+        sink.push("é€x");
+        assert_eq!(sink.text, "abé");
+        assert!(sink.truncated);
+    }
+
+    #[test]
+    fn trailing_garbage_is_an_error() {
+        let mut sink = TextSink::new(10);
+        assert!(parse_with(b"{} x", Envelope::<U>::new(TOP, &mut sink)).is_err());
+    }
+}

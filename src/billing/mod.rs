@@ -1,0 +1,3 @@
+//! Billing: what a request costs.
+
+pub mod price;

@@ -1,0 +1,1377 @@
+//! Configuration: `config.toml` text → a validated [`Config`].
+//!
+//! The file is walked by hand (over `toml_edit`, which keeps spans) instead of through
+//! `serde` so that *every* problem is reported at once, each with its key path and line:
+//! an operator fixing a config should not have to run `check-config` once per typo.
+//! Unknown keys are errors. `${VAR}` and `${VAR:-default}` are expanded inside string
+//! values after parsing, so a secret full of quotes cannot break the TOML. Secrets are
+//! held in [`Secret`], whose `Debug`/`Display` never show the value.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml_edit::{Document, Item, Table, Value};
+
+/// A configuration value that must never be printed (provider keys, admin token, URLs
+/// with passwords).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the few places that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// Top-level keys (sections) of the file.
+pub const ROOT_KEYS: &[&str] = &[
+    "server",
+    "storage",
+    "quota",
+    "upstreams",
+    "plans",
+    "prices",
+    "alerts",
+    "log",
+];
+/// Keys of `[server]`.
+pub const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "admin_token",
+    "max_request_body",
+    "threads",
+    "instance_id",
+    "grace_period",
+];
+/// Keys of `[storage]`.
+pub const STORAGE_KEYS: &[&str] = &[
+    "mode",
+    "journal_path",
+    "redis_url",
+    "postgres_url",
+    "on_unavailable",
+    "durability",
+    "journal_retention",
+];
+/// Keys of `[quota]`.
+pub const QUOTA_KEYS: &[&str] = &[
+    "timezone",
+    "reservation_ttl",
+    "default_max_output_tokens",
+    "unknown_model",
+];
+/// Keys of each `[[upstreams]]` table.
+pub const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "kind",
+    "base_url",
+    "api_key",
+    "routes",
+    "connect_timeout",
+    "first_byte_timeout",
+    "idle_timeout",
+];
+/// Keys of each `[plans.NAME]` table.
+pub const PLAN_KEYS: &[&str] = &["limits"];
+/// Keys of each `[prices."MODEL"]` table.
+pub const PRICE_KEYS: &[&str] = &["input", "cached_input", "cache_write", "output"];
+/// Keys of `[alerts]`.
+pub const ALERTS_KEYS: &[&str] = &["thresholds", "webhook"];
+/// Keys of `[log]`.
+pub const LOG_KEYS: &[&str] = &["level", "format"];
+
+/// Every section with the keys it accepts, named as `docs/configuration.md` heads them
+/// (`plans.NAME`, `prices."MODEL"`). The parser reads the lists above, and a test keeps
+/// the reference in step with them.
+pub const SECTIONS: &[(&str, &[&str])] = &[
+    ("server", SERVER_KEYS),
+    ("storage", STORAGE_KEYS),
+    ("quota", QUOTA_KEYS),
+    ("upstreams", UPSTREAM_KEYS),
+    ("plans.NAME", PLAN_KEYS),
+    ("prices.\"MODEL\"", PRICE_KEYS),
+    ("alerts", ALERTS_KEYS),
+    ("log", LOG_KEYS),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageMode {
+    Embedded,
+    Shared,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    Local,
+    Open,
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// WAL + `synchronous=NORMAL`: survives a process crash (SIGKILL); a power loss can
+    /// lose the last commits.
+    Normal,
+    /// WAL + `synchronous=FULL`: every journal commit is fsynced.
+    Full,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownModel {
+    Reject,
+    Free,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    Openai,
+    Anthropic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub storage: StorageConfig,
+    pub quota: QuotaConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Plan name → limit specs (validated by the quota layer when it loads them).
+    pub plans: BTreeMap<String, Vec<String>>,
+    /// Model (or glob) → price overrides, USD per 1M tokens as exact decimal text.
+    pub prices: BTreeMap<String, PriceOverride>,
+    pub alerts: AlertsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub admin_token: Secret,
+    pub max_request_body: u64,
+    pub threads: usize,
+    pub instance_id: String,
+    /// How long a graceful shutdown waits for open requests to finish.
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub mode: StorageMode,
+    pub journal_path: PathBuf,
+    pub redis_url: Option<Secret>,
+    pub postgres_url: Option<Secret>,
+    pub on_unavailable: OnUnavailable,
+    pub durability: Durability,
+    /// Shared mode: how long shipped journal events (and final trace ids) are kept locally.
+    pub journal_retention: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuotaConfig {
+    pub timezone: chrono_tz::Tz,
+    pub reservation_ttl: Duration,
+    pub default_max_output_tokens: u64,
+    pub unknown_model: UnknownModel,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub kind: UpstreamKind,
+    pub base_url: String,
+    /// Parsed parts of `base_url`.
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix of `base_url` (without trailing slash), prepended to route paths.
+    pub base_path: String,
+    pub api_key: Secret,
+    pub routes: Vec<String>,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// A `[prices."MODEL"]` table as written: decimal text per field, `None` when absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PriceOverride {
+    pub input: Option<String>,
+    pub cached_input: Option<String>,
+    pub cache_write: Option<String>,
+    pub output: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    pub thresholds: Vec<u8>,
+    pub webhook: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// Key path, e.g. `upstreams[1].base_url`.
+    pub path: String,
+    /// 1-based line in the file, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(.file, .issues))]
+    Invalid {
+        file: String,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+fn render_issues(file: &str, issues: &[ConfigIssue]) -> String {
+    let mut out = format!("{} error(s) in {file}:", issues.len());
+    for i in issues {
+        match i.line {
+            Some(l) => out.push_str(&format!("\n  {file}:{l}: {}: {}", i.path, i.message)),
+            None => out.push_str(&format!("\n  {file}: {}: {}", i.path, i.message)),
+        }
+    }
+    out
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), &|k| {
+            std::env::var(k).ok()
+        })
+    }
+
+    /// Parse config text. `env` resolves `${VAR}`; `file` names the source in errors.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let doc = match Document::parse(text) {
+            Ok(d) => d,
+            Err(e) => {
+                let line = e.span().map(|s| line_of(text, s.start));
+                return Err(ConfigError::Invalid {
+                    file: file.to_string(),
+                    issues: vec![ConfigIssue {
+                        path: "(syntax)".into(),
+                        line,
+                        message: e.message().trim().to_string(),
+                    }],
+                });
+            }
+        };
+        let mut r = Reader {
+            text,
+            env,
+            issues: Vec::new(),
+        };
+        let cfg = r.config(doc.as_table());
+        if r.issues.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                file: file.to_string(),
+                issues: r.issues,
+            })
+        }
+    }
+
+    /// The upstream that serves `path` (query string ignored), if any.
+    pub fn upstream_for_path(&self, path: &str) -> Option<(usize, &UpstreamConfig)> {
+        let path = path.split('?').next().unwrap_or(path);
+        self.upstreams
+            .iter()
+            .enumerate()
+            .find(|(_, u)| u.routes.iter().any(|r| r == path))
+    }
+
+    /// The resolved configuration as JSON with every secret masked, for `check-config`.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let mask = |s: &Secret| {
+            if s.is_empty() {
+                json!("")
+            } else {
+                json!("***")
+            }
+        };
+        json!({
+            "server": {
+                "listen": self.server.listen.to_string(),
+                "admin_listen": self.server.admin_listen.to_string(),
+                "admin_token": mask(&self.server.admin_token),
+                "max_request_body": self.server.max_request_body,
+                "threads": self.server.threads,
+                "instance_id": self.server.instance_id,
+                "grace_period": humantime::format_duration(self.server.grace_period).to_string(),
+            },
+            "storage": {
+                "mode": self.storage.mode,
+                "journal_path": self.storage.journal_path.display().to_string(),
+                "redis_url": self.storage.redis_url.as_ref().map(mask),
+                "postgres_url": self.storage.postgres_url.as_ref().map(mask),
+                "on_unavailable": self.storage.on_unavailable,
+                "durability": self.storage.durability,
+                "journal_retention": humantime::format_duration(self.storage.journal_retention).to_string(),
+            },
+            "quota": {
+                "timezone": self.quota.timezone.name(),
+                "reservation_ttl": humantime::format_duration(self.quota.reservation_ttl).to_string(),
+                "default_max_output_tokens": self.quota.default_max_output_tokens,
+                "unknown_model": self.quota.unknown_model,
+            },
+            "upstreams": self.upstreams.iter().map(|u| json!({
+                "name": u.name,
+                "kind": u.kind,
+                "base_url": u.base_url,
+                "api_key": mask(&u.api_key),
+                "routes": u.routes,
+                "connect_timeout": humantime::format_duration(u.connect_timeout).to_string(),
+                "first_byte_timeout": humantime::format_duration(u.first_byte_timeout).to_string(),
+                "idle_timeout": humantime::format_duration(u.idle_timeout).to_string(),
+            })).collect::<Vec<_>>(),
+            "plans": self.plans,
+            "prices": self.prices.iter().map(|(k, p)| (k.clone(), json!({
+                "input": p.input, "cached_input": p.cached_input,
+                "cache_write": p.cache_write, "output": p.output,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "alerts": {
+                "thresholds": self.alerts.thresholds,
+                "webhook": self.alerts.webhook.as_ref().map(mask),
+            },
+            "log": { "level": self.log.level, "format": self.log.format },
+        })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset.min(text.len()))
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parse a size such as `10MiB`, `512KB`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like \"10MiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` (use B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Parse a duration such as `500ms`, `20s`, `10m`, `5h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like \"20s\" or \"500ms\": {e}"))
+}
+
+/// Expand `${VAR}` and `${VAR:-default}`.
+fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("unterminated `${` in value".into());
+        };
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`${{{inner}}}` is not a valid variable reference"));
+        }
+        match (env(name), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set (write ${{{name}:-}} to allow empty)"
+                ));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+struct Reader<'a> {
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    issues: Vec<ConfigIssue>,
+}
+
+fn item_span(item: &Item) -> Option<std::ops::Range<usize>> {
+    match item {
+        Item::Value(v) => v.span(),
+        Item::Table(t) => t.span(),
+        Item::ArrayOfTables(a) => a.span(),
+        Item::None => None,
+    }
+}
+
+impl Reader<'_> {
+    fn issue(&mut self, path: &str, span: Option<std::ops::Range<usize>>, msg: impl Into<String>) {
+        let line = span.map(|s| line_of(self.text, s.start));
+        self.issues.push(ConfigIssue {
+            path: path.to_string(),
+            line,
+            message: msg.into(),
+        });
+    }
+
+    /// Report keys of `table` not in `known`.
+    fn unknown_keys(&mut self, table: &Table, prefix: &str, known: &[&str]) {
+        for (k, item) in table.iter() {
+            if !known.contains(&k) {
+                let path = join(prefix, k);
+                let span = table.key(k).and_then(|key| key.span()).or(item_span(item));
+                self.issue(
+                    &path,
+                    span,
+                    format!("unknown key (expected one of: {})", known.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn table<'t>(&mut self, root: &'t Table, key: &str) -> Option<&'t Table> {
+        match root.get(key) {
+            None => None,
+            Some(Item::Table(t)) => Some(t),
+            Some(other) => {
+                self.issue(key, item_span(other), "expected a table");
+                None
+            }
+        }
+    }
+
+    fn string(
+        &mut self,
+        t: &Table,
+        prefix: &str,
+        key: &str,
+    ) -> Option<(String, Option<std::ops::Range<usize>>)> {
+        let item = t.get(key)?;
+        let path = join(prefix, key);
+        match item.as_value() {
+            Some(Value::String(s)) => match expand_env(s.value(), self.env) {
+                Ok(v) => Some((v, s.span())),
+                Err(e) => {
+                    self.issue(&path, s.span(), e);
+                    None
+                }
+            },
+            _ => {
+                self.issue(&path, item_span(item), "expected a string");
+                None
+            }
+        }
+    }
+
+    /// A string converted by `f`; on error the issue is recorded and `default` returned.
+    fn parsed<T>(
+        &mut self,
+        t: &Table,
+        prefix: &str,
+        key: &str,
+        default: T,
+        f: impl FnOnce(&str) -> Result<T, String>,
+    ) -> T {
+        match self.string(t, prefix, key) {
+            None => default,
+            Some((s, span)) => match f(&s) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.issue(&join(prefix, key), span, e);
+                    default
+                }
+            },
+        }
+    }
+
+    fn integer(
+        &mut self,
+        t: &Table,
+        prefix: &str,
+        key: &str,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> i64 {
+        let Some(item) = t.get(key) else {
+            return default;
+        };
+        match item.as_value() {
+            Some(Value::Integer(i)) => {
+                let v = *i.value();
+                if v < min || v > max {
+                    self.issue(
+                        &join(prefix, key),
+                        i.span(),
+                        format!("must be between {min} and {max}, got {v}"),
+                    );
+                    default
+                } else {
+                    v
+                }
+            }
+            _ => {
+                self.issue(&join(prefix, key), item_span(item), "expected an integer");
+                default
+            }
+        }
+    }
+
+    fn enum_value<T: Copy>(
+        &mut self,
+        t: &Table,
+        prefix: &str,
+        key: &str,
+        default: T,
+        options: &[(&str, T)],
+    ) -> T {
+        self.parsed(t, prefix, key, default, |s| {
+            options
+                .iter()
+                .find(|(n, _)| *n == s)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                    format!("`{s}` is not one of: {}", names.join(", "))
+                })
+        })
+    }
+
+    fn string_array(&mut self, t: &Table, prefix: &str, key: &str) -> Option<Vec<String>> {
+        let item = t.get(key)?;
+        let path = join(prefix, key);
+        let Some(Value::Array(arr)) = item.as_value() else {
+            self.issue(&path, item_span(item), "expected an array of strings");
+            return None;
+        };
+        let mut out = Vec::new();
+        for (i, v) in arr.iter().enumerate() {
+            match v {
+                Value::String(s) => match expand_env(s.value(), self.env) {
+                    Ok(x) => out.push(x),
+                    Err(e) => self.issue(&format!("{path}[{i}]"), s.span(), e),
+                },
+                other => self.issue(&format!("{path}[{i}]"), other.span(), "expected a string"),
+            }
+        }
+        Some(out)
+    }
+
+    fn config(&mut self, root: &Table) -> Config {
+        self.unknown_keys(root, "", ROOT_KEYS);
+        let empty = Table::new();
+        let server_t = self.table(root, "server").unwrap_or(&empty);
+        let server = self.server(server_t);
+        let storage_t = self.table(root, "storage").unwrap_or(&empty);
+        let storage = self.storage(storage_t);
+        let quota_t = self.table(root, "quota").unwrap_or(&empty);
+        let quota = self.quota(quota_t);
+        let upstreams = self.upstreams(root);
+        let plans = self.plans(root);
+        let prices = self.prices(root);
+        let alerts_t = self.table(root, "alerts").unwrap_or(&empty);
+        let alerts = self.alerts(alerts_t);
+        let log_t = self.table(root, "log").unwrap_or(&empty);
+        let log = self.log(log_t);
+        let cfg = Config {
+            server,
+            storage,
+            quota,
+            upstreams,
+            plans,
+            prices,
+            alerts,
+            log,
+        };
+        self.cross_checks(&cfg, root);
+        cfg
+    }
+
+    fn server(&mut self, t: &Table) -> ServerConfig {
+        let p = "server";
+        self.unknown_keys(t, p, SERVER_KEYS);
+        let addr = |s: &str| {
+            s.parse::<SocketAddr>()
+                .map_err(|_| format!("`{s}` is not an address like \"127.0.0.1:8080\""))
+        };
+        let listen = self.parsed(
+            t,
+            p,
+            "listen",
+            SocketAddr::from(([127, 0, 0, 1], 8080)),
+            addr,
+        );
+        let admin_listen = self.parsed(
+            t,
+            p,
+            "admin_listen",
+            SocketAddr::from(([127, 0, 0, 1], 9091)),
+            addr,
+        );
+        let admin_token = self
+            .string(t, p, "admin_token")
+            .map(|(s, _)| Secret(s))
+            .unwrap_or_default();
+        let max_request_body = self.parsed(t, p, "max_request_body", 10 << 20, |s| {
+            let v = parse_size(s)?;
+            if v == 0 {
+                Err("must be greater than 0".into())
+            } else {
+                Ok(v)
+            }
+        });
+        let threads = self.integer(t, p, "threads", 2, 1, 1024) as usize;
+        let instance_id = self
+            .string(t, p, "instance_id")
+            .map(|(s, _)| s)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("{}-{}", hostname(), listen.port()));
+        let grace_period = self.parsed(
+            t,
+            p,
+            "grace_period",
+            Duration::from_secs(30),
+            parse_duration,
+        );
+        ServerConfig {
+            listen,
+            admin_listen,
+            admin_token,
+            max_request_body,
+            threads,
+            instance_id,
+            grace_period,
+        }
+    }
+
+    fn storage(&mut self, t: &Table) -> StorageConfig {
+        let p = "storage";
+        self.unknown_keys(t, p, STORAGE_KEYS);
+        let mode = self.enum_value(
+            t,
+            p,
+            "mode",
+            StorageMode::Embedded,
+            &[
+                ("embedded", StorageMode::Embedded),
+                ("shared", StorageMode::Shared),
+            ],
+        );
+        let journal_path = self
+            .string(t, p, "journal_path")
+            .map(|(s, _)| PathBuf::from(s))
+            .unwrap_or_else(|| PathBuf::from("./tollgate.db"));
+        let redis_url = self
+            .string(t, p, "redis_url")
+            .map(|(s, _)| Secret(s))
+            .filter(|s| !s.is_empty());
+        let postgres_url = self
+            .string(t, p, "postgres_url")
+            .map(|(s, _)| Secret(s))
+            .filter(|s| !s.is_empty());
+        let on_unavailable = self.enum_value(
+            t,
+            p,
+            "on_unavailable",
+            OnUnavailable::Local,
+            &[
+                ("local", OnUnavailable::Local),
+                ("open", OnUnavailable::Open),
+                ("closed", OnUnavailable::Closed),
+            ],
+        );
+        let durability = self.enum_value(
+            t,
+            p,
+            "durability",
+            Durability::Normal,
+            &[("normal", Durability::Normal), ("full", Durability::Full)],
+        );
+        let journal_retention = self.parsed(
+            t,
+            p,
+            "journal_retention",
+            Duration::from_secs(24 * 3600),
+            parse_duration,
+        );
+        StorageConfig {
+            mode,
+            journal_path,
+            redis_url,
+            postgres_url,
+            on_unavailable,
+            durability,
+            journal_retention,
+        }
+    }
+
+    fn quota(&mut self, t: &Table) -> QuotaConfig {
+        let p = "quota";
+        self.unknown_keys(t, p, QUOTA_KEYS);
+        let timezone = self.parsed(t, p, "timezone", chrono_tz::UTC, |s| {
+            s.parse::<chrono_tz::Tz>()
+                .map_err(|_| format!("`{s}` is not an IANA time zone like \"Europe/Berlin\""))
+        });
+        let reservation_ttl = self.parsed(
+            t,
+            p,
+            "reservation_ttl",
+            Duration::from_secs(600),
+            parse_duration,
+        );
+        let default_max_output_tokens =
+            self.integer(t, p, "default_max_output_tokens", 4096, 1, 10_000_000) as u64;
+        let unknown_model = self.enum_value(
+            t,
+            p,
+            "unknown_model",
+            UnknownModel::Reject,
+            &[
+                ("reject", UnknownModel::Reject),
+                ("free", UnknownModel::Free),
+            ],
+        );
+        QuotaConfig {
+            timezone,
+            reservation_ttl,
+            default_max_output_tokens,
+            unknown_model,
+        }
+    }
+
+    fn upstreams(&mut self, root: &Table) -> Vec<UpstreamConfig> {
+        let Some(item) = root.get("upstreams") else {
+            return Vec::new();
+        };
+        let Some(arr) = item.as_array_of_tables() else {
+            self.issue(
+                "upstreams",
+                item_span(item),
+                "expected [[upstreams]] tables",
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, t) in arr.iter().enumerate() {
+            let p = format!("upstreams[{i}]");
+            self.unknown_keys(t, &p, UPSTREAM_KEYS);
+            let name = match self.string(t, &p, "name") {
+                Some((s, _)) if !s.is_empty() => s,
+                Some((_, span)) => {
+                    self.issue(&join(&p, "name"), span, "must not be empty");
+                    String::new()
+                }
+                None => {
+                    if t.get("name").is_none() {
+                        self.issue(&join(&p, "name"), t.span(), "is required");
+                    }
+                    String::new()
+                }
+            };
+            let kind = match t.get("kind") {
+                None => {
+                    self.issue(
+                        &join(&p, "kind"),
+                        t.span(),
+                        "is required (openai or anthropic)",
+                    );
+                    UpstreamKind::Openai
+                }
+                Some(_) => self.enum_value(
+                    t,
+                    &p,
+                    "kind",
+                    UpstreamKind::Openai,
+                    &[
+                        ("openai", UpstreamKind::Openai),
+                        ("anthropic", UpstreamKind::Anthropic),
+                    ],
+                ),
+            };
+            let default_routes: Vec<String> = match kind {
+                UpstreamKind::Openai => [
+                    "/v1/chat/completions",
+                    "/v1/responses",
+                    "/v1/completions",
+                    "/v1/embeddings",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+                UpstreamKind::Anthropic => vec!["/v1/messages".to_string()],
+            };
+            let (base_url, tls, host, port, base_path) = match self.string(t, &p, "base_url") {
+                None => {
+                    if t.get("base_url").is_none() {
+                        self.issue(&join(&p, "base_url"), t.span(), "is required");
+                    }
+                    (String::new(), false, String::new(), 0, String::new())
+                }
+                Some((s, span)) => match parse_base_url(&s) {
+                    Ok((tls, host, port, path)) => (s, tls, host, port, path),
+                    Err(e) => {
+                        self.issue(&join(&p, "base_url"), span, e);
+                        (s, false, String::new(), 0, String::new())
+                    }
+                },
+            };
+            let api_key = self
+                .string(t, &p, "api_key")
+                .map(|(s, _)| Secret(s))
+                .unwrap_or_default();
+            let routes = self.string_array(t, &p, "routes").unwrap_or(default_routes);
+            for (ri, r) in routes.iter().enumerate() {
+                if !r.starts_with('/') {
+                    let span = t.get("routes").and_then(item_span);
+                    self.issue(
+                        &format!("{p}.routes[{ri}]"),
+                        span,
+                        format!("route `{r}` must start with /"),
+                    );
+                }
+            }
+            let connect_timeout = self.parsed(
+                t,
+                &p,
+                "connect_timeout",
+                Duration::from_secs(5),
+                parse_duration,
+            );
+            let first_byte_timeout = self.parsed(
+                t,
+                &p,
+                "first_byte_timeout",
+                Duration::from_secs(120),
+                parse_duration,
+            );
+            let idle_timeout = self.parsed(
+                t,
+                &p,
+                "idle_timeout",
+                Duration::from_secs(60),
+                parse_duration,
+            );
+            out.push(UpstreamConfig {
+                name,
+                kind,
+                base_url,
+                tls,
+                host,
+                port,
+                base_path,
+                api_key,
+                routes,
+                connect_timeout,
+                first_byte_timeout,
+                idle_timeout,
+            });
+        }
+        out
+    }
+
+    fn plans(&mut self, root: &Table) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        let Some(t) = self.table(root, "plans") else {
+            return out;
+        };
+        for (name, item) in t.iter() {
+            let p = format!("plans.{name}");
+            let Some(pt) = item.as_table() else {
+                self.issue(&p, item_span(item), "expected a table with `limits`");
+                continue;
+            };
+            self.unknown_keys(pt, &p, PLAN_KEYS);
+            let limits = self.string_array(pt, &p, "limits").unwrap_or_default();
+            out.insert(name.to_string(), limits);
+        }
+        out
+    }
+
+    fn prices(&mut self, root: &Table) -> BTreeMap<String, PriceOverride> {
+        let mut out = BTreeMap::new();
+        let Some(t) = self.table(root, "prices") else {
+            return out;
+        };
+        for (model, item) in t.iter() {
+            let p = format!("prices.\"{model}\"");
+            let Some(pt) = item.as_table() else {
+                self.issue(&p, item_span(item), "expected a table of prices");
+                continue;
+            };
+            self.unknown_keys(pt, &p, PRICE_KEYS);
+            let mut po = PriceOverride::default();
+            for (field, slot) in [
+                ("input", &mut po.input),
+                ("cached_input", &mut po.cached_input),
+                ("cache_write", &mut po.cache_write),
+                ("output", &mut po.output),
+            ] {
+                let Some(it) = pt.get(field) else { continue };
+                let path = join(&p, field);
+                match it.as_value() {
+                    // f64 Display is the shortest text that reads back to the same float,
+                    // i.e. what the operator wrote for any price with ≤ 15 significant digits.
+                    Some(Value::Float(f)) if f.value().is_finite() && *f.value() >= 0.0 => {
+                        *slot = Some(format!("{}", f.value()))
+                    }
+                    Some(Value::Integer(i)) if *i.value() >= 0 => {
+                        *slot = Some(i.value().to_string())
+                    }
+                    Some(Value::String(s)) => *slot = Some(s.value().trim().to_string()),
+                    _ => self.issue(
+                        &path,
+                        item_span(it),
+                        "expected a non-negative number (USD per 1M tokens)",
+                    ),
+                }
+            }
+            if po.input.is_none() && po.output.is_none() {
+                self.issue(&p, item_span(item), "needs at least `input` or `output`");
+            }
+            out.insert(model.to_string(), po);
+        }
+        out
+    }
+
+    fn alerts(&mut self, t: &Table) -> AlertsConfig {
+        let p = "alerts";
+        self.unknown_keys(t, p, ALERTS_KEYS);
+        let mut thresholds = vec![80, 90, 100];
+        if let Some(item) = t.get("thresholds") {
+            match item.as_value() {
+                Some(Value::Array(arr)) => {
+                    let mut v = Vec::new();
+                    for (i, x) in arr.iter().enumerate() {
+                        match x.as_integer() {
+                            Some(n) if (1..=100).contains(&n) => v.push(n as u8),
+                            _ => self.issue(
+                                &format!("alerts.thresholds[{i}]"),
+                                x.span(),
+                                "expected a percentage from 1 to 100",
+                            ),
+                        }
+                    }
+                    v.sort_unstable();
+                    v.dedup();
+                    thresholds = v;
+                }
+                _ => self.issue(
+                    "alerts.thresholds",
+                    item_span(item),
+                    "expected an array of percentages",
+                ),
+            }
+        }
+        let webhook = match self.string(t, p, "webhook") {
+            Some((s, span)) if !s.is_empty() => {
+                if let Err(e) = crate::alerts::webhook::WebhookTarget::parse(&s) {
+                    self.issue("alerts.webhook", span, e);
+                }
+                Some(Secret(s))
+            }
+            _ => None,
+        };
+        AlertsConfig {
+            thresholds,
+            webhook,
+        }
+    }
+
+    fn log(&mut self, t: &Table) -> LogConfig {
+        let p = "log";
+        self.unknown_keys(t, p, LOG_KEYS);
+        let level = self.parsed(t, p, "level", "info".to_string(), |s| {
+            tracing_subscriber::EnvFilter::try_new(s)
+                .map(|_| s.to_string())
+                .map_err(|e| {
+                    format!("`{s}` is not a log filter like \"info\" or \"tollgate=debug\": {e}")
+                })
+        });
+        let format = self.enum_value(
+            t,
+            p,
+            "format",
+            LogFormat::Json,
+            &[("json", LogFormat::Json), ("pretty", LogFormat::Pretty)],
+        );
+        LogConfig { level, format }
+    }
+
+    fn cross_checks(&mut self, cfg: &Config, root: &Table) {
+        let span_of = |path: &[&str]| -> Option<std::ops::Range<usize>> {
+            let mut t = root;
+            for (i, k) in path.iter().enumerate() {
+                let item = t.get(k)?;
+                if i + 1 == path.len() {
+                    return item_span(item);
+                }
+                t = item.as_table()?;
+            }
+            None
+        };
+        if cfg.storage.mode == StorageMode::Shared {
+            if cfg.storage.redis_url.is_none() {
+                self.issue(
+                    "storage.redis_url",
+                    span_of(&["storage", "mode"]),
+                    "is required when mode = \"shared\"",
+                );
+            }
+            if cfg.storage.postgres_url.is_none() {
+                self.issue(
+                    "storage.postgres_url",
+                    span_of(&["storage", "mode"]),
+                    "is required when mode = \"shared\"",
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut routes: BTreeMap<&str, &str> = BTreeMap::new();
+        let arr = root.get("upstreams").and_then(|i| i.as_array_of_tables());
+        for (i, u) in cfg.upstreams.iter().enumerate() {
+            let span = arr.and_then(|a| a.get(i)).and_then(|t| t.span());
+            if !u.name.is_empty() && !names.insert(u.name.as_str()) {
+                self.issue(
+                    &format!("upstreams[{i}].name"),
+                    span.clone(),
+                    format!("duplicate upstream name `{}`", u.name),
+                );
+            }
+            for r in &u.routes {
+                if let Some(other) = routes.insert(r.as_str(), u.name.as_str()) {
+                    self.issue(
+                        &format!("upstreams[{i}].routes"),
+                        span.clone(),
+                        format!("route `{r}` is already served by upstream `{other}`"),
+                    );
+                }
+            }
+        }
+        if cfg.server.listen == cfg.server.admin_listen {
+            self.issue(
+                "server.admin_listen",
+                span_of(&["server", "admin_listen"]),
+                "must differ from server.listen",
+            );
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// `https://host[:port][/path]` → (tls, host, port, path without trailing slash).
+fn parse_base_url(s: &str) -> Result<(bool, String, u16, String), String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a URL like \"https://api.openai.com\""))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(format!("`{s}` must start with http:// or https://")),
+    };
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("`{s}` has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    if uri.query().is_some() {
+        return Err(format!("`{s}` must not have a query string"));
+    }
+    let path = uri.path().trim_end_matches('/').to_string();
+    Ok((tls, host, port, path))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "tollgate".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "OPENAI_API_KEY" => Some("sk-test-secret".into()),
+            "ADMIN" => Some("adm-secret".into()),
+            _ => None,
+        }
+    }
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin_listen = "127.0.0.1:9091"
+admin_token = "${ADMIN}"
+max_request_body = "1MiB"
+threads = 4
+instance_id = "sidecar-a"
+
+[storage]
+mode = "embedded"
+journal_path = "/tmp/x.db"
+
+[quota]
+timezone = "Europe/Berlin"
+reservation_ttl = "10m"
+
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com"
+api_key = "${OPENAI_API_KEY}"
+
+[[upstreams]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "http://127.0.0.1:9999/proxy/"
+api_key = "${ANTHROPIC_API_KEY:-}"
+routes = ["/v1/messages"]
+first_byte_timeout = "500ms"
+
+[plans.free]
+limits = ["requests:minute=20", "usd:month=5"]
+
+[prices."gpt-4o-mini"]
+input = 0.15
+cached_input = 0.075
+output = 0.60
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = Config::parse(GOOD, "config.toml", &env).unwrap();
+        assert_eq!(c.server.threads, 4);
+        assert_eq!(c.server.max_request_body, 1 << 20);
+        assert_eq!(c.server.admin_token.expose(), "adm-secret");
+        assert_eq!(c.quota.timezone, chrono_tz::Europe::Berlin);
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.upstreams[0].routes.len(), 4, "default openai routes");
+        assert!(c.upstreams[0].tls);
+        assert_eq!(c.upstreams[0].port, 443);
+        assert_eq!(c.upstreams[1].host, "127.0.0.1");
+        assert_eq!(c.upstreams[1].port, 9999);
+        assert_eq!(c.upstreams[1].base_path, "/proxy");
+        assert_eq!(
+            c.upstreams[1].first_byte_timeout,
+            Duration::from_millis(500)
+        );
+        assert!(c.upstreams[1].api_key.is_empty());
+        assert_eq!(c.plans["free"], vec!["requests:minute=20", "usd:month=5"]);
+        assert_eq!(c.prices["gpt-4o-mini"].input.as_deref(), Some("0.15"));
+        assert_eq!(c.prices["gpt-4o-mini"].output.as_deref(), Some("0.6"));
+        assert_eq!(
+            c.upstream_for_path("/v1/messages?x=1").map(|(i, _)| i),
+            Some(1)
+        );
+        assert!(c.upstream_for_path("/v2/other").is_none());
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_or_json() {
+        let c = Config::parse(GOOD, "config.toml", &env).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("sk-test-secret"));
+        assert!(!dbg.contains("adm-secret"));
+        let json = c.redacted_json().to_string();
+        assert!(!json.contains("sk-test-secret"));
+        assert!(!json.contains("adm-secret"));
+        assert!(json.contains("\"***\""));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_path_and_line() {
+        let bad = r#"[server]
+listen = "nope"
+threads = 0
+bogus = 1
+
+[storage]
+mode = "clustered"
+
+[[upstreams]]
+name = "openai"
+kind = "gemini"
+base_url = "ftp://x"
+api_key = "${MISSING_KEY}"
+connect_timeout = "soon"
+"#;
+        let err = Config::parse(bad, "c.toml", &env).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = &err else {
+            panic!("expected Invalid")
+        };
+        let find = |p: &str| {
+            issues
+                .iter()
+                .find(|i| i.path == p)
+                .unwrap_or_else(|| panic!("no issue for {p}: {issues:?}"))
+        };
+        assert_eq!(find("server.listen").line, Some(2));
+        assert_eq!(find("server.threads").line, Some(3));
+        assert_eq!(find("server.bogus").line, Some(4));
+        assert_eq!(find("storage.mode").line, Some(7));
+        assert_eq!(find("upstreams[0].kind").line, Some(11));
+        assert_eq!(find("upstreams[0].base_url").line, Some(12));
+        assert!(find("upstreams[0].api_key").message.contains("MISSING_KEY"));
+        assert_eq!(find("upstreams[0].connect_timeout").line, Some(14));
+        assert_eq!(issues.len(), 8, "{issues:?}");
+        let text = err.to_string();
+        assert!(text.contains("c.toml:2: server.listen"), "{text}");
+    }
+
+    #[test]
+    fn syntax_errors_have_a_line() {
+        let err = Config::parse("[server]\nlisten = \n", "c.toml", &env).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = err else {
+            panic!()
+        };
+        assert_eq!(issues[0].line, Some(2));
+    }
+
+    #[test]
+    fn shared_mode_needs_urls_and_routes_are_unique() {
+        let cfg = r#"
+[storage]
+mode = "shared"
+[[upstreams]]
+name = "a"
+kind = "openai"
+base_url = "http://x"
+[[upstreams]]
+name = "a"
+kind = "openai"
+base_url = "http://y"
+"#;
+        let ConfigError::Invalid { issues, .. } = Config::parse(cfg, "c", &env).unwrap_err() else {
+            panic!()
+        };
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert!(paths.contains(&"storage.redis_url"));
+        assert!(paths.contains(&"storage.postgres_url"));
+        assert!(paths.contains(&"upstreams[1].name"));
+        assert!(paths.contains(&"upstreams[1].routes"));
+    }
+
+    #[test]
+    fn sizes_durations_env() {
+        assert_eq!(parse_size("10MiB").unwrap(), 10 << 20);
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("1PiB").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("5h").unwrap(), Duration::from_secs(5 * 3600));
+        assert_eq!(expand_env("a${ADMIN}b", &env).unwrap(), "aadm-secretb");
+        assert_eq!(expand_env("${NOPE:-dflt}", &env).unwrap(), "dflt");
+        assert!(expand_env("${NOPE}", &env).is_err());
+        assert!(expand_env("${bad name}", &env).is_err());
+    }
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let c = Config::parse("", "c", &env).unwrap();
+        assert_eq!(c.server.listen.port(), 8080);
+        assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9091");
+        assert_eq!(c.server.max_request_body, 10 << 20);
+        assert_eq!(c.storage.mode, StorageMode::Embedded);
+        assert_eq!(c.quota.default_max_output_tokens, 4096);
+        assert_eq!(c.alerts.thresholds, vec![80, 90, 100]);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+}

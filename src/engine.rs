@@ -1,0 +1,918 @@
+//! The request engine: auth → parse + estimate → reserve → (forward) → settle.
+//!
+//! Everything the proxy decides is decided here, without pingora types, so tests and the
+//! admin API drive the same code. The two-phase flow is a type: [`Admission`] is
+//! `#[must_use]` and is consumed by [`Engine::finish`], which settles or releases it
+//! exactly once.
+//!
+//! Order of checks (SPEC §4.7): 401, 400/413, 409, 403, 429.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::api::ApiFormat;
+use crate::api::meter::{Meter, MeterReport};
+use crate::auth::{AuthError, Authenticator, Principal, presented_secret};
+use crate::billing::price::PriceTable;
+use crate::config::{Config, UnknownModel, UpstreamKind};
+use crate::db::Db;
+use crate::errors::{ApiError, ErrorCode};
+use crate::journal::{EmbeddedJournal, Journal};
+use crate::keys::Subject;
+use crate::ledger::{Opened, Settlement, Transaction};
+use crate::metrics::{BillingFailure, Metrics};
+use crate::proxy::upstream::Upstream;
+use crate::quota::limit::{LimitSpec, Metric};
+use crate::quota::store::{
+    Amounts, AppliedLimit, LimitState, QuotaStore, ReserveOutcome, ReserveRequest,
+};
+use crate::quota::window::Window;
+use crate::tokens::{self, Encoding};
+
+/// Bodies (and output texts) above this size are parsed and counted on the blocking pool,
+/// off the reactor; see [`tokens::SPAWN_BLOCKING_ABOVE_BYTES`] for why this size.
+pub const BLOCKING_PARSE_ABOVE: usize = tokens::SPAWN_BLOCKING_ABOVE_BYTES;
+
+/// Where a path goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub upstream: usize,
+    pub upstream_name: String,
+    pub kind: UpstreamKind,
+    /// Known wire format of the path, if metered.
+    pub format: Option<ApiFormat>,
+}
+
+/// What was parsed from a request body.
+#[derive(Debug, Clone)]
+struct Parsed {
+    model: String,
+    stream: bool,
+    /// The body to forward (rewritten when usage reporting was injected).
+    body: Bytes,
+    hide_usage: bool,
+    input_tokens: u64,
+    max_output_tokens: u64,
+    encoding: Encoding,
+}
+
+/// The hold of an admitted request. Must be handed to [`Engine::finish`].
+#[must_use = "an admission must be settled or released with Engine::finish"]
+pub struct Admission {
+    pub trace_id: String,
+    pub body: Bytes,
+    pub stream: bool,
+    pub hide_usage: bool,
+    pub format: Option<ApiFormat>,
+    /// Set by the proxy when the response ended normally.
+    pub report: Option<MeterReport>,
+    principal: Arc<Principal>,
+    route: Route,
+    model: String,
+    encoding: Encoding,
+    estimate: Amounts,
+    limits: Vec<AppliedLimit>,
+    started_at: DateTime<Utc>,
+    headers: Vec<(&'static str, String)>,
+    /// A settle of this request could cross an alert threshold ([`crate::alerts::Alerts::may_fire`]).
+    alert_watch: bool,
+}
+
+impl Admission {
+    /// A fresh response meter for this request's format.
+    pub fn meter(&self) -> Meter {
+        let format = self.format.unwrap_or(ApiFormat::OpenAiChat);
+        Meter::new(format, self.stream, self.hide_usage)
+    }
+
+    /// OpenAI-style rate-limit headers for the tightest limits after this admission.
+    pub fn ratelimit_headers(&self) -> &[(&'static str, String)] {
+        &self.headers
+    }
+}
+
+/// How a request ended, as seen by the proxy.
+#[derive(Debug, Clone)]
+pub struct RequestEnd {
+    pub client_status: u16,
+    pub upstream_status: Option<u16>,
+    /// The response reached its end normally.
+    pub complete: bool,
+    pub client_disconnected: bool,
+    pub upstream_failed: bool,
+    pub report: Option<MeterReport>,
+    pub started: Instant,
+    pub upstream_sent_at: Option<Instant>,
+    pub first_byte_at: Option<Instant>,
+    pub admit_time: Duration,
+}
+
+/// Shared state of a running instance.
+pub struct Engine {
+    config: Arc<Config>,
+    auth: Authenticator,
+    db: Db,
+    /// Where reservations, settles and releases are written first (embedded ledger, or the
+    /// shared-mode outbox).
+    journal: Arc<dyn Journal>,
+    store: Arc<dyn QuotaStore>,
+    upstreams: Arc<Vec<Upstream>>,
+    prices: PriceTable,
+    plans: std::collections::BTreeMap<String, Vec<LimitSpec>>,
+    /// Requests between the proxy's `new_ctx` and `logging`.
+    in_flight: std::sync::atomic::AtomicUsize,
+    metrics: Metrics,
+    alerts: crate::alerts::Alerts,
+}
+
+impl Engine {
+    pub fn new(
+        config: Arc<Config>,
+        auth: Authenticator,
+        db: Db,
+        store: Arc<dyn QuotaStore>,
+        upstreams: Arc<Vec<Upstream>>,
+        prices: PriceTable,
+    ) -> Result<Engine, String> {
+        let mut plans = std::collections::BTreeMap::new();
+        for (name, specs) in &config.plans {
+            let mut v = Vec::new();
+            for s in specs {
+                v.push(
+                    LimitSpec::from_str(s)
+                        .map_err(|e| format!("plans.{name}: invalid limit `{s}`: {e}"))?,
+                );
+            }
+            plans.insert(name.clone(), v);
+        }
+        let metrics = Metrics::new().map_err(|e| e.to_string())?;
+        let alerts = crate::alerts::Alerts::new(
+            &config.alerts,
+            config.quota.timezone,
+            &config.server.instance_id,
+            Some(db.clone()),
+        );
+        Ok(Engine {
+            alerts,
+            config,
+            auth,
+            journal: Arc::new(EmbeddedJournal::new(db.clone())),
+            db,
+            store,
+            upstreams,
+            prices,
+            plans,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            metrics,
+        })
+    }
+
+    /// This instance's metrics (served on the admin listener's `/metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A request started (proxy `new_ctx`).
+    pub fn request_started(&self) {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A request ended (proxy `logging`, after settling).
+    pub fn request_ended(&self) {
+        self.in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Requests currently open.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Replace the journal (shared mode writes to its outbox instead of the embedded ledger).
+    pub fn with_journal(mut self, journal: Arc<dyn Journal>) -> Engine {
+        self.journal = journal;
+        self
+    }
+
+    pub fn journal(&self) -> &Arc<dyn Journal> {
+        &self.journal
+    }
+
+    pub fn store(&self) -> &Arc<dyn QuotaStore> {
+        &self.store
+    }
+
+    pub fn alerts(&self) -> &crate::alerts::Alerts {
+        &self.alerts
+    }
+
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    pub fn upstream(&self, i: usize) -> &Upstream {
+        // Route indices come from this config, so they are always in range.
+        &self.upstreams[i.min(self.upstreams.len().saturating_sub(1))]
+    }
+
+    pub fn upstreams(&self) -> &Arc<Vec<Upstream>> {
+        &self.upstreams
+    }
+
+    pub fn route(&self, path: &str) -> Option<Route> {
+        let (i, u) = self.config.upstream_for_path(path)?;
+        Some(Route {
+            upstream: i,
+            upstream_name: u.name.clone(),
+            kind: u.kind,
+            format: ApiFormat::from_path(path),
+        })
+    }
+
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        x_api_key: Option<&[u8]>,
+    ) -> Result<Arc<Principal>, ApiError> {
+        let secret = presented_secret(authorization, x_api_key).map_err(auth_error)?;
+        self.auth.authenticate(secret).map_err(auth_error)
+    }
+
+    /// Every limit that applies to `p` (optionally only those covering `upstream`).
+    pub fn applicable_limits(&self, p: &Principal, upstream: Option<&str>) -> Vec<AppliedLimit> {
+        let dir = self.auth.directory();
+        let mut out = Vec::new();
+        for subject in p.subjects() {
+            for spec in dir.limits_of(&subject) {
+                if upstream.is_none_or(|u| spec.applies_to(u)) {
+                    out.push(AppliedLimit {
+                        subject: subject.clone(),
+                        spec: spec.clone(),
+                        plan: None,
+                    });
+                }
+            }
+        }
+        if let Some(plan) = p
+            .plan
+            .as_ref()
+            .and_then(|n| self.plans.get(n).map(|l| (n, l)))
+        {
+            for spec in plan.1 {
+                if upstream.is_none_or(|u| spec.applies_to(u)) {
+                    out.push(AppliedLimit {
+                        subject: Subject::Key(p.key_id.clone()),
+                        spec: spec.clone(),
+                        plan: Some(plan.0.clone()),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Phase 1: parse, estimate and hold. On success the request may be forwarded.
+    pub async fn admit(
+        &self,
+        p: &Arc<Principal>,
+        route: &Route,
+        body: Bytes,
+        idempotency_key: Option<&str>,
+        generated_trace_id: &str,
+    ) -> Result<Admission, ApiError> {
+        let started_at = Utc::now();
+        // 400: parse and estimate (large bodies off the reactor).
+        let parsed = if let Some(format) = route.format {
+            let default_max = self.config.quota.default_max_output_tokens;
+            if body.len() > BLOCKING_PARSE_ABOVE {
+                tokio::task::spawn_blocking(move || parse_request(format, body, default_max))
+                    .await
+                    .map_err(|_| ApiError::new(ErrorCode::Internal, "request parser failed"))??
+            } else {
+                parse_request(format, body, default_max)?
+            }
+        } else {
+            Parsed {
+                model: String::new(),
+                stream: false,
+                body,
+                hide_usage: false,
+                input_tokens: 0,
+                max_output_tokens: 0,
+                encoding: Encoding::O200k,
+            }
+        };
+        let price = if route.format.is_some() {
+            match self.prices.lookup(&parsed.model) {
+                Some(p) => Some(p),
+                None if self.config.quota.unknown_model == UnknownModel::Free => None,
+                None => {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!(
+                            "model `{}` has no price configured; add it under [prices] or set quota.unknown_model = \"free\"",
+                            parsed.model
+                        ),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        // The hold must cover the worst case: every input token at the dearest input rate
+        // (cache writes cost 1.25× on Anthropic), every allowed output token produced.
+        let estimate_cost = price.map_or(0, |pr| {
+            let all_as_writes = if pr.cache_write > pr.input {
+                parsed.input_tokens
+            } else {
+                0
+            };
+            pr.cost_of(
+                parsed.input_tokens,
+                0,
+                all_as_writes,
+                parsed.max_output_tokens,
+            )
+        });
+        let estimate = Amounts {
+            requests: 1,
+            input_tokens: parsed.input_tokens as i64,
+            output_tokens: parsed.max_output_tokens as i64,
+            cost_micros: estimate_cost,
+        };
+
+        // 409: an idempotency key names the trace id.
+        let trace_id = match idempotency_key {
+            Some(k) => {
+                if k.len() > 255 || k.chars().any(char::is_control) {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        "Idempotency-Key must be at most 255 printable characters",
+                    ));
+                }
+                let t = format!("{}:{k}", p.key_id);
+                let taken = self.journal.is_taken(&t).await.map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::StoreUnavailable,
+                        format!("ledger unavailable: {e}"),
+                    )
+                })?;
+                if taken {
+                    return Err(duplicate(&t));
+                }
+                t
+            }
+            None => generated_trace_id.to_string(),
+        };
+
+        // 403 / 429: one atomic step over every applicable limit.
+        let limits = self.applicable_limits(p, Some(&route.upstream_name));
+        let req = ReserveRequest {
+            trace_id: trace_id.clone(),
+            started_at,
+            limits: limits.clone(),
+            estimate,
+        };
+        let states = match self.store.reserve(&req).await {
+            Ok(ReserveOutcome::Admitted(states)) => states,
+            Ok(ReserveOutcome::Duplicate) => return Err(duplicate(&trace_id)),
+            Ok(ReserveOutcome::Disabled(l)) => {
+                return Err(ApiError::new(
+                    ErrorCode::QuotaDisabled,
+                    format!("quota disabled: {}", l.describe()),
+                ));
+            }
+            Ok(ReserveOutcome::Exceeded { limit, retry_after }) => {
+                self.alerts.after_refusal(self.store.as_ref(), &limit).await;
+                let mut e = ApiError::new(
+                    ErrorCode::QuotaExceeded,
+                    format!("quota exceeded: {}", limit.describe()),
+                );
+                if !matches!(limit.spec.window, Window::Total) {
+                    e.retry_after = retry_after.map(|d| crate::quota::window::ceil_secs(d).max(1));
+                }
+                // Refusals report the limits too (an extra read, on the refusal path only).
+                if let Ok(states) = self.store.usage(&limits).await {
+                    e.headers = ratelimit_headers(&states, Utc::now());
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(ApiError::new(ErrorCode::StoreUnavailable, e.to_string())),
+        };
+
+        // Journal the reservation before anything is forwarded.
+        let row = Transaction {
+            trace_id: trace_id.clone(),
+            key_id: p.key_id.clone(),
+            user_id: p.user.clone(),
+            tenant_id: p.tenant.clone(),
+            upstream: route.upstream_name.clone(),
+            model: parsed.model.clone(),
+            status: "reserved".into(),
+            input_tokens: estimate.input_tokens,
+            output_tokens: estimate.output_tokens,
+            reserved_micros: estimate.cost_micros,
+            stream: parsed.stream,
+            started_at: crate::time::to_text(started_at),
+            instance_id: self.config.server.instance_id.clone(),
+            ..Default::default()
+        };
+        let opened = self.journal.open_reservation(row).await;
+        match opened {
+            Ok(Opened::Inserted) => {}
+            Ok(Opened::Duplicate) => {
+                let _ = self.store.release(&trace_id).await;
+                return Err(duplicate(&trace_id));
+            }
+            Err(e) => {
+                let _ = self.store.release(&trace_id).await;
+                return Err(ApiError::new(
+                    ErrorCode::StoreUnavailable,
+                    format!("journal unavailable: {e}"),
+                ));
+            }
+        }
+
+        Ok(Admission {
+            headers: ratelimit_headers(&states, Utc::now()),
+            alert_watch: self.alerts.may_fire(&states),
+            trace_id,
+            body: parsed.body,
+            stream: parsed.stream,
+            hide_usage: parsed.hide_usage,
+            format: route.format,
+            report: None,
+            principal: p.clone(),
+            route: route.clone(),
+            model: parsed.model,
+            encoding: parsed.encoding,
+            estimate,
+            limits,
+            started_at,
+        })
+    }
+
+    /// Phase 2: settle or release, exactly once, then log the request.
+    pub async fn finish(&self, mut adm: Admission, end: RequestEnd) {
+        let finish_started = Instant::now();
+        let report = adm.report.take().or(end.report.clone());
+        let upstream_ok = end.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        let settlement = if upstream_ok {
+            Some(
+                self.compute_settlement(&adm, report.as_ref(), end.client_status)
+                    .await,
+            )
+        } else {
+            None
+        };
+        let trace = adm.trace_id.clone();
+        let status = end.client_status as i64;
+        let outcome = match &settlement {
+            Some(s) => {
+                let r = self.journal.settle(&trace, s.clone()).await;
+                let amounts = Amounts {
+                    requests: 1,
+                    input_tokens: s.input_tokens,
+                    output_tokens: s.output_tokens,
+                    cost_micros: s.cost_micros,
+                };
+                if let Err(e) = self
+                    .store
+                    .settle(&trace, amounts, adm.started_at, &adm.limits)
+                    .await
+                {
+                    tracing::error!(trace_id = %trace, error = %e, "counter settle failed");
+                    self.metrics.billing_failure(BillingFailure::CounterSettle);
+                } else if adm.alert_watch || amounts.exceeds(&adm.estimate) {
+                    self.alerts
+                        .after_settle(self.store.as_ref(), &adm.limits)
+                        .await;
+                }
+                r.map(|_| "settled")
+            }
+            None => {
+                let r = self.journal.release(&trace, status).await;
+                if let Err(e) = self.store.release(&trace).await {
+                    tracing::error!(trace_id = %trace, error = %e, "counter release failed");
+                    self.metrics.billing_failure(BillingFailure::CounterRelease);
+                }
+                r.map(|_| "released")
+            }
+        };
+        let billing = match outcome {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(trace_id = %trace, error = %e, "ledger write failed; the reservation stays open and is recovered at next start");
+                self.metrics.billing_failure(BillingFailure::LedgerWrite);
+                "journal_failed"
+            }
+        };
+        self.metrics.settle_time(finish_started.elapsed());
+        let s = settlement.unwrap_or_default();
+        if billing == "settled" {
+            self.metrics.settled(&adm.model, &s);
+        }
+        let total = end.started.elapsed();
+        let upstream_time = match (end.upstream_sent_at, end.first_byte_at) {
+            (Some(a), Some(b)) if b >= a => b - a,
+            _ => Duration::ZERO,
+        };
+        if let Some(sent) = end.upstream_sent_at {
+            // The upstream's time runs from the request sent to the end of the response;
+            // the rest of the request's time up to that end (before forwarding) was spent
+            // in tollgate. Settling is measured by its own histogram, not here.
+            let until_end = finish_started.saturating_duration_since(end.started);
+            let added = until_end.saturating_sub(finish_started.saturating_duration_since(sent));
+            let first_byte = end.first_byte_at.map(|_| upstream_time);
+            self.metrics
+                .forwarded(&adm.route.upstream_name, first_byte, added);
+        }
+        tracing::info!(
+            target: "tollgate::access",
+            trace_id = %trace,
+            key_id = %adm.principal.key_id,
+            user = adm.principal.user.as_deref().unwrap_or(""),
+            tenant = adm.principal.tenant.as_deref().unwrap_or(""),
+            upstream = %adm.route.upstream_name,
+            model = %adm.model,
+            stream = adm.stream,
+            status = end.client_status,
+            upstream_status = end.upstream_status.unwrap_or(0),
+            input_tokens = s.input_tokens,
+            cached_input_tokens = s.cached_input_tokens,
+            output_tokens = s.output_tokens,
+            cost_micros = s.cost_micros,
+            usage_source = s.usage_source,
+            quota = "admitted",
+            billing,
+            client_disconnected = end.client_disconnected,
+            admit_us = end.admit_time.as_micros() as u64,
+            upstream_first_byte_ms = upstream_time.as_millis() as u64,
+            total_ms = total.as_millis() as u64,
+            "request"
+        );
+    }
+
+    async fn compute_settlement(
+        &self,
+        adm: &Admission,
+        report: Option<&MeterReport>,
+        client_status: u16,
+    ) -> Settlement {
+        let est_in = adm.estimate.input_tokens;
+        let (usage, in_rep, out_rep, text) = match report {
+            Some(r) => (
+                r.usage,
+                r.input_reported,
+                r.output_reported,
+                r.output_text.clone(),
+            ),
+            None => (crate::api::Usage::default(), false, false, String::new()),
+        };
+        let input = if in_rep {
+            usage.input_tokens as i64
+        } else {
+            est_in
+        };
+        let output = if out_rep {
+            usage.output_tokens as i64
+        } else if adm.format == Some(ApiFormat::OpenAiEmbeddings) {
+            0
+        } else {
+            let enc = adm.encoding;
+            if text.len() > BLOCKING_PARSE_ABOVE {
+                tokio::task::spawn_blocking(move || tokens::count(enc, &text) as i64)
+                    .await
+                    .unwrap_or(0)
+            } else {
+                tokens::count(enc, &text) as i64
+            }
+        };
+        let cached = if in_rep {
+            usage.cached_input_tokens as i64
+        } else {
+            0
+        };
+        let cache_write = if in_rep {
+            usage.cache_write_tokens as i64
+        } else {
+            0
+        };
+        let reasoning = if out_rep {
+            usage.reasoning_tokens as i64
+        } else {
+            0
+        };
+        let cost = self.prices.lookup(&adm.model).map_or(0, |p| {
+            p.cost_of(
+                input as u64,
+                cached as u64,
+                cache_write as u64,
+                output as u64,
+            )
+        });
+        Settlement {
+            input_tokens: input,
+            cached_input_tokens: cached,
+            cache_write_tokens: cache_write,
+            output_tokens: output,
+            reasoning_tokens: reasoning,
+            cost_micros: cost,
+            usage_source: if in_rep && out_rep {
+                "upstream"
+            } else {
+                "estimated"
+            },
+            http_status: Some(client_status as i64),
+        }
+    }
+
+    /// Log a request that was refused or never admitted (no billing row).
+    pub fn log_unadmitted(
+        &self,
+        p: Option<&Principal>,
+        r: Option<&Route>,
+        trace_id: &str,
+        refused: bool,
+        end: RequestEnd,
+    ) {
+        tracing::info!(
+            target: "tollgate::access",
+            trace_id,
+            key_id = p.map(|p| p.key_id.as_str()).unwrap_or(""),
+            user = p.and_then(|p| p.user.as_deref()).unwrap_or(""),
+            tenant = p.and_then(|p| p.tenant.as_deref()).unwrap_or(""),
+            upstream = r.map(|r| r.upstream_name.as_str()).unwrap_or(""),
+            status = end.client_status,
+            quota = if refused { "refused" } else { "not_applicable" },
+            total_ms = end.started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+
+    /// Usage JSON (SPEC §2) of every limit applying to `p`.
+    pub async fn usage_json_for(&self, p: &Principal) -> Value {
+        let limits = self.applicable_limits(p, None);
+        self.usage_json(&limits).await
+    }
+
+    pub async fn usage_json(&self, limits: &[AppliedLimit]) -> Value {
+        match self.store.usage(limits).await {
+            Ok(states) => {
+                serde_json::json!({"limits": states.iter().map(LimitState::to_json).collect::<Vec<_>>()})
+            }
+            Err(e) => serde_json::json!({"limits": [], "error": e.to_string()}),
+        }
+    }
+
+    /// Settle reservations a dead process of this instance left open. Their usage is
+    /// unknown, so each is billed at its held estimate (`usage_source = estimated`): an
+    /// upper bound on what the upstream could have charged when the request stated its
+    /// max output. Returns how many were recovered.
+    pub async fn recover_open_reservations(&self) -> Result<usize, crate::db::DbError> {
+        let rows = self
+            .journal
+            .open_rows(&self.config.server.instance_id)
+            .await?;
+        let n = rows.len();
+        for row in rows {
+            let s = Settlement {
+                input_tokens: row.input_tokens,
+                output_tokens: row.output_tokens,
+                cost_micros: row.reserved_micros,
+                usage_source: "estimated",
+                http_status: None,
+                ..Default::default()
+            };
+            self.journal.settle(&row.trace_id, s.clone()).await?;
+            self.metrics.settled(&row.model, &s);
+            tracing::warn!(trace_id = %row.trace_id, cost_micros = row.reserved_micros, "recovered an open reservation left by a previous run; billed at its estimate");
+        }
+        Ok(n)
+    }
+}
+
+fn duplicate(trace_id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::DuplicateRequest,
+        format!("request {trace_id} is already in flight or completed"),
+    )
+}
+
+fn auth_error(e: AuthError) -> ApiError {
+    ApiError::new(ErrorCode::InvalidApiKey, e.to_string())
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, msg)
+}
+
+/// Parse a request body of `format`: model, stream, max output, input estimate, and the
+/// body to forward (with `stream_options.include_usage` injected for OpenAI chat streams).
+fn parse_request(
+    format: ApiFormat,
+    body: Bytes,
+    default_max_output: u64,
+) -> Result<Parsed, ApiError> {
+    let mut v: Value = serde_json::from_slice(&body)
+        .map_err(|e| bad(format!("request body is not valid JSON: {e}")))?;
+    let Some(obj) = v.as_object() else {
+        return Err(bad("request body must be a JSON object"));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => return Err(bad("`model` is required")),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad("`stream` must be a boolean")),
+    };
+    let mut max_output = None;
+    for field in ["max_completion_tokens", "max_tokens", "max_output_tokens"] {
+        match obj.get(field) {
+            None | Some(Value::Null) => {}
+            Some(x) => match x.as_u64() {
+                Some(n) => {
+                    max_output = Some(n);
+                    break;
+                }
+                None => return Err(bad(format!("`{field}` must be a non-negative integer"))),
+            },
+        }
+    }
+    let (encoding, accuracy) = tokens::encoding_for_model(&model);
+    let counted = match format {
+        ApiFormat::OpenAiChat => tokens::openai_chat_input(&v, encoding),
+        ApiFormat::OpenAiResponses => tokens::openai_responses_input(&v, encoding),
+        ApiFormat::OpenAiCompletions => tokens::openai_completions_input(&v, encoding),
+        ApiFormat::OpenAiEmbeddings => tokens::openai_embeddings_input(&v, encoding),
+        ApiFormat::AnthropicMessages => tokens::anthropic_messages_input(&v, encoding),
+    };
+    // Approximate tokenizers (Claude) get headroom so the hold does not fall short; the
+    // upstream's reported count settles the bill.
+    let input_tokens = accuracy.reservation_tokens(counted);
+    let max_output_tokens = match format {
+        ApiFormat::OpenAiEmbeddings => 0,
+        _ => max_output.unwrap_or(default_max_output),
+    };
+    let mut hide_usage = false;
+    let mut out = body;
+    if format == ApiFormat::OpenAiChat && stream {
+        let asked = v
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if !asked {
+            hide_usage = true;
+            if let Some(o) = v.as_object_mut() {
+                let so = o
+                    .entry("stream_options")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                match so.as_object_mut() {
+                    Some(m) => {
+                        m.insert("include_usage".into(), Value::Bool(true));
+                    }
+                    None => return Err(bad("`stream_options` must be an object")),
+                }
+            }
+            out = Bytes::from(serde_json::to_vec(&v).map_err(|e| bad(e.to_string()))?);
+        }
+    }
+    Ok(Parsed {
+        model,
+        stream,
+        body: out,
+        hide_usage,
+        input_tokens,
+        max_output_tokens,
+        encoding,
+    })
+}
+
+/// `x-ratelimit-*` headers for the request and token limits with the smallest remaining
+/// fraction, counted after admitting this request.
+fn ratelimit_headers(states: &[LimitState], now: DateTime<Utc>) -> Vec<(&'static str, String)> {
+    let tightest = |want: &dyn Fn(Metric) -> bool| {
+        states
+            .iter()
+            .filter(|s| want(s.metric()) && s.limit.spec.value > 0)
+            .min_by(|a, b| {
+                // remaining/limit compared exactly: a.r * b.l vs b.r * a.l
+                let l = (a.remaining() as i128) * (b.limit.spec.value as i128);
+                let r = (b.remaining() as i128) * (a.limit.spec.value as i128);
+                l.cmp(&r)
+            })
+    };
+    let mut out = Vec::new();
+    let mut push = |s: &LimitState, names: [&'static str; 3]| {
+        out.push((names[0], s.limit.spec.value.to_string()));
+        out.push((names[1], s.remaining().to_string()));
+        if let (false, Some(at)) = (matches!(s.limit.spec.window, Window::Total), s.resets_at) {
+            out.push((
+                names[2],
+                openai_duration((at - now).to_std().unwrap_or_default()),
+            ));
+        }
+    };
+    if let Some(s) = tightest(&|m| m == Metric::Requests) {
+        push(
+            s,
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+        );
+    }
+    if let Some(s) = tightest(&|m| {
+        matches!(
+            m,
+            Metric::Tokens | Metric::InputTokens | Metric::OutputTokens
+        )
+    }) {
+        push(
+            s,
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        );
+    }
+    out
+}
+
+/// A duration as OpenAI writes it: `6m0s`, `1s`, `20ms`, `1h2m3s`.
+pub fn openai_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs();
+    let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+    if h > 0 {
+        format!("{h}h{m}m{s}s")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_durations() {
+        assert_eq!(openai_duration(Duration::from_secs(360)), "6m0s");
+        assert_eq!(openai_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(openai_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(openai_duration(Duration::from_secs(3723)), "1h2m3s");
+    }
+
+    #[test]
+    fn parse_rejects_bad_bodies_and_injects_usage() {
+        let p = |b: &str| parse_request(ApiFormat::OpenAiChat, Bytes::from(b.to_string()), 100);
+        assert!(p("{").is_err());
+        assert!(p("[]").is_err());
+        assert!(p(r#"{"messages":[]}"#).is_err());
+        assert!(p(r#"{"model":"gpt-4o","stream":"yes"}"#).is_err());
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(
+            p(&format!(r#"{{"model":"gpt-4o","x":{deep}}}"#)).is_err(),
+            "depth is bounded"
+        );
+        let ok = p(r#"{"model":"gpt-4o","stream":true,"max_tokens":50,"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert!(ok.stream && ok.hide_usage);
+        assert_eq!(ok.max_output_tokens, 50);
+        let v: Value = serde_json::from_slice(&ok.body).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let asked = p(r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#).unwrap();
+        assert!(!asked.hide_usage);
+        assert_eq!(asked.max_output_tokens, 100, "default max output");
+        let plain = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+        let np = p(plain).unwrap();
+        assert_eq!(
+            np.body,
+            Bytes::from(plain),
+            "non-stream bodies are forwarded as sent"
+        );
+    }
+}

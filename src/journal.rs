@@ -1,0 +1,166 @@
+//! The journal: where the engine writes every reservation, settle and release, and reads
+//! the 409 duplicate checks and crash recovery from.
+//!
+//! Two implementations sit behind one trait with domain verbs:
+//!
+//! - [`EmbeddedJournal`] (embedded mode): the SQLite ledger *is* the journal — a `reserved`
+//!   row, later updated to `settled`/`released` (see [`crate::ledger`]).
+//! - [`crate::shared::outbox::Outbox`] (shared mode): every event is appended to the local
+//!   SQLite `journal_events` outbox first; a shipper moves them to the Postgres ledger of
+//!   record.
+//!
+//! Either way a caller that got `Ok` knows the event is committed to the local WAL (and
+//! fsynced with `durability = "full"`), so it survives a SIGKILL of the process.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::db::{Db, DbError};
+use crate::engine::Engine;
+use crate::ledger::{self, Opened, Settlement, SqliteLoader, Transaction};
+use crate::quota::memory::CounterLoader;
+
+/// Unshipped events per target, as reported by `journal status` and `GET /admin/journal`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalStatus {
+    /// Target name (`postgres`, …) → events not yet shipped there. Empty in embedded mode.
+    pub backlog: BTreeMap<String, u64>,
+    /// Creation time of the oldest unshipped event (RFC 3339).
+    pub oldest_unshipped_at: Option<String>,
+}
+
+impl JournalStatus {
+    /// The JSON of SPEC §2: `{"backlog": {...}, "oldest_unshipped_at": ...}`, or
+    /// `{"backlog": {}}` when there is no target (embedded mode).
+    pub fn to_json(&self) -> Value {
+        if self.backlog.is_empty() {
+            return json!({"backlog": {}});
+        }
+        json!({"backlog": self.backlog, "oldest_unshipped_at": self.oldest_unshipped_at})
+    }
+}
+
+/// The engine's durable record of reservations and their outcomes.
+#[async_trait::async_trait]
+pub trait Journal: Send + Sync {
+    /// Record a `reserved` row (or reuse a `released` one of the same trace id).
+    /// `Duplicate` when the trace id is reserved or settled.
+    async fn open_reservation(&self, row: Transaction) -> Result<Opened, DbError>;
+    /// Settle a reserved trace id. `false` when it was not reserved (already final).
+    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<bool, DbError>;
+    /// Release a reserved trace id (nothing billed). `false` when it was not reserved.
+    async fn release(&self, trace_id: &str, http_status: i64) -> Result<bool, DbError>;
+    /// Whether a trace id is reserved or settled (a repeat would be a 409).
+    async fn is_taken(&self, trace_id: &str) -> Result<bool, DbError>;
+    /// Reservations `instance_id` left open (its process died before settling them).
+    async fn open_rows(&self, instance_id: &str) -> Result<Vec<Transaction>, DbError>;
+    /// Unshipped events per target.
+    fn status(&self) -> JournalStatus;
+    /// Loads counters from the ledger as this journal feeds it (settled rows of a window),
+    /// for counter rebuilds and `reconcile`.
+    fn ledger_loader(&self) -> Arc<dyn CounterLoader>;
+}
+
+/// The embedded ledger as the journal: the behaviour of embedded mode.
+pub struct EmbeddedJournal {
+    db: Db,
+}
+
+impl EmbeddedJournal {
+    pub fn new(db: Db) -> EmbeddedJournal {
+        EmbeddedJournal { db }
+    }
+}
+
+#[async_trait::async_trait]
+impl Journal for EmbeddedJournal {
+    async fn open_reservation(&self, row: Transaction) -> Result<Opened, DbError> {
+        self.db
+            .call(move |c| ledger::open_reservation(c, &row))
+            .await
+    }
+
+    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<bool, DbError> {
+        let t = trace_id.to_string();
+        self.db
+            .call_deferred(move |c| ledger::settle_row(c, &t, &s))
+            .await
+    }
+
+    async fn release(&self, trace_id: &str, http_status: i64) -> Result<bool, DbError> {
+        let t = trace_id.to_string();
+        self.db
+            .call_deferred(move |c| ledger::release_row(c, &t, http_status))
+            .await
+    }
+
+    async fn is_taken(&self, trace_id: &str) -> Result<bool, DbError> {
+        let t = trace_id.to_string();
+        self.db.call(move |c| ledger::is_taken(c, &t)).await
+    }
+
+    async fn open_rows(&self, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
+        let i = instance_id.to_string();
+        self.db.call(move |c| ledger::open_rows(c, &i)).await
+    }
+
+    fn status(&self) -> JournalStatus {
+        JournalStatus::default()
+    }
+
+    fn ledger_loader(&self) -> Arc<dyn CounterLoader> {
+        Arc::new(SqliteLoader {
+            db: self.db.clone(),
+        })
+    }
+}
+
+/// The journal status JSON of a running instance (the body of `GET /admin/journal`).
+pub fn journal_status_json(engine: &Engine) -> Value {
+    engine.journal().status().to_json()
+}
+
+/// Admin routes owned by this module: `GET /admin/journal` (status), `GET
+/// /admin/reconcile` (differences) and `POST /admin/reconcile?fix=true` (rewrite counters
+/// from the ledger, then report what differed). `None` when the path is not ours.
+pub async fn admin_route(
+    engine: &Engine,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+) -> Option<(u16, Value)> {
+    match (method, path) {
+        ("GET", "/admin/journal") => Some((200, journal_status_json(engine))),
+        ("GET" | "POST", "/admin/reconcile") => {
+            let fix = method == "POST"
+                && query.is_some_and(|q| q.split('&').any(|kv| kv == "fix=true" || kv == "fix"));
+            Some(match crate::reconcile::reconcile(engine, fix).await {
+                Ok(report) => (200, report.to_json()),
+                Err(e) => (
+                    503,
+                    json!({"error": {"message": e.to_string(), "code": "store_unavailable"}}),
+                ),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_json_shapes() {
+        assert_eq!(JournalStatus::default().to_json(), json!({"backlog": {}}));
+        let mut s = JournalStatus::default();
+        s.backlog.insert("postgres".into(), 3);
+        s.oldest_unshipped_at = Some("2026-01-01T00:00:00.000000Z".into());
+        assert_eq!(
+            s.to_json(),
+            json!({"backlog": {"postgres": 3}, "oldest_unshipped_at": "2026-01-01T00:00:00.000000Z"})
+        );
+    }
+}

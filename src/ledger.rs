@@ -1,0 +1,319 @@
+//! The billing ledger in the embedded database (`billing_transactions`, SPEC §7).
+//!
+//! In embedded mode the ledger is also the journal: a `reserved` row is committed before
+//! the request is forwarded, and the settle or release updates that same row, so a crash
+//! at any point leaves either an open reservation (recovered at start) or a final row.
+//! Counters are rebuilt from the settled rows, never reset.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{Db, DbError};
+use crate::keys::Subject;
+use crate::quota::limit::{LimitSpec, Metric};
+use crate::quota::memory::CounterLoader;
+use crate::quota::store::{AppliedLimit, QuotaError};
+use crate::quota::window::{Counter, Window};
+
+/// One ledger row.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    pub trace_id: String,
+    pub key_id: String,
+    pub user_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub upstream: String,
+    pub model: String,
+    pub status: String,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub reserved_micros: i64,
+    pub cost_micros: i64,
+    pub usage_source: Option<String>,
+    pub stream: bool,
+    pub http_status: Option<i64>,
+    pub started_at: String,
+    pub settled_at: Option<String>,
+    pub instance_id: String,
+}
+
+const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id";
+
+fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
+    Ok(Transaction {
+        trace_id: r.get(0)?,
+        key_id: r.get(1)?,
+        user_id: r.get(2)?,
+        tenant_id: r.get(3)?,
+        upstream: r.get(4)?,
+        model: r.get(5)?,
+        status: r.get(6)?,
+        input_tokens: r.get(7)?,
+        cached_input_tokens: r.get(8)?,
+        cache_write_tokens: r.get(9)?,
+        output_tokens: r.get(10)?,
+        reasoning_tokens: r.get(11)?,
+        reserved_micros: r.get(12)?,
+        cost_micros: r.get(13)?,
+        usage_source: r.get(14)?,
+        stream: r.get::<_, i64>(15)? != 0,
+        http_status: r.get(16)?,
+        started_at: r.get(17)?,
+        settled_at: r.get(18)?,
+        instance_id: r.get(19)?,
+    })
+}
+
+/// Result of trying to open a reservation row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Inserted,
+    /// The trace id exists and is reserved or settled.
+    Duplicate,
+}
+
+/// Insert a `reserved` row, or reuse a `released` row of the same trace id.
+pub fn open_reservation(c: &Connection, t: &Transaction) -> Result<Opened, DbError> {
+    // Cached: parsing this statement cost more than running it (every request runs it).
+    let n = c.prepare_cached(
+        &format!(
+            "INSERT INTO billing_transactions ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,'reserved',?7,0,0,?8,0,?9,0,NULL,?10,NULL,?11,NULL,?12)
+             ON CONFLICT(trace_id) DO UPDATE SET
+               key_id=excluded.key_id, user_id=excluded.user_id, tenant_id=excluded.tenant_id,
+               upstream=excluded.upstream, model=excluded.model, status='reserved',
+               input_tokens=excluded.input_tokens, cached_input_tokens=0, cache_write_tokens=0,
+               output_tokens=excluded.output_tokens, reasoning_tokens=0,
+               reserved_micros=excluded.reserved_micros, cost_micros=0, usage_source=NULL,
+               stream=excluded.stream, http_status=NULL, started_at=excluded.started_at,
+               settled_at=NULL, instance_id=excluded.instance_id
+             WHERE billing_transactions.status = 'released'"
+        ),
+    )?
+    .execute(params![
+            t.trace_id,
+            t.key_id,
+            t.user_id,
+            t.tenant_id,
+            t.upstream,
+            t.model,
+            t.input_tokens,
+            t.output_tokens,
+            t.reserved_micros,
+            t.stream as i64,
+            t.started_at,
+            t.instance_id
+        ])?;
+    Ok(if n == 1 {
+        Opened::Inserted
+    } else {
+        Opened::Duplicate
+    })
+}
+
+/// Whether a trace id is reserved or settled (a repeat would be a duplicate).
+pub fn is_taken(c: &Connection, trace_id: &str) -> Result<bool, DbError> {
+    let st: Option<String> = c
+        .query_row(
+            "SELECT status FROM billing_transactions WHERE trace_id = ?1",
+            [trace_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(matches!(st.as_deref(), Some("reserved") | Some("settled")))
+}
+
+/// Final figures of a request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settlement {
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub cache_write_tokens: i64,
+    pub output_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_micros: i64,
+    pub usage_source: &'static str,
+    /// Status the client got; `None` when unknown (recovered after a crash).
+    pub http_status: Option<i64>,
+}
+
+/// Settle a reserved row. Returns false when it was not reserved (already final).
+pub fn settle_row(c: &Connection, trace_id: &str, s: &Settlement) -> Result<bool, DbError> {
+    let n = c
+        .prepare_cached(
+            "UPDATE billing_transactions SET status='settled', input_tokens=?2, cached_input_tokens=?3,
+           cache_write_tokens=?4, output_tokens=?5, reasoning_tokens=?6, cost_micros=?7,
+           usage_source=?8, http_status=?9, settled_at=?10
+         WHERE trace_id=?1 AND status='reserved'",
+        )?
+        .execute(params![
+            trace_id,
+            s.input_tokens,
+            s.cached_input_tokens,
+            s.cache_write_tokens,
+            s.output_tokens,
+            s.reasoning_tokens,
+            s.cost_micros,
+            s.usage_source,
+            s.http_status,
+            crate::time::now_text()
+        ])?;
+    Ok(n == 1)
+}
+
+/// Release a reserved row: nothing billed.
+pub fn release_row(c: &Connection, trace_id: &str, http_status: i64) -> Result<bool, DbError> {
+    let n = c
+        .prepare_cached(
+            "UPDATE billing_transactions SET status='released', input_tokens=0, cached_input_tokens=0,
+           cache_write_tokens=0, output_tokens=0, reasoning_tokens=0, cost_micros=0,
+           http_status=?2, settled_at=?3
+         WHERE trace_id=?1 AND status='reserved'",
+        )?
+        .execute(params![trace_id, http_status, crate::time::now_text()])?;
+    Ok(n == 1)
+}
+
+/// Rows still `reserved` from `instance_id` (left by a process that died).
+pub fn open_rows(c: &Connection, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
+    let mut st = c.prepare(&format!(
+        "SELECT {COLUMNS} FROM billing_transactions WHERE status='reserved' AND instance_id=?1"
+    ))?;
+    let rows = st
+        .query_map([instance_id], row_to_tx)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+pub fn get(c: &Connection, trace_id: &str) -> Result<Option<Transaction>, DbError> {
+    Ok(c.query_row(
+        &format!("SELECT {COLUMNS} FROM billing_transactions WHERE trace_id=?1"),
+        [trace_id],
+        row_to_tx,
+    )
+    .optional()?)
+}
+
+/// Filter for listing transactions, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct TxFilter {
+    pub key_id: Option<String>,
+    pub since: Option<String>,
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
+pub fn list(c: &Connection, f: &TxFilter) -> Result<Vec<Transaction>, DbError> {
+    let mut st = c.prepare(&format!(
+        "SELECT {COLUMNS} FROM billing_transactions
+         WHERE (?1 IS NULL OR key_id = ?1) AND (?2 IS NULL OR started_at >= ?2) AND (?3 IS NULL OR started_at < ?3)
+         ORDER BY started_at DESC, trace_id DESC LIMIT ?4"
+    ))?;
+    let rows = st
+        .query_map(
+            params![f.key_id, f.since, f.before, f.limit.clamp(1, 1000) as i64],
+            row_to_tx,
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+fn subject_clause(s: &Subject) -> (&'static str, String) {
+    match s {
+        Subject::Key(k) => ("key_id = ?1", k.clone()),
+        Subject::User(u) => ("user_id = ?1", u.clone()),
+        Subject::Tenant(t) => ("tenant_id = ?1", t.clone()),
+    }
+}
+
+/// Fill `counter` with the settled rows of `limit`'s subject, scope and window.
+pub fn load_counter(
+    c: &Connection,
+    limit: &AppliedLimit,
+    counter: &mut Counter,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    let (who, id) = subject_clause(&limit.subject);
+    let since = match limit.spec.window {
+        Window::Total => None,
+        _ => counter.window_start(now),
+    };
+    let since_text = since.map(crate::time::to_text);
+    let metric = limit.spec.metric;
+    let expr = match metric {
+        Metric::Requests => "1",
+        Metric::InputTokens => "input_tokens",
+        Metric::OutputTokens => "output_tokens",
+        Metric::Tokens => "input_tokens + output_tokens",
+        Metric::Usd => "cost_micros",
+    };
+    let sql = format!(
+        "SELECT started_at, SUM({expr}) FROM billing_transactions
+         WHERE {who} AND status='settled' AND (?2 IS NULL OR upstream = ?2) AND (?3 IS NULL OR started_at >= ?3)
+         GROUP BY {}",
+        match limit.spec.window {
+            // Rolling windows need amounts per start time (bucketed by the counter).
+            Window::Rolling(_) => "started_at",
+            _ => "NULL",
+        }
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    let mut rows = st.query(params![id, limit.spec.upstream, since_text])?;
+    while let Some(r) = rows.next()? {
+        let at: Option<String> = r.get(0)?;
+        let amount: Option<i64> = r.get(1)?;
+        let Some(amount) = amount else { continue };
+        // Aggregated rows carry an arbitrary start time of the window: attribute them to
+        // the window start (or now for total).
+        let at = match limit.spec.window {
+            Window::Rolling(_) => at
+                .as_deref()
+                .and_then(crate::time::from_text)
+                .unwrap_or(now),
+            _ => since.unwrap_or(now),
+        };
+        counter.add(at, amount, now);
+    }
+    Ok(())
+}
+
+/// [`CounterLoader`] over the embedded ledger.
+pub struct SqliteLoader {
+    pub db: Db,
+}
+
+#[async_trait::async_trait]
+impl CounterLoader for SqliteLoader {
+    async fn load(
+        &self,
+        limit: &AppliedLimit,
+        counter: &mut Counter,
+        now: DateTime<Utc>,
+    ) -> Result<(), QuotaError> {
+        let l = limit.clone();
+        let mut c = counter.clone();
+        let filled = self
+            .db
+            .call(move |conn| {
+                load_counter(conn, &l, &mut c, now)?;
+                Ok(c)
+            })
+            .await
+            .map_err(|e| QuotaError::Unavailable(e.to_string()))?;
+        *counter = filled;
+        Ok(())
+    }
+}
+
+/// Parse stored limit text (helper for callers holding strings).
+pub fn parse_limit(s: &str) -> Option<LimitSpec> {
+    LimitSpec::from_str(s).ok()
+}
+
+pub type SharedLoader = Arc<dyn CounterLoader>;

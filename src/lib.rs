@@ -1,0 +1,56 @@
+//! tollgate — a reverse-proxy sidecar for LLM APIs that enforces quotas and budgets and
+//! bills every request exactly once.
+//!
+//! The request pipeline, one module per stage (data flows one way, top to bottom):
+//!
+//! ```text
+//! client ─► proxy (pingora glue) ─► auth (key → principal)
+//!                                    └► engine: api parse + tokens estimate
+//!                                         └► quota reserve (all limits, one atomic step)
+//!                                              └► ledger: `reserved` row (journal first)
+//!        ◄─ bytes unchanged ◄─ api::meter (SSE tee, usage) ◄─ upstream
+//!                                         └► engine::finish: settle | release
+//!                                              ├► ledger row final
+//!                                              └► quota counters
+//! ```
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | `config.toml` → validated [`config::Config`] |
+//! | [`proxy`] | pingora `ProxyHttp` glue, upstream addresses |
+//! | [`auth`], [`keys`] | keys (hashed), principals, the live key directory |
+//! | [`api`] | provider wire formats: SSE parser, usage meter |
+//! | [`tokens`] | tokenizers and input estimates |
+//! | [`engine`] | admit (parse, estimate, reserve, journal) and finish (settle/release) |
+//! | [`quota`] | limit specs, windows, counters, the `QuotaStore` trait, memory and Redis backends |
+//! | [`billing`], [`money`] | prices and integer micro-dollar arithmetic |
+//! | [`ledger`], [`db`] | the SQLite ledger/journal and its single writer thread |
+//! | [`admin`] | the operator HTTP API: keys, limits, usage, ledger, journal, health, metrics, usage page |
+//! | [`metrics`] | Prometheus metrics of one instance |
+//! | [`alerts`] | threshold alerts: log events and webhook deliveries |
+//! | [`journal`], [`shared`], [`reconcile`] | the `Journal` trait; shared mode's Postgres ledger, outbox and shipper; counter/ledger reconciliation |
+//! | [`mock`] | the fake OpenAI/Anthropic upstream |
+
+pub mod admin;
+pub mod alerts;
+pub mod api;
+pub mod auth;
+pub mod billing;
+pub mod config;
+pub mod db;
+pub mod engine;
+pub mod errors;
+pub mod journal;
+pub mod keys;
+pub mod ledger;
+pub mod metrics;
+pub mod mock;
+pub mod money;
+pub mod proxy;
+pub mod quota;
+pub mod reconcile;
+pub mod server;
+pub mod shared;
+pub mod telemetry;
+pub mod time;
+pub mod tokens;

@@ -1,0 +1,19 @@
+//! Quotas (SPEC §3): limit specs and their time windows (pure arithmetic, in `limit` and
+//! `window`), the two-phase [`store::QuotaStore`] contract, and its backends: `memory`
+//! (in-process; embedded mode and the local fallback) and `redis` (atomic Lua scripts; shared
+//! mode). Every backend builds on [`Counter`] and the window bounds computed here, so they
+//! agree on what a limit means.
+
+pub mod fallback;
+pub mod limit;
+pub mod memory;
+pub mod redis;
+pub mod shared;
+pub mod store;
+pub mod window;
+
+pub use limit::{LimitParseError, LimitSpec, Metric};
+pub use window::{
+    CalendarUnit, Counter, RollingUnit, RollingWindow, Window, WindowParseError, calendar_bounds,
+    ceil_secs,
+};

@@ -1,0 +1,292 @@
+//! Start-up: build every component from a [`Config`] and run the pingora server until
+//! SIGTERM/SIGINT. Kept out of `main.rs` so tests and tools can start the same thing.
+
+use std::sync::Arc;
+
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+
+use crate::auth::{Authenticator, Directory};
+use crate::billing::price::{Price, PriceTable, parse_rate};
+use crate::config::{Config, StorageMode};
+use crate::db::Db;
+use crate::engine::Engine;
+use crate::journal::Journal;
+use crate::ledger::SqliteLoader;
+use crate::proxy::Gateway;
+use crate::proxy::upstream::{Upstream, resolve_loop};
+use crate::quota::fallback::FallbackStore;
+use crate::quota::memory::{CounterLoader, MemoryStore};
+use crate::quota::redis::RedisOptions;
+use crate::quota::shared::{DirectoryRoots, LazyRedis};
+use crate::quota::store::QuotaStore;
+use crate::shared::outbox::Outbox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Shared(#[from] crate::shared::SharedError),
+}
+
+/// Open the embedded database named by the config.
+pub fn open_db(config: &Config) -> Result<Db, StartError> {
+    Ok(Db::open(
+        &config.storage.journal_path,
+        config.storage.durability,
+    )?)
+}
+
+/// Build the engine (storage, keys, prices, counters) without starting any listener.
+pub fn build_engine(config: Arc<Config>, db: Db) -> Result<Arc<Engine>, StartError> {
+    Ok(build_engine_parts(config, db)?.0)
+}
+
+/// [`build_engine`], also returning the shared-mode outbox (for the shipper).
+///
+/// Shared mode: keys and limits come from Postgres (or the journal's local copy while it
+/// is down), the journal is the outbox, and counters are rebuilt from the Postgres ledger
+/// plus unshipped journal rows. Counters stay in the in-process [`MemoryStore`] behind the
+/// same `QuotaStore` trait as the Redis store.
+pub fn build_engine_parts(
+    config: Arc<Config>,
+    db: Db,
+) -> Result<(Arc<Engine>, Option<Arc<Outbox>>), StartError> {
+    let (snapshot, outbox) = match config.storage.mode {
+        StorageMode::Embedded => (db.call_blocking(crate::keys::snapshot_sync)?, None),
+        StorageMode::Shared => {
+            let outbox = crate::shared::open_outbox(&config, db.clone())?;
+            (
+                crate::shared::directory::initial_snapshot(&config, &db)?,
+                Some(outbox),
+            )
+        }
+    };
+    let auth = Authenticator::new(Directory::from_snapshot(snapshot));
+    let prices = price_table(&config)?;
+    let loader: Arc<dyn CounterLoader> = match &outbox {
+        Some(ob) => ob.ledger_loader(),
+        None => Arc::new(SqliteLoader { db: db.clone() }),
+    };
+    let store: Arc<dyn QuotaStore> = match (&config.storage.mode, &config.storage.redis_url) {
+        (StorageMode::Shared, Some(url)) => {
+            let redis = Arc::new(LazyRedis::new(
+                url.expose().to_string(),
+                RedisOptions::new(config.quota.timezone, config.quota.reservation_ttl),
+                Some(loader.clone()),
+                Arc::new(DirectoryRoots { auth: auth.clone() }),
+            ));
+            Arc::new(FallbackStore::new(
+                redis,
+                config.storage.on_unavailable,
+                config.quota.timezone,
+                Some(loader),
+            ))
+        }
+        _ => Arc::new(MemoryStore::new(config.quota.timezone, Some(loader))),
+    };
+    let upstreams = Arc::new(
+        config
+            .upstreams
+            .iter()
+            .cloned()
+            .map(Upstream::new)
+            .collect::<Vec<_>>(),
+    );
+    let mut engine =
+        Engine::new(config, auth, db, store, upstreams, prices).map_err(StartError::Invalid)?;
+    if let Some(ob) = &outbox {
+        engine = engine.with_journal(ob.clone());
+    }
+    Ok((Arc::new(engine), outbox))
+}
+
+/// Watch the quota store's reachability: log and count every transition, and let a
+/// down Redis come back (its probe replays queued settles).
+async fn probe_loop(engine: Arc<Engine>) {
+    let mut last: Vec<(&'static str, bool)> = engine.store().health();
+    loop {
+        tokio::time::sleep(crate::quota::fallback::PROBE_EVERY).await;
+        engine.store().recover().await;
+        let now = engine.store().health();
+        for (name, up) in &now {
+            engine.metrics().set_store_up(name, *up);
+            if !last.contains(&(name, *up)) {
+                if *up {
+                    tracing::info!(store = name, "store up");
+                } else {
+                    tracing::warn!(store = name, "store down");
+                }
+            }
+        }
+        last = now;
+    }
+}
+
+/// The shipped price table with the config's `[prices]` entries on top.
+pub fn price_table(config: &Config) -> Result<PriceTable, StartError> {
+    let mut overrides = Vec::new();
+    for (model, p) in &config.prices {
+        let rate = |field: &str, v: &Option<String>| -> Result<Option<u64>, StartError> {
+            v.as_deref()
+                .map(parse_rate)
+                .transpose()
+                .map_err(|e| StartError::Invalid(format!("prices.\"{model}\".{field}: {e}")))
+        };
+        let input = rate("input", &p.input)?.unwrap_or(0);
+        let output = rate("output", &p.output)?.unwrap_or(0);
+        let mut price = Price::new(input, output);
+        if let Some(c) = rate("cached_input", &p.cached_input)? {
+            price.cached_input = c;
+        }
+        if let Some(c) = rate("cache_write", &p.cache_write)? {
+            price.cache_write = c;
+        }
+        overrides.push((model.clone(), price));
+    }
+    PriceTable::with_overrides(overrides).map_err(|e| StartError::Invalid(e.to_string()))
+}
+
+/// Background work of a running instance: key directory refresh, DNS, admin listener,
+/// alert delivery.
+struct Background {
+    engine: Arc<Engine>,
+    outbox: Option<Arc<Outbox>>,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for Background {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let e = self.engine.clone();
+        let source = crate::shared::directory::source_for(e.config(), e.db(), self.outbox.as_ref());
+        let refresh = tokio::spawn(crate::auth::refresh_loop(e.authenticator().clone(), source));
+        let shipper = self.outbox.clone().map(|ob| {
+            let retention = e.config().storage.journal_retention;
+            tokio::spawn(crate::shared::shipper::Shipper::new(ob, retention).run())
+        });
+        let dns = tokio::spawn(resolve_loop(e.upstreams().clone()));
+        let probe = tokio::spawn(probe_loop(e.clone()));
+        let admin = tokio::spawn(crate::admin::serve(e.clone()));
+        let alerts = e.alerts().take_worker().map(|w| tokio::spawn(w.run()));
+        let _ = shutdown.changed().await;
+        refresh.abort();
+        if let Some(s) = shipper {
+            s.abort();
+        }
+        dns.abort();
+        probe.abort();
+        admin.abort();
+        if let Some(a) = alerts {
+            a.abort();
+        }
+        // pingora stopped accepting and now sleeps through the grace period before it drops
+        // its runtimes. Requests still open finish (and settle) meanwhile; once none is
+        // left there is nothing to wait for, so end the process early.
+        let grace = e.config().server.grace_period;
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            let open = e.in_flight();
+            if open == 0 {
+                tracing::info!("all requests finished; exiting");
+                std::process::exit(0);
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    open,
+                    "grace period over with requests still open; their reservations are recovered at the next start"
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Apply the Postgres migrations before anything reads it. Best effort: with Postgres down
+/// the instance still starts (it serves from its journal) and the shipper migrates
+/// before its first shipment.
+fn migrate_postgres(config: &Config) -> Result<(), StartError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let pg = crate::shared::pg::PgLedger::new(&crate::shared::postgres_url(config))
+        .map_err(crate::shared::SharedError::from)?;
+    match rt.block_on(pg.migrate()) {
+        Ok(v) if v.is_empty() => {}
+        Ok(v) => tracing::info!(applied = ?v, "postgres schema migrated"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot migrate the postgres schema yet; will retry")
+        }
+    }
+    Ok(())
+}
+
+/// Run the proxy until a shutdown signal. Blocks the calling thread.
+pub fn serve(config: Config) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Tokenizer tables take 100-200 ms to build: pay that before the first request.
+    crate::tokens::warm();
+    let db = open_db(&config)?;
+    if config.storage.mode == StorageMode::Shared {
+        migrate_postgres(&config)?;
+    }
+    let (engine, outbox) = build_engine_parts(config.clone(), db)?;
+
+    // Finish what a previous run of this instance left open, before serving.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match engine.recover_open_reservations().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(recovered = n, "settled open reservations left by a previous run"),
+            Err(e) => tracing::error!(error = %e, "cannot recover open reservations"),
+        }
+        for u in engine.upstreams().iter() {
+            if let Err(e) = u.resolve().await {
+                tracing::warn!(upstream = %u.cfg.name, error = %e, "cannot resolve upstream yet; will retry");
+            }
+        }
+    });
+    drop(rt);
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        // On SIGTERM pingora stops accepting, then waits `grace_period_seconds` while open
+        // requests run to their end (settling in the task `logging` spawns), then drops its
+        // runtimes. The background service exits earlier once nothing is in flight.
+        grace_period_seconds: Some(config.server.grace_period.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(engine.clone()));
+    proxy.add_tcp(&config.server.listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "tollgate",
+        Background {
+            engine: engine.clone(),
+            outbox,
+        },
+    ));
+    tracing::info!(
+        listen = %config.server.listen,
+        admin = %config.server.admin_listen,
+        mode = ?config.storage.mode,
+        instance_id = %config.server.instance_id,
+        upstreams = config.upstreams.len(),
+        "tollgate serving"
+    );
+    server.run(RunArgs::default());
+    Ok(())
+}

@@ -1,0 +1,601 @@
+//! The local journal of shared mode, used as an outbox for the Postgres ledger.
+//!
+//! Every reserve / settle / release appends one row to `journal_events` — the full ledger
+//! row as it stands after the event — and updates `journal_traces` (the latest state per
+//! trace id), in one job of the SQLite writer thread ([`crate::db`], group commit). The
+//! caller gets `Ok` only once that commit is in the WAL, *before* the event is applied to
+//! counters or shipped: a SIGKILL at any later point loses nothing, and the next start
+//! finds open reservations in `journal_traces` and unshipped events in `journal_events`.
+//!
+//! The request path never waits on Postgres. The one exception is bounded: a request with
+//! an `Idempotency-Key` this instance has never seen asks the Postgres ledger whether
+//! another instance settled it, only while the shipper last found Postgres up, and for at
+//! most [`REMOTE_CHECK_TIMEOUT`]; otherwise the check is local only (so while Postgres is
+//! unreachable, a repeat sent to a *different* instance is not recognised as a duplicate).
+//!
+//! `journal_traces` keeps final trace ids for `storage.journal_retention` after their
+//! last event shipped, which bounds how long a repeated idempotency key is recognised
+//! locally.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::Notify;
+
+use crate::db::{Db, DbError};
+use crate::journal::{Journal, JournalStatus};
+use crate::keys::Snapshot;
+use crate::ledger::{Opened, Settlement, Transaction};
+use crate::quota::memory::CounterLoader;
+use crate::shared::pg::{PgLedger, StoredSnapshot};
+
+/// Longest time a request waits for the cross-instance duplicate check.
+pub const REMOTE_CHECK_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Kind of a journal event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Reserve,
+    Settle,
+    Release,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Reserve => "reserve",
+            EventKind::Settle => "settle",
+            EventKind::Release => "release",
+        }
+    }
+}
+
+/// One journal event as read back for shipping.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub seq: i64,
+    pub trace_id: String,
+    pub payload: String,
+}
+
+fn to_json(row: &Transaction) -> Result<String, DbError> {
+    serde_json::to_string(row).map_err(|e| DbError::Invalid(format!("cannot encode row: {e}")))
+}
+
+fn from_json(text: &str) -> Result<Transaction, DbError> {
+    serde_json::from_str(text).map_err(|e| DbError::Invalid(format!("corrupt journal row: {e}")))
+}
+
+/// Append an event and make `row` the trace id's latest state (one writer job).
+pub fn append(c: &Connection, kind: EventKind, row: &Transaction) -> Result<(), DbError> {
+    let payload = to_json(row)?;
+    let now = crate::time::now_text();
+    c.prepare_cached(
+        "INSERT INTO journal_events (trace_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![row.trace_id, kind.as_str(), payload, now])?;
+    c.prepare_cached(
+        "INSERT INTO journal_traces (trace_id, status, instance_id, row, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT(trace_id) DO UPDATE SET status = excluded.status, instance_id = excluded.instance_id,
+           row = excluded.row, updated_at = excluded.updated_at",
+    )?
+    .execute(params![row.trace_id, row.status, row.instance_id, payload, now])?;
+    Ok(())
+}
+
+/// Current row of a trace id, if this instance journaled it (and it is not compacted).
+pub fn trace_row(c: &Connection, trace_id: &str) -> Result<Option<Transaction>, DbError> {
+    let text: Option<String> = c
+        .prepare_cached("SELECT row FROM journal_traces WHERE trace_id = ?1")?
+        .query_row([trace_id], |r| r.get(0))
+        .optional()?;
+    text.as_deref().map(from_json).transpose()
+}
+
+/// Journal a reservation, unless the trace id is reserved or settled.
+pub fn open_reservation_sync(c: &Connection, row: &Transaction) -> Result<Opened, DbError> {
+    if let Some(old) = trace_row(c, &row.trace_id)?
+        && old.status != "released"
+    {
+        return Ok(Opened::Duplicate);
+    }
+    let mut r = row.clone();
+    r.status = "reserved".into();
+    append(c, EventKind::Reserve, &r)?;
+    Ok(Opened::Inserted)
+}
+
+/// Journal the settle of a reserved trace id; `None` when it was not reserved.
+pub fn settle_sync(
+    c: &Connection,
+    trace_id: &str,
+    s: &Settlement,
+) -> Result<Option<Transaction>, DbError> {
+    let Some(mut row) = trace_row(c, trace_id)?.filter(|r| r.status == "reserved") else {
+        return Ok(None);
+    };
+    row.status = "settled".into();
+    row.input_tokens = s.input_tokens;
+    row.cached_input_tokens = s.cached_input_tokens;
+    row.cache_write_tokens = s.cache_write_tokens;
+    row.output_tokens = s.output_tokens;
+    row.reasoning_tokens = s.reasoning_tokens;
+    row.cost_micros = s.cost_micros;
+    row.usage_source = Some(s.usage_source.to_string());
+    row.http_status = s.http_status;
+    row.settled_at = Some(crate::time::now_text());
+    append(c, EventKind::Settle, &row)?;
+    Ok(Some(row))
+}
+
+/// Journal the release of a reserved trace id; `None` when it was not reserved.
+pub fn release_sync(
+    c: &Connection,
+    trace_id: &str,
+    http_status: i64,
+) -> Result<Option<Transaction>, DbError> {
+    let Some(mut row) = trace_row(c, trace_id)?.filter(|r| r.status == "reserved") else {
+        return Ok(None);
+    };
+    row.status = "released".into();
+    row.input_tokens = 0;
+    row.cached_input_tokens = 0;
+    row.cache_write_tokens = 0;
+    row.output_tokens = 0;
+    row.reasoning_tokens = 0;
+    row.cost_micros = 0;
+    row.http_status = Some(http_status);
+    row.settled_at = Some(crate::time::now_text());
+    append(c, EventKind::Release, &row)?;
+    Ok(Some(row))
+}
+
+/// Reservations of `instance_id` still open.
+pub fn open_rows_sync(c: &Connection, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
+    let mut st = c.prepare_cached(
+        "SELECT row FROM journal_traces WHERE status = 'reserved' AND instance_id = ?1",
+    )?;
+    let texts = st
+        .query_map([instance_id], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    texts.iter().map(|t| from_json(t)).collect()
+}
+
+/// (unshipped events, creation time of the oldest).
+pub fn backlog_sync(c: &Connection) -> Result<(u64, Option<String>), DbError> {
+    Ok(c.prepare_cached(
+        "SELECT COUNT(*), MIN(created_at) FROM journal_events WHERE shipped_at IS NULL",
+    )?
+    .query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?)
+}
+
+/// Latest rows of every trace id that still has unshipped events.
+pub fn pending_rows(c: &Connection) -> Result<Vec<Transaction>, DbError> {
+    let mut st = c.prepare_cached(
+        "SELECT row FROM journal_traces WHERE trace_id IN
+           (SELECT trace_id FROM journal_events WHERE shipped_at IS NULL)",
+    )?;
+    let texts = st
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    texts.iter().map(|t| from_json(t)).collect()
+}
+
+/// Every settled row still in the local trace index.
+pub fn settled_rows(c: &Connection) -> Result<Vec<Transaction>, DbError> {
+    let mut st = c.prepare_cached("SELECT row FROM journal_traces WHERE status = 'settled'")?;
+    let texts = st
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    texts.iter().map(|t| from_json(t)).collect()
+}
+
+/// Up to `limit` events after `after_seq`, oldest first: unshipped ones, or every
+/// retained one when `include_shipped` (a forced full replay).
+pub fn events_after(
+    c: &Connection,
+    after_seq: i64,
+    limit: usize,
+    include_shipped: bool,
+) -> Result<Vec<Event>, DbError> {
+    let sql = if include_shipped {
+        "SELECT seq, trace_id, payload FROM journal_events WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+    } else {
+        "SELECT seq, trace_id, payload FROM journal_events WHERE shipped_at IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2"
+    };
+    let mut st = c.prepare_cached(sql)?;
+    let rows = st
+        .query_map(params![after_seq, limit as i64], |r| {
+            Ok(Event {
+                seq: r.get(0)?,
+                trace_id: r.get(1)?,
+                payload: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Mark the events `lo..=hi` shipped (those not already marked).
+pub fn mark_shipped(c: &Connection, lo: i64, hi: i64) -> Result<usize, DbError> {
+    Ok(c.prepare_cached(
+        "UPDATE journal_events SET shipped_at = ?3 WHERE seq BETWEEN ?1 AND ?2 AND shipped_at IS NULL",
+    )?
+    .execute(params![lo, hi, crate::time::now_text()])?)
+}
+
+/// Delete events shipped before `cutoff`, and final trace ids last touched before it that
+/// have nothing left to ship. Returns (events, trace ids) deleted.
+pub fn compact(c: &Connection, cutoff: &str) -> Result<(usize, usize), DbError> {
+    let events = c.execute(
+        "DELETE FROM journal_events WHERE shipped_at IS NOT NULL AND shipped_at < ?1",
+        [cutoff],
+    )?;
+    let traces = c.execute(
+        "DELETE FROM journal_traces WHERE status <> 'reserved' AND updated_at < ?1
+           AND NOT EXISTS (SELECT 1 FROM journal_events e WHERE e.trace_id = journal_traces.trace_id AND e.shipped_at IS NULL)",
+        [cutoff],
+    )?;
+    Ok((events, traces))
+}
+
+/// Keep the last directory read from Postgres.
+pub fn save_directory(c: &Connection, s: &StoredSnapshot) -> Result<(), DbError> {
+    let text = serde_json::to_string(s).map_err(|e| DbError::Invalid(e.to_string()))?;
+    c.execute(
+        "INSERT INTO directory_cache (id, rev, snapshot, saved_at) VALUES (1, ?1, ?2, ?3)
+         ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, snapshot = excluded.snapshot, saved_at = excluded.saved_at",
+        params![s.rev, text, crate::time::now_text()],
+    )?;
+    Ok(())
+}
+
+/// The last directory read from Postgres, if any.
+pub fn load_directory(c: &Connection) -> Result<Option<Snapshot>, DbError> {
+    let text: Option<String> = c
+        .query_row(
+            "SELECT snapshot FROM directory_cache WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match text {
+        None => Ok(None),
+        Some(t) => {
+            let s: StoredSnapshot = serde_json::from_str(&t)
+                .map_err(|e| DbError::Invalid(format!("corrupt directory cache: {e}")))?;
+            Ok(Some(s.into()))
+        }
+    }
+}
+
+/// A read-only connection to the journal file, used off the writer thread (WAL lets it
+/// read while the writer commits) so large reads never delay appends.
+#[derive(Clone)]
+pub struct Reader {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Reader, DbError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| DbError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(Reader {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Run `f` on the blocking pool.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&conn.lock()))
+            .await
+            .map_err(|_| DbError::Closed)?
+    }
+}
+
+#[derive(Debug, Default)]
+struct Backlog {
+    events: u64,
+    oldest: Option<String>,
+    /// The shipper's last attempt reached Postgres.
+    pg_up: bool,
+}
+
+/// The shared-mode [`Journal`]: local SQLite outbox in front of the Postgres ledger.
+pub struct Outbox {
+    db: Db,
+    reader: Reader,
+    pg: PgLedger,
+    notify: Notify,
+    backlog: Mutex<Backlog>,
+}
+
+impl Outbox {
+    /// An outbox over an opened (migrated) journal database.
+    pub fn new(db: Db, pg: PgLedger) -> Result<Arc<Outbox>, DbError> {
+        let reader = Reader::open(db.path())?;
+        let (events, oldest) = db.call_blocking(backlog_sync)?;
+        Ok(Arc::new(Outbox {
+            db,
+            reader,
+            pg,
+            notify: Notify::new(),
+            backlog: Mutex::new(Backlog {
+                events,
+                oldest,
+                pg_up: false,
+            }),
+        }))
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn reader(&self) -> &Reader {
+        &self.reader
+    }
+
+    pub fn pg(&self) -> &PgLedger {
+        &self.pg
+    }
+
+    /// Resolves when an event was appended since the last call (wakes the shipper).
+    pub async fn appended(&self) {
+        self.notify.notified().await
+    }
+
+    fn note_append(&self) {
+        {
+            let mut b = self.backlog.lock();
+            b.events += 1;
+            if b.oldest.is_none() {
+                b.oldest = Some(crate::time::now_text());
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Record what the shipper found: the backlog as counted in the journal, and whether
+    /// Postgres answered.
+    pub fn note_shipper(&self, events: u64, oldest: Option<String>, pg_up: bool) {
+        let mut b = self.backlog.lock();
+        b.events = events;
+        b.oldest = oldest;
+        b.pg_up = pg_up;
+    }
+
+    pub fn note_pg(&self, up: bool) {
+        self.backlog.lock().pg_up = up;
+    }
+
+    pub fn pg_up(&self) -> bool {
+        self.backlog.lock().pg_up
+    }
+}
+
+#[async_trait::async_trait]
+impl Journal for Outbox {
+    async fn open_reservation(&self, row: Transaction) -> Result<Opened, DbError> {
+        let out = self
+            .db
+            .call(move |c| open_reservation_sync(c, &row))
+            .await?;
+        if out == Opened::Inserted {
+            self.note_append();
+        }
+        Ok(out)
+    }
+
+    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<bool, DbError> {
+        let t = trace_id.to_string();
+        let done = self
+            .db
+            .call_deferred(move |c| settle_sync(c, &t, &s))
+            .await?
+            .is_some();
+        if done {
+            self.note_append();
+        }
+        Ok(done)
+    }
+
+    async fn release(&self, trace_id: &str, http_status: i64) -> Result<bool, DbError> {
+        let t = trace_id.to_string();
+        let done = self
+            .db
+            .call_deferred(move |c| release_sync(c, &t, http_status))
+            .await?
+            .is_some();
+        if done {
+            self.note_append();
+        }
+        Ok(done)
+    }
+
+    async fn is_taken(&self, trace_id: &str) -> Result<bool, DbError> {
+        let t = trace_id.to_string();
+        let local = self.reader.read(move |c| trace_row(c, &t)).await?;
+        if let Some(row) = local {
+            return Ok(row.status != "released");
+        }
+        if !self.pg_up() {
+            return Ok(false);
+        }
+        match tokio::time::timeout(REMOTE_CHECK_TIMEOUT, self.pg.is_taken(trace_id)).await {
+            Ok(Ok(taken)) => Ok(taken),
+            Ok(Err(e)) => {
+                tracing::debug!(trace_id, error = %e, "cross-instance duplicate check skipped");
+                Ok(false)
+            }
+            Err(_) => {
+                tracing::debug!(trace_id, "cross-instance duplicate check timed out");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn open_rows(&self, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
+        let i = instance_id.to_string();
+        self.db.call(move |c| open_rows_sync(c, &i)).await
+    }
+
+    fn status(&self) -> JournalStatus {
+        let b = self.backlog.lock();
+        let mut s = JournalStatus::default();
+        s.backlog.insert("postgres".into(), b.events);
+        s.oldest_unshipped_at = if b.events == 0 {
+            None
+        } else {
+            b.oldest.clone()
+        };
+        s
+    }
+
+    fn ledger_loader(&self) -> Arc<dyn CounterLoader> {
+        Arc::new(crate::shared::loader::SharedLoader::new(
+            self.pg.clone(),
+            self.reader.clone(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Durability;
+
+    fn row(id: &str) -> Transaction {
+        Transaction {
+            trace_id: id.into(),
+            key_id: "k_1".into(),
+            upstream: "openai".into(),
+            model: "gpt-4o-mini".into(),
+            status: "reserved".into(),
+            input_tokens: 10,
+            output_tokens: 100,
+            reserved_micros: 500,
+            started_at: crate::time::now_text(),
+            instance_id: "i1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn settlement() -> Settlement {
+        Settlement {
+            input_tokens: 10,
+            output_tokens: 20,
+            cost_micros: 77,
+            usage_source: "upstream",
+            http_status: Some(200),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn events_append_before_anything_and_traces_follow_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("j.db"), Durability::Normal).unwrap();
+        let ob = Outbox::new(
+            db.clone(),
+            PgLedger::new("postgres://u@127.0.0.1:1/x").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            ob.open_reservation(row("a")).await.unwrap(),
+            Opened::Inserted
+        );
+        assert_eq!(
+            ob.open_reservation(row("a")).await.unwrap(),
+            Opened::Duplicate
+        );
+        assert!(ob.is_taken("a").await.unwrap());
+        assert!(
+            !ob.is_taken("zz").await.unwrap(),
+            "Postgres is not consulted while down"
+        );
+        assert_eq!(ob.open_rows("i1").await.unwrap().len(), 1);
+        assert!(ob.settle("a", settlement()).await.unwrap());
+        assert!(
+            !ob.settle("a", settlement()).await.unwrap(),
+            "settle is exactly once"
+        );
+        assert!(!ob.release("a", 500).await.unwrap());
+        // Released ids may be reserved again; settled ones may not.
+        ob.open_reservation(row("b")).await.unwrap();
+        assert!(ob.release("b", 502).await.unwrap());
+        assert!(!ob.is_taken("b").await.unwrap());
+        assert_eq!(
+            ob.open_reservation(row("b")).await.unwrap(),
+            Opened::Inserted
+        );
+        assert_eq!(ob.status().backlog["postgres"], 5);
+        assert!(ob.status().oldest_unshipped_at.is_some());
+
+        let events = db.call(|c| events_after(c, 0, 100, false)).await.unwrap();
+        let kinds: Vec<String> = events
+            .iter()
+            .map(|e| from_json(&e.payload).unwrap().status)
+            .collect();
+        assert_eq!(
+            kinds,
+            ["reserved", "settled", "reserved", "released", "reserved"]
+        );
+        let settled = from_json(&events[1].payload).unwrap();
+        assert_eq!(
+            (
+                settled.cost_micros,
+                settled.reserved_micros,
+                settled.usage_source.as_deref()
+            ),
+            (77, 500, Some("upstream")),
+            "the settled row keeps the held estimate"
+        );
+        assert_eq!(db.call(pending_rows).await.unwrap().len(), 2);
+
+        // Ship the first three, then compact with a cutoff in the future.
+        assert_eq!(db.call(|c| mark_shipped(c, 1, 3)).await.unwrap(), 3);
+        let (n, oldest) = db.call(backlog_sync).await.unwrap();
+        assert_eq!(n, 2);
+        assert!(oldest.is_some());
+        let future = crate::time::to_text(chrono::Utc::now() + chrono::Duration::hours(1));
+        let (ev, tr) = db.call(move |c| compact(c, &future)).await.unwrap();
+        assert_eq!(ev, 3);
+        assert_eq!(tr, 1, "only `a` is final with nothing left to ship");
+        assert!(
+            !ob.is_taken("a").await.unwrap(),
+            "forgotten after retention"
+        );
+    }
+
+    #[tokio::test]
+    async fn directory_cache_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("j.db"), Durability::Normal).unwrap();
+        assert!(db.call(load_directory).await.unwrap().is_none());
+        let s = StoredSnapshot {
+            rev: 4,
+            keys: vec![],
+            limits: vec![("user:u".into(), "requests:day=3".into())],
+        };
+        db.call(move |c| save_directory(c, &s)).await.unwrap();
+        let back = db.call(load_directory).await.unwrap().unwrap();
+        assert_eq!(back.rev, 4);
+        assert_eq!(back.limits.len(), 1);
+    }
+}

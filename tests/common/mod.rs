@@ -1,0 +1,416 @@
+//! Test harness: start the real `tollgate` binary on free ports against the mock upstream
+//! (or a scripted raw upstream), create keys through the CLI, and talk HTTP to it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod pg;
+pub mod redis;
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running proxy process; killed on drop.
+pub struct Proxy {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+pub struct ProxyOptions {
+    /// Extra TOML appended (plans, prices, quota overrides...).
+    pub extra: String,
+    pub server_extra: String,
+    pub upstream_extra: String,
+    pub max_request_body: String,
+    pub first_byte_timeout: String,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            extra: String::new(),
+            server_extra: String::new(),
+            upstream_extra: String::new(),
+            max_request_body: "10MiB".into(),
+            first_byte_timeout: "10s".into(),
+        }
+    }
+}
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const OPENAI_UPSTREAM_KEY: &str = "sk-upstream-openai-secret";
+pub const ANTHROPIC_UPSTREAM_KEY: &str = "sk-ant-upstream-secret";
+
+pub fn write_config(
+    dir: &Path,
+    upstream: SocketAddr,
+    opts: &ProxyOptions,
+) -> (PathBuf, SocketAddr, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let db = dir.join("tollgate.db");
+    let cfg = format!(
+        r#"
+[server]
+listen = "{addr}"
+admin_listen = "{admin}"
+admin_token = "{ADMIN_TOKEN}"
+max_request_body = "{max}"
+threads = 2
+instance_id = "test-instance"
+grace_period = "1s"
+{server_extra}
+
+[storage]
+mode = "embedded"
+journal_path = "{db}"
+
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "http://{upstream}"
+api_key = "{OPENAI_UPSTREAM_KEY}"
+connect_timeout = "1s"
+first_byte_timeout = "{first_byte}"
+idle_timeout = "2s"
+{upstream_extra}
+
+[[upstreams]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "http://{upstream}"
+api_key = "{ANTHROPIC_UPSTREAM_KEY}"
+routes = ["/v1/messages"]
+connect_timeout = "1s"
+first_byte_timeout = "{first_byte}"
+idle_timeout = "2s"
+
+[log]
+level = "info"
+format = "json"
+
+{extra}
+"#,
+        max = opts.max_request_body,
+        first_byte = opts.first_byte_timeout,
+        db = db.display(),
+        server_extra = opts.server_extra,
+        upstream_extra = opts.upstream_extra,
+        extra = opts.extra,
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, cfg).unwrap();
+    (path, addr, admin)
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr, opts: ProxyOptions) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let (config_path, addr, admin) = write_config(dir.path(), upstream, &opts);
+        let mut p = Proxy {
+            child: None,
+            addr,
+            admin,
+            log_path: dir.path().join("proxy.log"),
+            dir,
+            config_path,
+        };
+        p.spawn().await;
+        p
+    }
+
+    /// (Re)start the process on the same config and database.
+    pub async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env_remove("TOLLGATE_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_for_port(self.addr).await;
+        wait_for_port(self.admin).await;
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Run a CLI subcommand against this proxy's config; returns (status, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_remove("TOLLGATE_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Create a key through the CLI; returns (id, secret).
+    pub fn create_key(&self, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["keys", "create", "--name", "test", "--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = self.cli(&args);
+        assert_eq!(code, 0, "keys create failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Create a key and wait until the running proxy accepts it (≤ 1 s by contract).
+    pub async fn create_live_key(&self, extra: &[&str]) -> (String, String) {
+        let (id, key) = self.create_key(extra);
+        let t0 = Instant::now();
+        loop {
+            let r = send(
+                "GET",
+                &self.url("/v1/tollgate/usage"),
+                &[("authorization", &format!("Bearer {key}"))],
+                "",
+            )
+            .await;
+            if r.status == 200 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "key not live after 1 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (id, key)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("tollgate.db")
+    }
+
+    /// Waits until no ledger row is `reserved`: every request answered so far is settled
+    /// or released (that happens just after the client has its answer).
+    pub async fn wait_settled(&self) {
+        eventually("no open reservation", || {
+            self.ledger().iter().all(|r| r["status"] != "reserved")
+        })
+        .await;
+    }
+
+    /// Read the ledger directly (WAL lets another process read).
+    pub fn ledger(&self) -> Vec<serde_json::Value> {
+        let c = rusqlite::Connection::open(self.db_path()).unwrap();
+        let mut st = c
+            .prepare("SELECT trace_id, key_id, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, upstream, model FROM billing_transactions ORDER BY started_at")
+            .unwrap();
+        st.query_map([], |r| {
+            Ok(serde_json::json!({
+                "trace_id": r.get::<_, String>(0)?,
+                "key_id": r.get::<_, String>(1)?,
+                "status": r.get::<_, String>(2)?,
+                "input_tokens": r.get::<_, i64>(3)?,
+                "cached_input_tokens": r.get::<_, i64>(4)?,
+                "cache_write_tokens": r.get::<_, i64>(5)?,
+                "output_tokens": r.get::<_, i64>(6)?,
+                "reasoning_tokens": r.get::<_, i64>(7)?,
+                "reserved_micros": r.get::<_, i64>(8)?,
+                "cost_micros": r.get::<_, i64>(9)?,
+                "usage_source": r.get::<_, Option<String>>(10)?,
+                "stream": r.get::<_, i64>(11)? != 0,
+                "http_status": r.get::<_, Option<i64>>(12)?,
+                "upstream": r.get::<_, String>(13)?,
+                "model": r.get::<_, String>(14)?,
+            }))
+        })
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub async fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> hyper::Request<Full<Bytes>> {
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body.into())).unwrap()
+}
+
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
+    let resp = client()
+        .request(request(method, url, headers, body))
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub async fn post_json(
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+    extra: &[(&str, &str)],
+) -> Reply {
+    let auth = format!("Bearer {key}");
+    let mut h: Vec<(&str, &str)> = vec![
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    h.extend_from_slice(extra);
+    send("POST", url, &h, serde_json::to_vec(body).unwrap()).await
+}
+
+/// Read a response body chunk by chunk, with the arrival time of each.
+pub async fn send_timed(
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (u16, Vec<(Duration, Bytes)>) {
+    let t0 = Instant::now();
+    let resp = client()
+        .request(request("POST", url, headers, body))
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut chunks = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(f) => {
+                if let Ok(data) = f.into_data() {
+                    chunks.push((t0.elapsed(), data));
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    (status, chunks)
+}
+
+/// Poll until `f` is true (settles happen just after the response ends).
+pub async fn eventually<F: FnMut() -> bool>(what: &str, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn chat_body(model: &str, stream: bool, text: &str) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "stream": stream,
+        "max_tokens": 200,
+        "messages": [{"role": "user", "content": text}],
+    })
+}

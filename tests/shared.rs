@@ -1,0 +1,509 @@
+//! Shared mode end to end with a real PostgreSQL per test: the journal as outbox, the
+//! shipper, keys from Postgres, crash recovery, Postgres outages, and reconcile.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::pg::TestPg;
+use common::*;
+use tollgate::ledger::Transaction;
+use tollgate::shared::pg::PgLedger;
+
+/// A proxy in shared mode against `pg` (counters in process until the Redis store lands).
+async fn shared_proxy(pg: &TestPg, upstream: std::net::SocketAddr) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
+    let text = std::fs::read_to_string(&config_path).unwrap().replace(
+        "mode = \"embedded\"",
+        &format!(
+            "mode = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"redis://127.0.0.1:1\"\njournal_retention = \"1h\"",
+            pg.url()
+        ),
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let mut p = Proxy {
+        child: None,
+        addr,
+        admin,
+        log_path: dir.path().join("proxy.log"),
+        dir,
+        config_path,
+    };
+    p.spawn().await;
+    p
+}
+
+async fn setup() -> (TestPg, tollgate::mock::MockHandle, Proxy) {
+    let pg = TestPg::start();
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = shared_proxy(&pg, mock.addr).await;
+    (pg, mock, proxy)
+}
+
+fn cli_json(proxy: &Proxy, args: &[&str]) -> (i32, serde_json::Value) {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let (code, out, err) = proxy.cli(&a);
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out} {err}"));
+    (code, v)
+}
+
+fn backlog(proxy: &Proxy) -> i64 {
+    let (code, v) = cli_json(proxy, &["journal", "status"]);
+    assert_eq!(code, 0);
+    v["backlog"]["postgres"].as_i64().unwrap()
+}
+
+/// The local journal's latest row per trace id (what this instance billed).
+fn journal_rows(proxy: &Proxy) -> Vec<Transaction> {
+    let c = rusqlite::Connection::open(proxy.db_path()).unwrap();
+    let mut st = c.prepare("SELECT row FROM journal_traces").unwrap();
+    st.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(|t| serde_json::from_str(&t.unwrap()).unwrap())
+        .collect()
+}
+
+async fn chat(proxy: &Proxy, key: &str, stream: bool, extra: &[(&str, &str)]) -> Reply {
+    post_json(
+        &proxy.url("/v1/chat/completions"),
+        key,
+        &chat_body("gpt-4o-mini", stream, "hello there"),
+        extra,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn shared_mode_serves_and_ships_every_row() {
+    let (pg, _mock, proxy) = setup().await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=100", "--limit", "usd:day=5"])
+        .await;
+    let mut traces = Vec::new();
+    for i in 0..6 {
+        let r = chat(&proxy, &key, i % 2 == 0, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        traces.push(r.header("x-tollgate-trace-id").unwrap().to_string());
+    }
+    let r = chat(&proxy, &key, false, &[("x-mock-status", "500")]).await;
+    assert_eq!(r.status, 500);
+    traces.push(r.header("x-tollgate-trace-id").unwrap().to_string());
+
+    let rows = pg
+        .wait_ledger("7 final rows", |rows| {
+            rows.len() == 7 && rows.iter().all(|r| r["status"] != "reserved")
+        })
+        .await;
+    let ids: HashSet<&str> = rows
+        .iter()
+        .map(|r| r["trace_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 7, "one row per trace id");
+    assert_eq!(
+        ids,
+        traces.iter().map(String::as_str).collect::<HashSet<_>>()
+    );
+    // The ledger of record equals what this instance billed, field by field.
+    let local = journal_rows(&proxy);
+    assert_eq!(local.len(), 7);
+    for l in &local {
+        let r = rows.iter().find(|r| r["trace_id"] == l.trace_id).unwrap();
+        assert_eq!(r["status"], l.status.as_str());
+        assert_eq!(r["key_id"], key_id.as_str());
+        assert_eq!(r["input_tokens"], l.input_tokens);
+        assert_eq!(r["output_tokens"], l.output_tokens);
+        assert_eq!(r["cost_micros"], l.cost_micros);
+        assert_eq!(r["reserved_micros"], l.reserved_micros);
+        assert!(
+            l.reserved_micros > 0,
+            "the held estimate is kept after settle"
+        );
+        assert_eq!(r["usage_source"].as_str(), l.usage_source.as_deref());
+        assert_eq!(r["http_status"].as_i64(), l.http_status);
+        assert_eq!(r["stream"], l.stream);
+        assert_eq!(r["instance_id"], "test-instance");
+        assert_eq!(r["final_at_set"], true);
+    }
+    assert_eq!(rows.iter().filter(|r| r["status"] == "settled").count(), 6);
+    assert_eq!(rows.iter().filter(|r| r["status"] == "released").count(), 1);
+    assert!(
+        rows.iter()
+            .filter(|r| r["status"] == "settled")
+            .all(|r| r["usage_source"] == "upstream" && r["cost_micros"].as_i64().unwrap() > 0)
+    );
+    // Nothing left to ship; the admin API answers the status.
+    eventually("backlog drained", || backlog(&proxy) == 0).await;
+    let (_, v) = cli_json(&proxy, &["journal", "status"]);
+    assert_eq!(v["oldest_unshipped_at"], serde_json::Value::Null);
+    // The counters agree with the Postgres ledger.
+    let (code, v) = cli_json(&proxy, &["reconcile"]);
+    assert_eq!(
+        (code, v["differences"].as_array().unwrap().len()),
+        (0, 0),
+        "{v}"
+    );
+    assert!(v["checked"].as_i64().unwrap() >= 2);
+}
+
+#[tokio::test]
+async fn postgres_down_changes_nothing_on_the_request_path() {
+    let (pg, _mock, proxy) = setup().await;
+    let (id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=50"])
+        .await;
+    let r = chat(&proxy, &key, false, &[]).await;
+    assert_eq!(r.status, 200);
+    pg.wait_ledger("first row", |rows| {
+        rows.len() == 1 && rows[0]["status"] == "settled"
+    })
+    .await;
+
+    pg.stop();
+    let t0 = Instant::now();
+    for i in 0..10 {
+        let r = chat(&proxy, &key, i % 2 == 1, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "requests never wait on postgres: {:?}",
+        t0.elapsed()
+    );
+    // Reserve + settle of each request wait in the journal.
+    eventually("backlog of 20", || backlog(&proxy) == 20).await;
+    let (_, v) = cli_json(&proxy, &["journal", "status"]);
+    assert!(v["oldest_unshipped_at"].is_string(), "{v}");
+    // Creating a key needs Postgres: a clear error, not a hang.
+    let (code, _, err) = proxy.cli(&["keys", "create", "--name", "x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("postgres is unavailable"), "{err}");
+    // Quota still enforced from local counters.
+    let (_, u) = cli_json(&proxy, &["usage", "--key", &id]);
+    assert_eq!(u["limits"][0]["used"], 11);
+
+    pg.start_again();
+    let rows = pg
+        .wait_ledger("11 settled rows", |rows| {
+            rows.len() == 11 && rows.iter().all(|r| r["status"] == "settled")
+        })
+        .await;
+    let ids: HashSet<&str> = rows
+        .iter()
+        .map(|r| r["trace_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 11, "no duplicates");
+    eventually("backlog drained", || backlog(&proxy) == 0).await;
+
+    // Replaying every retained event, twice, changes nothing.
+    for _ in 0..2 {
+        let (code, v) = cli_json(&proxy, &["journal", "replay", "--all"]);
+        assert_eq!(code, 0, "{v}");
+        assert_eq!(v["shipped"], 22);
+        assert_eq!(v["rows"], 0, "no ledger row changed");
+        assert_eq!(pg.ledger().await, rows);
+    }
+    let (code, v) = cli_json(&proxy, &["journal", "replay"]);
+    assert_eq!((code, v["shipped"].as_i64()), (0, Some(0)));
+}
+
+#[tokio::test]
+async fn sigkill_mid_stream_is_recovered_and_shipped() {
+    let (pg, _mock, mut proxy) = setup().await;
+    let (_, key) = proxy
+        .create_live_key(&["--limit", "requests:total=5"])
+        .await;
+    for _ in 0..2 {
+        assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+    }
+    let inflight = {
+        let url = proxy.url("/v1/chat/completions");
+        let key = key.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                post_json(
+                    &url,
+                    &key,
+                    &chat_body("gpt-4o-mini", true, "hi"),
+                    &[("x-mock-words", "1000"), ("x-mock-delay-ms", "20")],
+                ),
+            )
+            .await;
+        })
+    };
+    pg.wait_ledger("the reservation reached postgres", |rows| {
+        rows.iter().any(|r| r["status"] == "reserved")
+    })
+    .await;
+    proxy.kill9();
+    let _ = inflight.await;
+    proxy.spawn().await;
+    let rows = pg
+        .wait_ledger("3 settled rows", |rows| {
+            rows.len() == 3 && rows.iter().all(|r| r["status"] == "settled")
+        })
+        .await;
+    let recovered = rows.iter().find(|r| r["stream"] == true).unwrap();
+    assert_eq!(recovered["usage_source"], "estimated");
+    assert_eq!(
+        recovered["output_tokens"], 200,
+        "billed at the held max output"
+    );
+    assert_eq!(recovered["http_status"], serde_json::Value::Null);
+    // Counters were rebuilt from Postgres + journal: 3 used, 2 left.
+    assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+    assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+    assert_eq!(chat(&proxy, &key, false, &[]).await.status, 429);
+}
+
+#[tokio::test]
+async fn keys_come_from_postgres_and_survive_a_restart_while_it_is_down() {
+    let (pg, _mock, mut proxy) = setup().await;
+    // Live within 1 s (asserted by the helper), created in Postgres by the CLI.
+    let (id, key) = proxy
+        .create_live_key(&["--user", "alice", "--limit", "requests:day=100"])
+        .await;
+    let c = pg.client().await;
+    let n: i64 = c
+        .query_one("SELECT COUNT(*) FROM api_keys WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    let (code, v) = cli_json(&proxy, &["keys", "show", &id]);
+    assert_eq!(code, 0);
+    assert_eq!(v["limits"], serde_json::json!(["requests:day=100"]));
+    let (code, v) = cli_json(
+        &proxy,
+        &["limits", "set", "--user", "alice", "--limit", "usd:day=2"],
+    );
+    assert_eq!(
+        (code, v["limits"].clone()),
+        (0, serde_json::json!(["usd:day=2"]))
+    );
+    // A revoked key stops working within a second.
+    let (_, other) = proxy.create_live_key(&[]).await;
+    let (other_id, _) = {
+        let (_, v) = cli_json(&proxy, &["keys", "list"]);
+        let k = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] != id.as_str())
+            .unwrap()
+            .clone();
+        (k["id"].as_str().unwrap().to_string(), k)
+    };
+    assert_eq!(proxy.cli(&["keys", "revoke", &other_id]).0, 0);
+    let t0 = Instant::now();
+    while chat(&proxy, &other, false, &[]).await.status != 401 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "revoke not live after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+
+    // Postgres down, the instance restarts: known keys (and their limits) still work.
+    pg.stop();
+    proxy.kill9();
+    proxy.spawn().await;
+    let r = chat(&proxy, &key, false, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(chat(&proxy, &other, false, &[]).await.status, 401);
+    let (_, u) = cli_json(&proxy, &["usage", "--key", &id]);
+    let specs: Vec<&str> = u["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["spec"].as_str().unwrap())
+        .collect();
+    assert_eq!(specs, ["requests:day=100", "usd:day=2"]);
+    pg.start_again();
+    pg.wait_ledger("both requests of the known key shipped", |rows| {
+        rows.iter()
+            .filter(|r| r["status"] == "settled" && r["key_id"] == id.as_str())
+            .count()
+            == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reconcile_finds_an_injected_difference_and_fix_clears_it() {
+    let (pg, _mock, proxy) = setup().await;
+    let (id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=100", "--limit", "usd:total=5"])
+        .await;
+    for _ in 0..2 {
+        assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+    }
+    pg.wait_ledger("2 settled", |rows| {
+        rows.len() == 2 && rows.iter().all(|r| r["status"] == "settled")
+    })
+    .await;
+    let (code, v) = cli_json(&proxy, &["reconcile"]);
+    assert_eq!(code, 0, "{v}");
+    // Another instance billed this key (its row reached Postgres directly).
+    pg.client()
+        .await
+        .execute(
+            "INSERT INTO billing_transactions (trace_id, key_id, upstream, model, status, input_tokens, output_tokens,
+               reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id)
+             VALUES ('other-1', $1, 'openai', 'gpt-4o-mini', 'settled', 10, 10, 2000000, 1500000, 'upstream', false, 200, now(), now(), 'sidecar-b')",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let (code, v) = cli_json(&proxy, &["reconcile"]);
+    assert_eq!(code, 1, "{v}");
+    let diffs = v["differences"].as_array().unwrap();
+    assert_eq!(diffs.len(), 2, "{v}");
+    let req = diffs
+        .iter()
+        .find(|d| d["spec"] == "requests:total=100")
+        .unwrap();
+    assert_eq!(req["subject"], format!("key:{id}"));
+    assert_eq!(
+        (req["counter"].as_i64(), req["ledger"].as_i64()),
+        (Some(2), Some(3))
+    );
+    let usd = diffs.iter().find(|d| d["spec"] == "usd:total=5").unwrap();
+    let (counter, ledger) = (
+        tollgate::money::parse_usd(usd["counter"].as_str().unwrap()).unwrap(),
+        tollgate::money::parse_usd(usd["ledger"].as_str().unwrap()).unwrap(),
+    );
+    assert_eq!(ledger - counter, 1_500_000);
+
+    let (code, v) = cli_json(&proxy, &["reconcile", "--fix"]);
+    assert_eq!((code, v["fixed"].as_bool()), (1, Some(true)), "{v}");
+    let (code, v) = cli_json(&proxy, &["reconcile"]);
+    assert_eq!(code, 0, "{v}");
+    let (_, u) = cli_json(&proxy, &["usage", "--key", &id]);
+    let used = u["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["metric"] == "requests")
+        .unwrap()["used"]
+        .clone();
+    assert_eq!(used, 3);
+}
+
+#[tokio::test]
+async fn reconcile_works_in_embedded_mode() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=10"])
+        .await;
+    assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+    eventually("settled", || {
+        proxy.ledger().iter().any(|r| r["status"] == "settled")
+    })
+    .await;
+    assert_eq!(cli_json(&proxy, &["reconcile"]).0, 0);
+    let (_, v) = cli_json(&proxy, &["journal", "status"]);
+    assert_eq!(v, serde_json::json!({"backlog": {}}));
+    // A row the running counters never saw.
+    let c = rusqlite::Connection::open(proxy.db_path()).unwrap();
+    c.execute(
+        "INSERT INTO billing_transactions (trace_id, key_id, upstream, model, status, started_at, instance_id)
+         VALUES ('x-1', ?1, 'openai', 'gpt-4o-mini', 'settled', ?2, 'elsewhere')",
+        rusqlite::params![id, tollgate::time::now_text()],
+    )
+    .unwrap();
+    let (code, v) = cli_json(&proxy, &["reconcile"]);
+    assert_eq!(code, 1);
+    assert_eq!(v["differences"][0]["counter"], 1);
+    assert_eq!(v["differences"][0]["ledger"], 2);
+    assert_eq!(cli_json(&proxy, &["reconcile", "--fix"]).0, 1);
+    assert_eq!(cli_json(&proxy, &["reconcile"]).0, 0);
+}
+
+fn row(trace: &str, status: &str, started: &str, cost: i64) -> Transaction {
+    Transaction {
+        trace_id: trace.into(),
+        key_id: "k_1".into(),
+        upstream: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        status: status.into(),
+        output_tokens: 5,
+        reserved_micros: 900,
+        cost_micros: cost,
+        usage_source: (status == "settled").then(|| "upstream".into()),
+        http_status: (status != "reserved").then_some(200),
+        started_at: started.into(),
+        settled_at: (status != "reserved").then(|| started.into()),
+        instance_id: "i".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn ledger_upserts_only_move_rows_forward() {
+    let pg = TestPg::start();
+    let ledger = PgLedger::new(&pg.url()).unwrap();
+    assert_eq!(ledger.migrate().await.unwrap(), vec![1]);
+    assert!(ledger.migrate().await.unwrap().is_empty(), "applied once");
+    let (t1, t2) = ("2026-01-01T00:00:00.000001Z", "2026-01-01T00:00:05.000000Z");
+    let reserve1 = row("a", "reserved", t1, 0);
+    let release1 = row("a", "released", t1, 0);
+    let reserve2 = row("a", "reserved", t2, 0);
+    let settle2 = row("a", "settled", t2, 42);
+    // In order, one event per batch.
+    for r in [&reserve1, &release1, &reserve2, &settle2] {
+        assert_eq!(
+            ledger.upsert_rows(std::slice::from_ref(r)).await.unwrap(),
+            1
+        );
+    }
+    let end = ledger.all_rows().await.unwrap();
+    assert_eq!(end, vec![settle2.clone()]);
+    // Replays of every older event, in any order, change nothing.
+    for r in [&settle2, &reserve2, &release1, &reserve1] {
+        assert_eq!(
+            ledger.upsert_rows(std::slice::from_ref(r)).await.unwrap(),
+            0
+        );
+    }
+    assert_eq!(ledger.all_rows().await.unwrap(), end);
+    // A released row takes a later reservation; a settled row never goes back.
+    let b = [row("b", "released", t1, 0), row("c", "settled", t1, 7)];
+    ledger.upsert_rows(&b).await.unwrap();
+    let again = [row("b", "reserved", t2, 0), row("c", "reserved", t2, 0)];
+    assert_eq!(ledger.upsert_rows(&again).await.unwrap(), 1);
+    let rows = ledger.all_rows().await.unwrap();
+    let status = |t: &str| {
+        rows.iter()
+            .find(|r| r.trace_id == t)
+            .unwrap()
+            .status
+            .clone()
+    };
+    assert_eq!(
+        (status("b"), status("c")),
+        ("reserved".into(), "settled".into())
+    );
+    // Many rows in one statement.
+    let many: Vec<Transaction> = (0..10_000)
+        .map(|i| row(&format!("m{i}"), "settled", t1, i))
+        .collect();
+    assert_eq!(ledger.upsert_rows(&many).await.unwrap(), 10_000);
+    assert_eq!(ledger.upsert_rows(&many).await.unwrap(), 0);
+    // Postgres gone: a transient error, quickly.
+    pg.stop();
+    let t0 = Instant::now();
+    let err = ledger.upsert_rows(&many[..1]).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
