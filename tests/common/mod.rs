@@ -18,12 +18,33 @@ use hyper_util::rt::TokioExecutor;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
+/// A loopback port nothing listens on, for a server a test starts later.
+///
+/// Ports come from 20000..32000, below Linux's ephemeral range (32768..61000), and each is
+/// handed out once per test process. A port from the ephemeral range (`bind(:0)` then drop)
+/// can be taken by any outgoing connection before the server binds it, and a connect to a
+/// not-yet-listening ephemeral port can even connect to itself (TCP simultaneous open), so
+/// a readiness probe would pass with nothing there.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    // Start each process at its own offset so test binaries run back to back (or two
+    // checkouts on one machine) rarely walk the same ports.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 /// A running proxy process; killed on drop.
@@ -155,8 +176,32 @@ impl Proxy {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        wait_for_port(self.addr).await;
-        wait_for_port(self.admin).await;
+        // Ready once *this* process answers its health check on the admin port and accepts
+        // on the proxy port; a process that exits early fails here with its log.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let health = format!("http://{}/healthz", self.admin);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("tollgate exited at start ({status}):\n{}", self.logs());
+            }
+            let healthy = match client().get(health.parse().unwrap()).await {
+                Ok(r) => r.status() == 200,
+                Err(_) => false,
+            };
+            if healthy && tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tollgate not ready after 30 s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// SIGKILL, no cleanup.
@@ -276,17 +321,6 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-pub async fn wait_for_port(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("nothing listens on {addr}");
 }
 
 /// A response read whole.
