@@ -1,10 +1,10 @@
 //! Token counting throughput: `tollgate::tokens::count` against plain tiktoken-rs
 //! (`o200k_base_singleton().encode_ordinary(..).len()`) on English-like prompts of 1 KB, 100 KB
 //! and 1 MB and on an adversarial 1 MB run of one character; plus a whole chat-request estimate
-//! at the size above which the proxy moves estimation to `spawn_blocking`. On real English
-//! (the license texts in `/usr/share/common-licenses`, when present) it also times the
-//! pre-tokenising split alone and a count with a per-piece cache — the measurements behind
-//! "what it would take" for the 3× estimation target in docs/performance.md.
+//! at the size above which the proxy moves estimation to `spawn_blocking`; and a varied
+//! corpus (real English, code, eleven languages, JSON full of ids) with both vocabularies,
+//! against tiktoken-rs and against bpe-openai's own count (the library tollgate's counting
+//! builds on). Every benchmark first asserts tollgate's count equals tiktoken-rs's.
 //!
 //! Run: `cargo bench --bench estimate -- --warm-up-time 1 --measurement-time 3`
 
@@ -160,7 +160,7 @@ fn count_throughput(c: &mut Criterion) {
     );
     group.finish();
 
-    real_english(c, baseline);
+    varied_corpus(c);
 
     // A whole chat request of the size where the proxy switches to spawn_blocking.
     let mut group = c.benchmark_group("estimate_chat_request");
@@ -178,60 +178,134 @@ fn count_throughput(c: &mut Criterion) {
     group.finish();
 }
 
-/// Real English: every license text Debian ships, concatenated (~300 KB). Skipped where the
-/// directory does not exist.
-fn real_english(c: &mut Criterion, baseline: &tiktoken_rs::CoreBPE) {
-    let Ok(dir) = std::fs::read_dir("/usr/share/common-licenses") else {
-        return;
-    };
-    let mut paths: Vec<_> = dir.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    let mut text = String::new();
-    for p in paths.iter().filter(|p| p.is_file()) {
-        text.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+/// A varied corpus, each counted with both vocabularies against tiktoken-rs:
+/// - `licenses`: real English, every license text Debian ships (~300 KB; skipped where
+///   `/usr/share/common-licenses` does not exist);
+/// - `rust-source`: this crate's own `src/` (~1 MB of code, comments and string literals);
+/// - `multilingual`: sentences in eleven languages and scripts, shuffled (non-ASCII heavy);
+/// - `json-ids`: JSON log lines full of random hex ids, timestamps and numbers (few repeated
+///   pieces, the worst case for the per-piece cache).
+fn varied_corpus(c: &mut Criterion) {
+    let mut corpus: Vec<(&str, String)> = Vec::new();
+    let licenses = read_tree(std::path::Path::new("/usr/share/common-licenses"), None);
+    if !licenses.is_empty() {
+        corpus.push(("licenses", licenses));
     }
-    if text.is_empty() {
-        return;
-    }
-    let tok = bpe_openai::o200k_base();
-    let expected = baseline.encode_ordinary(&text).len();
-    assert_eq!(tokens::count(Encoding::O200k, &text), expected);
-    assert_eq!(cached_count(tok, &text), expected);
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    corpus.push(("rust-source", read_tree(&src, Some("rs"))));
+    corpus.push(("multilingual", multilingual(256 << 10)));
+    corpus.push(("json-ids", json_ids(256 << 10)));
 
-    let mut group = c.benchmark_group("count_licenses_o200k");
-    group.sample_size(10);
-    group.throughput(Throughput::Bytes(text.len() as u64));
-    group.bench_with_input(BenchmarkId::new("tollgate", "all"), &text, |b, t| {
-        b.iter(|| tokens::count(Encoding::O200k, black_box(t)))
-    });
-    group.bench_with_input(BenchmarkId::new("tiktoken-rs", "all"), &text, |b, t| {
-        b.iter(|| baseline.encode_ordinary(black_box(t)).len())
-    });
-    group.bench_with_input(BenchmarkId::new("split-only", "all"), &text, |b, t| {
-        b.iter(|| tok.split(black_box(t)).count())
-    });
-    group.bench_with_input(BenchmarkId::new("piece-cache", "all"), &text, |b, t| {
-        b.iter(|| cached_count(tok, black_box(t)))
-    });
-    group.finish();
+    for (enc, reference) in [
+        (Encoding::O200k, tiktoken_rs::o200k_base_singleton()),
+        (Encoding::Cl100k, tiktoken_rs::cl100k_base_singleton()),
+    ] {
+        let mut group = c.benchmark_group(format!("count_corpus_{}", enc.name()));
+        group.sample_size(10);
+        for (name, text) in &corpus {
+            assert_eq!(
+                tokens::count(enc, text),
+                reference.encode_ordinary(text).len(),
+                "{name}"
+            );
+            group.throughput(Throughput::Bytes(text.len() as u64));
+            group.bench_with_input(BenchmarkId::new("tollgate", name), text, |b, t| {
+                b.iter(|| tokens::count(enc, black_box(t)))
+            });
+            group.bench_with_input(BenchmarkId::new("tiktoken-rs", name), text, |b, t| {
+                b.iter(|| reference.encode_ordinary(black_box(t)).len())
+            });
+            group.bench_with_input(BenchmarkId::new("bpe-openai", name), text, |b, t| {
+                let tok = match enc {
+                    Encoding::O200k => bpe_openai::o200k_base(),
+                    Encoding::Cl100k => bpe_openai::cl100k_base(),
+                };
+                b.iter(|| tok.count(black_box(t.as_str())))
+            });
+        }
+        group.finish();
+    }
 }
 
-/// bpe-openai's count with each short piece's count memoised (identical result: BPE counts
-/// pieces independently).
-fn cached_count(tok: &bpe_openai::Tokenizer, text: &str) -> usize {
-    let mut cache: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> =
-        Default::default();
-    tok.split(text)
-        .map(|piece| {
-            if piece.len() <= 24 {
-                *cache
-                    .entry(piece)
-                    .or_insert_with(|| tok.bpe.count(piece.as_bytes()))
-            } else {
-                tok.bpe.count(piece.as_bytes())
+/// Every file under `dir` (with extension `ext`, if given), in path order, concatenated.
+fn read_tree(dir: &std::path::Path, ext: Option<&str>) -> String {
+    let mut paths = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if ext.is_none_or(|x| p.extension().is_some_and(|e| e == x)) {
+                paths.push(p);
             }
-        })
-        .sum()
+        }
+    }
+    paths.sort();
+    paths
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect()
+}
+
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn multilingual(len: usize) -> String {
+    const SENTENCES: &[&str] = &[
+        "Der schnelle braune Fuchs springt über den faulen Hund, während es draußen regnet.",
+        "Le système de facturation réserve le budget avant d'envoyer la requête au fournisseur.",
+        "El límite mensual se restablece el primer día de cada mes a medianoche, hora local.",
+        "Быстрая коричневая лиса перепрыгивает через ленивую собаку в тёмном лесу.",
+        "東京の天気は晴れのち曇り、最高気温は二十三度の予想です。",
+        "这个网关在请求到达模型提供商之前检查每个调用者的配额和预算。",
+        "오늘 회의는 오후 세 시에 시작하며 예산 검토가 주요 안건입니다.",
+        "الطقس اليوم مشمس مع بعض السحب، ودرجة الحرارة العظمى ٢٣ درجة.",
+        "मौसम आज साफ़ रहेगा और शाम को हल्की बारिश हो सकती है।",
+        "Η γρήγορη καφέ αλεπού πηδά πάνω από τον τεμπέλη σκύλο.",
+        "Szybki brązowy lis przeskakuje nad leniwym psem — naprawdę! 🦊🐕",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut out = String::with_capacity(len + 256);
+    while out.len() < len {
+        out.push_str(SENTENCES[(xorshift(&mut state) % SENTENCES.len() as u64) as usize]);
+        out.push(if xorshift(&mut state).is_multiple_of(5) {
+            '\n'
+        } else {
+            ' '
+        });
+    }
+    out
+}
+
+fn json_ids(len: usize) -> String {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut out = String::with_capacity(len + 256);
+    while out.len() < len {
+        let (a, b, n) = (
+            xorshift(&mut state),
+            xorshift(&mut state),
+            xorshift(&mut state),
+        );
+        out.push_str(&format!(
+            "{{\"id\":\"req_{a:016x}{b:08x}\",\"ts\":\"2026-11-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"tokens\":{},\"cost_usd\":\"0.{:06}\",\"status\":\"ok\"}}\n",
+            1 + n % 28,
+            n % 24,
+            (n >> 8) % 60,
+            (n >> 16) % 60,
+            (n >> 24) % 1000,
+            (n >> 32) % 100_000,
+            (n >> 40) % 1_000_000,
+        ));
+    }
+    out
 }
 
 criterion_group!(benches, count_throughput);

@@ -6,17 +6,20 @@
 //!
 //! # Tokenizers
 //!
-//! Counting uses `bpe-openai` (the `o200k_base` and `cl100k_base` vocabularies with the same
-//! pre-tokenization regexes as tiktoken). Its counts are identical to `tiktoken-rs`'s
-//! `encode_ordinary(..).len()` — the tests check that on a varied corpus and on random strings,
-//! with tiktoken-rs as the reference — and it is linear-time on adversarial input: its
-//! pre-tokenizer is a DFA (no backtracking look-ahead) and its BPE is a backtracking encoder
-//! bounded by a bitfield of visited positions. Release build (`benches/estimate.rs`): English-like
-//! text 1.9–2.1× faster than tiktoken-rs at 1 KB–1 MB; 1 MB of one repeated character in 23 ms
-//! against tiktoken-rs's 970 ms. tiktoken-rs also panics on 1 MB of spaces (its backtracking
-//! regex overflows its stack), which a proxy must never do on client input. In a debug build
-//! with optimised dependencies, 1 MB of CJK without punctuation takes 25 ms and 1 MB of `AB`
-//! pairs (500 000 pieces, the slowest shape found) 117 ms.
+//! Counting uses the `o200k_base` and `cl100k_base` vocabularies and BPE of `bpe-openai`,
+//! with the same pre-tokenization as tiktoken. Its counts are identical to `tiktoken-rs`'s
+//! `encode_ordinary(..).len()` — the tests check that on a varied corpus and on random
+//! strings, with tiktoken-rs as the reference — and it is linear-time on adversarial input:
+//! its BPE is a backtracking encoder bounded by a bitfield of visited positions. tiktoken-rs
+//! panics on 1 MB of spaces (its backtracking regex overflows its stack), which a proxy must
+//! never do on client input.
+//!
+//! The pre-tokenizer and a per-thread cache of short pieces' counts are ours (`split.rs`):
+//! ASCII is cut by hand, anything else by bpe-openai's regex, piece by piece, and tests hold
+//! every cut equal to the regex's. Release build (`cargo bench --bench estimate`, see
+//! docs/performance.md): 4–8× tiktoken-rs on English, code, eleven languages and JSON with
+//! o200k, 5.7–12× with cl100k; 1 MB of one repeated character in 8 ms against tiktoken-rs's
+//! 456 ms.
 //!
 //! Special-token strings such as `<|endoftext|>` inside user text are counted as ordinary text,
 //! as the providers encode them.
@@ -35,6 +38,7 @@
 
 mod estimate;
 mod media;
+mod split;
 
 pub use estimate::{
     ANTHROPIC_TOOL_SYSTEM_AUTO, ANTHROPIC_TOOL_SYSTEM_FORCED, REPLY_PRIMING, TOKENS_PER_MESSAGE,
@@ -44,11 +48,12 @@ pub use estimate::{
 
 /// Request bodies above this size should be estimated on `spawn_blocking`.
 ///
-/// Why 2 KiB: `benches/estimate.rs` measured (release build, 2 shared cores) counting at
-/// 15–27 MiB/s for English-like text, and a whole 16 KiB chat request estimate at ~1 ms. At that
-/// rate 2 KiB costs ~75–130 µs, about the most a reactor task should run between yields; below it
-/// the hand-off to the blocking pool (tens of µs) would cost as much as the work.
-pub const SPAWN_BLOCKING_ABOVE_BYTES: usize = 2 * 1024;
+/// Why 4 KiB: `benches/estimate.rs` measured (release build, 2 shared cores) counting at
+/// 50–180 MiB/s (code slowest, English fastest) and a whole 4 KiB chat request's estimate at
+/// ~20 µs. At the slowest rate 4 KiB costs ~80 µs, about the most a reactor task should run
+/// between yields; below it the hand-off to the blocking pool (tens of µs) would cost as
+/// much as the work.
+pub const SPAWN_BLOCKING_ABOVE_BYTES: usize = 4 * 1024;
 
 /// A tokenizer vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,7 +173,7 @@ pub fn count(enc: Encoding, text: &str) -> usize {
     if text.is_empty() {
         return 0;
     }
-    enc.tokenizer().count(text)
+    split::count(enc, text)
 }
 
 /// Loads both vocabularies now (≈100 ms for o200k, ≈35 ms for cl100k in a debug build) so the
