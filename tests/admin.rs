@@ -856,16 +856,33 @@ async fn metrics_after_traffic_cover_the_dashboard() {
     let nowhere = send("GET", &proxy.url("/v1/nowhere"), &[], "").await;
     assert_eq!(nowhere.status, 404);
 
-    // Settles are recorded just after each response ends: wait for all four.
+    // Requests are counted, and settles recorded, just after each response ends (in
+    // pingora's logging phase and the task it spawns): wait for all eleven requests and all
+    // four settles before reading anything.
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let r = admin.call("GET", "/metrics", None, "", None).await;
         assert_eq!(r.status, 200);
         let t = r.text();
-        if series(&t, "tollgate_settles_total{usage_source=\"upstream\"}") == Some(4.0) {
+        let requests: f64 = t
+            .lines()
+            .filter(|l| l.starts_with("tollgate_requests_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let settled = [
+            "tollgate_settles_total{usage_source=\"upstream\"}",
+            "tollgate_settle_seconds_count",
+            "tollgate_added_latency_seconds_count",
+        ]
+        .iter()
+        .all(|s| series(&t, s) == Some(4.0));
+        if requests == 11.0 && settled {
             break t;
         }
-        assert!(Instant::now() < deadline, "settles never reached 4:\n{t}");
+        assert!(
+            Instant::now() < deadline,
+            "never saw 11 requests and 4 settles:\n{t}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 

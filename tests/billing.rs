@@ -709,7 +709,13 @@ async fn quota_refusals_headers_and_usage_endpoint() {
     )
     .await;
     assert_eq!(r.status, 400);
-    // No secret in the logs.
+    // No secret in the logs. Access-log lines are written just after each response ends,
+    // so wait for the refusals' lines first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !proxy.logs().contains("\"quota\":\"refused\"") {
+        assert!(std::time::Instant::now() < deadline, "no refusal logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let logs = proxy.logs();
     assert!(
         !logs.contains(&key)
