@@ -146,7 +146,8 @@ fn o200k_letters(b: &[u8], q: usize) -> Cut {
 
 /// cl100k alternative 2 (`\p{L}+`) with the letters starting at `q`.
 #[inline]
-fn cl100k_letters(b: &[u8], mut i: usize) -> Cut {
+fn cl100k_letters(b: &[u8], q: usize) -> Cut {
+    let mut i = q;
     loop {
         match class(b, i) {
             Class::Upper | Class::Lower => i += 1,
