@@ -13,7 +13,7 @@
 //!   piece of `text[p..]` is the piece at `p` of `text`. The hand rules follow the pattern's
 //!   alternatives in order (leftmost-first, greedy), written out below; tests compare every
 //!   cut with the regex's on random and exhaustive short inputs.
-//! - [`PieceCache`] remembers the counts of short pieces per thread in a fixed-size,
+//! - [`count`] remembers the counts of short pieces per thread in a fixed-size,
 //!   direct-mapped table (no allocation per piece, bounded memory, exact: a slot holds the
 //!   piece's bytes and is compared in full).
 //!
@@ -211,45 +211,34 @@ fn whitespace(b: &[u8], p: usize) -> Cut {
     })
 }
 
-/// The end of the o200k piece starting at `p < b.len()`.
-fn o200k_piece(b: &[u8], p: usize) -> Cut {
-    let c0 = class(b, p);
-    match c0 {
-        Class::Upper | Class::Lower => o200k_letters(b, p),
-        Class::Digit => digits(b, p),
-        Class::Newline => whitespace(b, p),
-        Class::Space | Class::Blank | Class::Other => match class(b, p + 1) {
-            Class::Wide => Err(Undecided),
-            Class::Upper | Class::Lower => o200k_letters(b, p + 1),
-            c1 => match c0 {
-                Class::Other => symbols(b, p, true),
-                Class::Space if c1 == Class::Other => symbols(b, p + 1, true),
-                _ => whitespace(b, p),
-            },
-        },
-        Class::Wide | Class::End => Err(Undecided),
-    }
-}
-
-/// The end of the cl100k piece starting at `p < b.len()`.
-fn cl100k_piece(b: &[u8], p: usize) -> Cut {
-    let c0 = class(b, p);
-    if b[p] == b'\'' {
+/// The end of the piece starting at `p < b.len()`.
+fn piece_end(enc: Encoding, b: &[u8], p: usize) -> Cut {
+    let o200k = enc == Encoding::O200k;
+    // cl100k's first alternative is a bare contraction.
+    if !o200k && b[p] == b'\'' {
         let end = contraction(b, p)?;
         if end > p {
             return Ok(end);
         }
     }
+    let letters = |q| {
+        if o200k {
+            o200k_letters(b, q)
+        } else {
+            cl100k_letters(b, q)
+        }
+    };
+    let c0 = class(b, p);
     match c0 {
-        Class::Upper | Class::Lower => cl100k_letters(b, p),
+        Class::Upper | Class::Lower => letters(p),
         Class::Digit => digits(b, p),
         Class::Newline => whitespace(b, p),
         Class::Space | Class::Blank | Class::Other => match class(b, p + 1) {
             Class::Wide => Err(Undecided),
-            Class::Upper | Class::Lower => cl100k_letters(b, p + 1),
+            Class::Upper | Class::Lower => letters(p + 1),
             c1 => match c0 {
-                Class::Other => symbols(b, p, false),
-                Class::Space if c1 == Class::Other => symbols(b, p + 1, false),
+                Class::Other => symbols(b, p, o200k),
+                Class::Space if c1 == Class::Other => symbols(b, p + 1, o200k),
                 _ => whitespace(b, p),
             },
         },
@@ -279,11 +268,7 @@ impl<'a> Iterator for Splitter<'a> {
         if p >= b.len() {
             return None;
         }
-        let cut = match self.enc {
-            Encoding::O200k => o200k_piece(b, p),
-            Encoding::Cl100k => cl100k_piece(b, p),
-        };
-        let end = match cut {
+        let end = match piece_end(self.enc, b, p) {
             Ok(end) if end > p => end,
             // Undecided (or, defensively, an empty cut, which would never advance).
             _ => {
@@ -325,13 +310,9 @@ const EMPTY: Slot = Slot {
     count: 0,
 };
 
-/// Per-thread memo of short pieces' token counts.
-struct PieceCache {
-    slots: Box<[Slot]>,
-}
-
 thread_local! {
-    static CACHE: RefCell<Option<PieceCache>> = const { RefCell::new(None) };
+    /// Per-thread memo of short pieces' token counts, allocated on a thread's first count.
+    static CACHE: RefCell<Option<Box<[Slot]>>> = const { RefCell::new(None) };
 }
 
 #[inline]
@@ -358,9 +339,7 @@ pub fn count(enc: Encoding, text: &str) -> usize {
                 .map(|piece| bpe.count(piece.as_bytes()))
                 .sum();
         };
-        let cache = guard.get_or_insert_with(|| PieceCache {
-            slots: vec![EMPTY; SLOTS].into_boxed_slice(),
-        });
+        let slots = guard.get_or_insert_with(|| vec![EMPTY; SLOTS].into_boxed_slice());
         let mut total = 0usize;
         for piece in Splitter::new(enc, text) {
             let bytes = piece.as_bytes();
@@ -370,7 +349,7 @@ pub fn count(enc: Encoding, text: &str) -> usize {
             }
             let mut key = [0u8; CACHED_LEN];
             key[..bytes.len()].copy_from_slice(bytes);
-            let slot = &mut cache.slots[slot_index(tag, &key, bytes.len())];
+            let slot = &mut slots[slot_index(tag, &key, bytes.len())];
             if slot.len as usize == bytes.len() && slot.enc == tag && slot.bytes == key {
                 total += slot.count as usize;
             } else {
