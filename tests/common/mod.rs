@@ -188,10 +188,10 @@ impl Proxy {
             {
                 panic!("tollgate exited at start ({status}):\n{}", self.logs());
             }
-            let healthy = match client().get(health.parse().unwrap()).await {
-                Ok(r) => r.status() == 200,
-                Err(_) => false,
-            };
+            let healthy = client()
+                .get(health.parse().unwrap())
+                .await
+                .is_ok_and(|r| r.status() == 200);
             if healthy && tokio::net::TcpStream::connect(self.addr).await.is_ok() {
                 return;
             }
