@@ -211,9 +211,11 @@ fn whitespace(b: &[u8], p: usize) -> Cut {
     })
 }
 
-/// The end of the piece starting at `p < b.len()`.
-fn piece_end(enc: Encoding, b: &[u8], p: usize) -> Cut {
-    let o200k = enc == Encoding::O200k;
+/// The end of the piece starting at `p < b.len()`, for o200k (`O200K`) or cl100k. A const
+/// parameter so each vocabulary gets its own specialised copy on this hot path.
+#[inline]
+fn piece_end<const O200K: bool>(b: &[u8], p: usize) -> Cut {
+    let o200k = O200K;
     // cl100k's first alternative is a bare contraction.
     if !o200k && b[p] == b'\'' {
         let end = contraction(b, p)?;
@@ -268,7 +270,11 @@ impl<'a> Iterator for Splitter<'a> {
         if p >= b.len() {
             return None;
         }
-        let end = match piece_end(self.enc, b, p) {
+        let cut = match self.enc {
+            Encoding::O200k => piece_end::<true>(b, p),
+            Encoding::Cl100k => piece_end::<false>(b, p),
+        };
+        let end = match cut {
             Ok(end) if end > p => end,
             // Undecided (or, defensively, an empty cut, which would never advance).
             _ => {
