@@ -17,9 +17,9 @@
 //! The pre-tokenizer and a per-thread cache of short pieces' counts are ours (`split.rs`):
 //! ASCII is cut by hand, anything else by bpe-openai's regex, piece by piece, and tests hold
 //! every cut equal to the regex's. Release build (`cargo bench --bench estimate`, see
-//! docs/performance.md): 3.8–8× tiktoken-rs on English, code, eleven languages and JSON with
-//! o200k, 5.7–12× with cl100k; 1 MB of one repeated character in 8 ms against tiktoken-rs's
-//! 456 ms.
+//! docs/performance.md): 3.4–8.1× tiktoken-rs on English, code, eleven languages and JSON
+//! with o200k, 4.4–10.5× with cl100k; 1 MB of one repeated character in 10 ms against
+//! tiktoken-rs's 443 ms.
 //!
 //! Special-token strings such as `<|endoftext|>` inside user text are counted as ordinary text,
 //! as the providers encode them.
