@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use toml_edit::{Document, Item, Table, Value};
 
+use crate::passthrough::{self, METERED_PATHS, PassthroughRoute};
+
 /// A configuration value that must never be printed (provider keys, admin token, URLs
 /// with passwords).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -90,6 +92,7 @@ pub const UPSTREAM_KEYS: &[&str] = &[
     "base_url",
     "api_key",
     "routes",
+    "passthrough",
     "connect_timeout",
     "first_byte_timeout",
     "idle_timeout",
@@ -222,6 +225,8 @@ pub struct UpstreamConfig {
     pub base_path: String,
     pub api_key: Secret,
     pub routes: Vec<String>,
+    /// Unmetered routes forwarded with this upstream's key (SPEC §6).
+    pub passthrough: Vec<PassthroughRoute>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
@@ -340,6 +345,39 @@ impl Config {
             .find(|(_, u)| u.routes.iter().any(|r| r == path))
     }
 
+    /// The upstream passthrough route that serves `method path` (query string ignored).
+    ///
+    /// Several upstreams may claim one passthrough (both default kinds list `GET
+    /// /v1/models`). A request carrying `anthropic-version` (every Anthropic SDK sends it,
+    /// the Anthropic API requires it) goes to the first `anthropic` upstream that lists
+    /// the route and never to another kind; any other request to the first `openai`
+    /// upstream that lists it, else the first `anthropic` one. "First" is config order.
+    pub fn passthrough_for(
+        &self,
+        method: &http::Method,
+        path: &str,
+        anthropic_client: bool,
+    ) -> Option<(usize, &UpstreamConfig, &PassthroughRoute)> {
+        let path = path.split('?').next().unwrap_or(path);
+        let find = |kind: UpstreamKind| {
+            self.upstreams
+                .iter()
+                .enumerate()
+                .filter(|(_, u)| u.kind == kind)
+                .find_map(|(i, u)| {
+                    u.passthrough
+                        .iter()
+                        .find(|r| r.matches(method, path))
+                        .map(|r| (i, u, r))
+                })
+        };
+        if anthropic_client {
+            find(UpstreamKind::Anthropic)
+        } else {
+            find(UpstreamKind::Openai).or_else(|| find(UpstreamKind::Anthropic))
+        }
+    }
+
     /// The resolved configuration as JSON with every secret masked, for `check-config`.
     pub fn redacted_json(&self) -> serde_json::Value {
         use serde_json::json;
@@ -381,6 +419,7 @@ impl Config {
                 "base_url": u.base_url,
                 "api_key": mask(&u.api_key),
                 "routes": u.routes,
+                "passthrough": u.passthrough.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "connect_timeout": humantime::format_duration(u.connect_timeout).to_string(),
                 "first_byte_timeout": humantime::format_duration(u.first_byte_timeout).to_string(),
                 "idle_timeout": humantime::format_duration(u.idle_timeout).to_string(),
@@ -914,6 +953,7 @@ impl Reader<'_> {
                     );
                 }
             }
+            let passthrough = self.passthrough(t, &p, kind);
             let connect_timeout = self.parsed(
                 t,
                 &p,
@@ -945,10 +985,42 @@ impl Reader<'_> {
                 base_path,
                 api_key,
                 routes,
+                passthrough,
                 connect_timeout,
                 first_byte_timeout,
                 idle_timeout,
             });
+        }
+        out
+    }
+
+    /// An upstream's `passthrough` list (default: its kind's, SPEC §6). A route that could
+    /// take a metered path is refused: it would forward billable requests unbilled.
+    fn passthrough(&mut self, t: &Table, p: &str, kind: UpstreamKind) -> Vec<PassthroughRoute> {
+        let texts = self.string_array(t, p, "passthrough").unwrap_or_else(|| {
+            passthrough::defaults(kind)
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
+        let span = t.get("passthrough").and_then(item_span);
+        let mut out: Vec<PassthroughRoute> = Vec::new();
+        for (i, text) in texts.iter().enumerate() {
+            let path = format!("{p}.passthrough[{i}]");
+            match PassthroughRoute::parse(text) {
+                Ok(r) => {
+                    if let Some(m) = METERED_PATHS.iter().find(|m| r.matches_path(m)) {
+                        self.issue(
+                            &path,
+                            span.clone(),
+                            format!("`{text}` would take the metered route {m}; a passthrough is never billed"),
+                        );
+                    } else if !out.contains(&r) {
+                        out.push(r);
+                    }
+                }
+                Err(e) => self.issue(&path, span.clone(), e),
+            }
         }
         out
     }
@@ -1127,6 +1199,21 @@ impl Reader<'_> {
                         &format!("upstreams[{i}].routes"),
                         span.clone(),
                         format!("route `{r}` is already served by upstream `{other}`"),
+                    );
+                }
+            }
+        }
+        for (i, u) in cfg.upstreams.iter().enumerate() {
+            for (pi, pt) in u.passthrough.iter().enumerate() {
+                if let Some(r) = routes.keys().find(|r| pt.matches_path(r)) {
+                    let span = arr
+                        .and_then(|a| a.get(i))
+                        .and_then(|t| t.get("passthrough"))
+                        .and_then(item_span);
+                    self.issue(
+                        &format!("upstreams[{i}].passthrough[{pi}]"),
+                        span,
+                        format!("`{pt}` would take the route {r}, which is metered"),
                     );
                 }
             }
@@ -1347,6 +1434,92 @@ base_url = "http://y"
         assert!(paths.contains(&"storage.postgres_url"));
         assert!(paths.contains(&"upstreams[1].name"));
         assert!(paths.contains(&"upstreams[1].routes"));
+    }
+
+    #[test]
+    fn passthrough_routes_default_per_kind_and_pick_one_upstream() {
+        let c = Config::parse(GOOD, "config.toml", &env).unwrap();
+        let texts = |i: usize| -> Vec<String> {
+            c.upstreams[i]
+                .passthrough
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(texts(0), ["GET /v1/models", "GET /v1/models/{id}"]);
+        assert_eq!(
+            texts(1),
+            ["GET /v1/models", "POST /v1/messages/count_tokens"]
+        );
+        let get = http::Method::GET;
+        let pick = |m: &http::Method, p: &str, anthropic: bool| {
+            c.passthrough_for(m, p, anthropic)
+                .map(|(i, _, r)| (i, r.pattern.clone()))
+        };
+        // Both claim GET /v1/models: the client's dialect decides.
+        assert_eq!(
+            pick(&get, "/v1/models", false),
+            Some((0, "/v1/models".into()))
+        );
+        assert_eq!(
+            pick(&get, "/v1/models?limit=2", true),
+            Some((1, "/v1/models".into()))
+        );
+        // Only openai lists /v1/models/{id}: an Anthropic client never reaches it.
+        assert_eq!(
+            pick(&get, "/v1/models/gpt-4o", false),
+            Some((0, "/v1/models/{id}".into()))
+        );
+        assert_eq!(pick(&get, "/v1/models/claude-x", true), None);
+        // Only anthropic lists count_tokens: a client without the header still gets there.
+        let post = http::Method::POST;
+        assert_eq!(
+            pick(&post, "/v1/messages/count_tokens", false).map(|p| p.0),
+            Some(1)
+        );
+        assert_eq!(
+            pick(&get, "/v1/messages/count_tokens", true),
+            None,
+            "method"
+        );
+        assert!(pick(&post, "/v1/chat/completions", false).is_none());
+    }
+
+    #[test]
+    fn a_passthrough_can_never_take_a_metered_route() {
+        let cfg = r#"
+[[upstreams]]
+name = "a"
+kind = "openai"
+base_url = "http://x"
+routes = ["/v1/chat/completions", "/v1/custom"]
+passthrough = ["POST /v1/chat/{op}", "GET /v1/{thing}", "GET models", "GET /v1/models"]
+"#;
+        let ConfigError::Invalid { issues, .. } = Config::parse(cfg, "c", &env).unwrap_err() else {
+            panic!()
+        };
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert!(paths.contains(&"upstreams[0].passthrough[0]"), "{issues:?}");
+        assert!(paths.contains(&"upstreams[0].passthrough[1]"), "{issues:?}");
+        assert!(paths.contains(&"upstreams[0].passthrough[2]"), "{issues:?}");
+        assert_eq!(issues.len(), 3, "{issues:?}");
+        let custom = r#"
+[[upstreams]]
+name = "a"
+kind = "openai"
+base_url = "http://x"
+routes = ["/v1/custom/run"]
+passthrough = ["GET /v1/custom/{x}"]
+"#;
+        let ConfigError::Invalid { issues, .. } = Config::parse(custom, "c", &env).unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(issues[0].message.contains("/v1/custom/run"), "{issues:?}");
+        let none = "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\npassthrough = []\n";
+        let c = Config::parse(none, "c", &env).unwrap();
+        assert!(c.upstreams[0].passthrough.is_empty());
     }
 
     #[test]

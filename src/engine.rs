@@ -46,6 +46,11 @@ pub struct Route {
     pub kind: UpstreamKind,
     /// Known wire format of the path, if metered.
     pub format: Option<ApiFormat>,
+    /// A passthrough route (SPEC §6): forwarded, never admitted, metered or billed.
+    pub passthrough: bool,
+    /// The route as configured (`/v1/models/{id}` for a templated passthrough): the
+    /// metrics label, bounded by the config whatever paths clients send.
+    pub label: String,
 }
 
 /// What was parsed from a request body.
@@ -233,14 +238,57 @@ impl Engine {
         &self.upstreams
     }
 
-    pub fn route(&self, path: &str) -> Option<Route> {
-        let (i, u) = self.config.upstream_for_path(path)?;
+    /// The route of `method path`: a provider route (any method, as before), else a
+    /// passthrough; `anthropic_client` (the request carries `anthropic-version`) picks
+    /// between upstreams that both list a passthrough ([`Config::passthrough_for`]).
+    pub fn route(
+        &self,
+        method: &http::Method,
+        path: &str,
+        anthropic_client: bool,
+    ) -> Option<Route> {
+        if let Some((i, u)) = self.config.upstream_for_path(path) {
+            return Some(Route {
+                upstream: i,
+                upstream_name: u.name.clone(),
+                kind: u.kind,
+                format: ApiFormat::from_path(path),
+                passthrough: false,
+                label: path.split('?').next().unwrap_or(path).to_string(),
+            });
+        }
+        let (i, u, r) = self
+            .config
+            .passthrough_for(method, path, anthropic_client)?;
         Some(Route {
             upstream: i,
             upstream_name: u.name.clone(),
             kind: u.kind,
-            format: ApiFormat::from_path(path),
+            format: None,
+            passthrough: true,
+            label: r.pattern.clone(),
         })
+    }
+
+    /// Rate-limit headers for a passthrough answer: the limits as they stand (nothing is
+    /// admitted). One counter read, and only when `p` has a request or token limit.
+    pub async fn passthrough_headers(
+        &self,
+        p: &Principal,
+        route: &Route,
+    ) -> Vec<(&'static str, String)> {
+        let limits: Vec<AppliedLimit> = self
+            .applicable_limits(p, Some(&route.upstream_name))
+            .into_iter()
+            .filter(|l| l.spec.metric != Metric::Usd)
+            .collect();
+        if limits.is_empty() {
+            return Vec::new();
+        }
+        match self.store.usage(&limits).await {
+            Ok(states) => ratelimit_headers(&states, Utc::now()),
+            Err(_) => Vec::new(),
+        }
     }
 
     pub fn authenticate(
@@ -358,13 +406,13 @@ impl Engine {
         // 409: an idempotency key names the trace id.
         let trace_id = match idempotency_key {
             Some(k) => {
-                if k.len() > 255 || k.chars().any(char::is_control) {
+                if !valid_idempotency_key(k) {
                     return Err(ApiError::new(
                         ErrorCode::InvalidRequest,
-                        "Idempotency-Key must be at most 255 printable characters",
+                        "Idempotency-Key must be 1 to 255 printable ASCII characters",
                     ));
                 }
-                let t = format!("{}:{k}", p.key_id);
+                let t = idempotent_trace_id(&p.key_id, k);
                 let taken = self.journal.is_taken(&t).await.map_err(|e| {
                     ApiError::new(
                         ErrorCode::StoreUnavailable,
@@ -704,6 +752,17 @@ impl Engine {
         }
         Ok(n)
     }
+}
+
+/// An `Idempotency-Key` tollgate accepts: 1-255 printable ASCII characters, so that the
+/// trace id `<key_id>:<Idempotency-Key>` is a valid header value on every answer.
+pub fn valid_idempotency_key(k: &str) -> bool {
+    (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// The trace id of a request by `key_id` that sent `idempotency_key` (SPEC §4.7).
+pub fn idempotent_trace_id(key_id: &str, idempotency_key: &str) -> String {
+    format!("{key_id}:{idempotency_key}")
 }
 
 fn duplicate(trace_id: &str) -> ApiError {

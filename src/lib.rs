@@ -29,6 +29,7 @@
 //! | [`metrics`] | Prometheus metrics of one instance |
 //! | [`alerts`] | threshold alerts: log events and webhook deliveries |
 //! | [`journal`], [`shared`], [`reconcile`] | the `Journal` trait; shared mode's Postgres ledger, outbox and shipper; counter/ledger reconciliation |
+//! | [`passthrough`] | unmetered provider routes (`GET /v1/models`, …): patterns and matching |
 //! | [`mock`] | the fake OpenAI/Anthropic upstream |
 
 pub mod admin;
@@ -46,6 +47,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod mock;
 pub mod money;
+pub mod passthrough;
 pub mod proxy;
 pub mod quota;
 pub mod reconcile;

@@ -97,7 +97,7 @@ pub(crate) fn messages(body: &Value, ctx: &PlanCtx<'_>) -> Result<Plan, Invalid>
 
 /// `system` counts as one message; each message's text blocks, tool results and tool inputs
 /// are its text.
-fn prompt(body: &Value, messages: &[Value]) -> Prompt {
+pub(crate) fn prompt(body: &Value, messages: &[Value]) -> Prompt {
     let mut prompt = Prompt::default();
     let mut count = messages.len() as u64;
     if let Some(system) = body.get("system").filter(|s| !s.is_null()) {

@@ -16,6 +16,10 @@
 //! | `/v1/embeddings` | `list` of small unit vectors | — |
 //! | `/v1/messages` | Anthropic `message` | Anthropic `message_start` … `message_stop` |
 //!
+//! Unmetered routes (see [`models`]): `GET /v1/models` and `GET /v1/models/{id}` in OpenAI's
+//! or Anthropic's shape (an `anthropic-version` header picks Anthropic's), and
+//! `POST /v1/messages/count_tokens`. They take the same keys and `x-mock-status`.
+//!
 //! Chat/completions streams carry `"usage": null` on every chunk and a final
 //! `"choices": []` usage chunk only when `stream_options.include_usage` is true; without it no
 //! chunk has a `usage` key. `stream_options` on a non-stream request is a 400, as at OpenAI.
@@ -80,6 +84,7 @@
 
 mod anthropic;
 mod controls;
+mod models;
 mod openai;
 mod sse;
 #[cfg(test)]
@@ -685,8 +690,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBod
         return resp;
     }
     let route = Route::from_path(req.uri().path());
+    let listing = models::Listing::from_request(req.method(), req.uri().path(), req.headers());
     let (parts, body) = req.into_parts();
-    let provider = route.map_or(Provider::OpenAi, Route::provider);
+    let provider = match (&route, &listing) {
+        (Some(r), _) => r.provider(),
+        (None, Some(l)) if l.anthropic() => Provider::Anthropic,
+        _ => Provider::OpenAi,
+    };
     // Unique per request: keeps ids of identical concurrent requests apart.
     let salt = shared.next_salt.fetch_add(1, Ordering::Relaxed);
     let mut ids = Rng::new(mix(&[salt, text::unix_now()]));
@@ -729,6 +739,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBod
         digest(bytes)
     };
     shared.record(&parts, &bytes, parsed.as_ref().ok());
+
+    if let Some(listing) = listing.filter(|_| route.is_none()) {
+        return passthrough(&shared, &parts, &listing, parsed.ok().as_ref(), &reply);
+    }
 
     let Some(route) = route.filter(|_| parts.method == Method::POST) else {
         let message = format!("Invalid URL ({} {})", parts.method, parts.uri.path());
@@ -843,6 +857,45 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<MockBod
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
             resp
         }
+    }
+}
+
+/// An unmetered route ([`models`]): key check, `x-mock-status`, then the answer.
+fn passthrough(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    listing: &models::Listing,
+    body: Option<&Value>,
+    reply: &Reply,
+) -> Response<MockBody> {
+    if let Err(resp) = check_key(shared, reply.provider, &parts.headers, reply) {
+        return *resp;
+    }
+    match Controls::from_headers(&parts.headers) {
+        Err(e) => return reply.error(StatusCode::BAD_REQUEST, &e.to_string(), None),
+        Ok(c) => {
+            if let Some(status) = c.status {
+                return reply.injected(status);
+            }
+        }
+    }
+    match models::answer(listing, parts.uri.query(), body) {
+        Ok(models::Answer::Ok(doc)) => reply.json(StatusCode::OK, MockBody::full(doc)),
+        Ok(models::Answer::NotFound(message)) => {
+            let body = match reply.provider {
+                Provider::OpenAi => openai::error_body(
+                    &message,
+                    "invalid_request_error",
+                    Some("model"),
+                    Some("model_not_found"),
+                ),
+                Provider::Anthropic => {
+                    anthropic::error_body("not_found_error", &message, &reply.request_id)
+                }
+            };
+            reply.json(StatusCode::NOT_FOUND, MockBody::full(body))
+        }
+        Err(invalid) => reply.error(StatusCode::BAD_REQUEST, &invalid.message, invalid.param),
     }
 }
 

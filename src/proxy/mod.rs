@@ -73,6 +73,13 @@ pub struct Ctx {
     refusal: Option<ApiError>,
     /// We answered with one of our own errors.
     refused: bool,
+    /// The request carries `anthropic-version`: an Anthropic client (routing and the
+    /// shape of errors answered before a route is known).
+    anthropic_client: bool,
+    /// Rate-limit headers of a passthrough answer (nothing is admitted for those).
+    passthrough_headers: Vec<(&'static str, String)>,
+    /// Body bytes of a passthrough request forwarded so far (bounded like any body).
+    passthrough_bytes: u64,
 }
 
 /// The proxy service.
@@ -86,10 +93,11 @@ impl Gateway {
     }
 
     fn kind(&self, ctx: &Ctx) -> UpstreamKind {
-        ctx.route
-            .as_ref()
-            .map(|r| r.kind)
-            .unwrap_or(UpstreamKind::Openai)
+        match &ctx.route {
+            Some(r) => r.kind,
+            None if ctx.anthropic_client => UpstreamKind::Anthropic,
+            None => UpstreamKind::Openai,
+        }
     }
 
     /// Answer with one of our errors and remember the status for logging.
@@ -109,8 +117,10 @@ impl Gateway {
         ctx.answered = Some(err.status());
         ctx.refused = true;
         self.engine.metrics().refused(err.code);
-        // A refused request's body may still be unread: don't reuse the connection.
-        session.set_keepalive(None);
+        // The connection stays open for the client's next request when the whole request
+        // body has been read (refusals decided from the body, or a request without one):
+        // pingora closes it by itself when a response is written before the body is done
+        // (`close_on_response_before_downstream_finish`, on by default).
         session.write_response_header(Box::new(h), false).await?;
         session.write_response_body(Some(body), true).await?;
         Ok(true)
@@ -179,12 +189,16 @@ impl ProxyHttp for Gateway {
             admit_time: Duration::ZERO,
             refusal: None,
             refused: false,
+            anthropic_client: false,
+            passthrough_headers: Vec::new(),
+            passthrough_bytes: 0,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let path = session.req_header().uri.path().to_string();
         let method = session.req_header().method.clone();
+        ctx.anthropic_client = header(session, "anthropic-version").is_some();
 
         // Auth first: every route, including our own usage endpoint.
         let principal = self.engine.authenticate(
@@ -198,6 +212,7 @@ impl ProxyHttp for Gateway {
                 Err(e) => return self.refuse(session, ctx, &e).await,
             };
             let body = Bytes::from(self.engine.usage_json_for(&p).await.to_string());
+            self.name_trace(session, ctx, &p);
             ctx.principal = Some(p);
             let mut h = ResponseHeader::build(200, Some(3))?;
             h.insert_header("content-type", "application/json")?;
@@ -209,7 +224,7 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        let Some(route) = self.engine.route(&path) else {
+        let Some(route) = self.engine.route(&method, &path, ctx.anthropic_client) else {
             return self
                 .refuse(
                     session,
@@ -223,10 +238,7 @@ impl ProxyHttp for Gateway {
             Ok(p) => p,
             Err(e) => return self.refuse(session, ctx, &e).await,
         };
-        ctx.idempotency_key = header(session, "idempotency-key")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty());
+        self.name_trace(session, ctx, &principal);
         ctx.principal = Some(principal);
 
         let max = self.engine.config().server.max_request_body;
@@ -246,6 +258,13 @@ impl ProxyHttp for Gateway {
                     ),
                 )
                 .await;
+        }
+        if ctx.route.as_ref().is_some_and(|r| r.passthrough) {
+            // Forwarded as it comes (body included), never admitted: no hold, no row.
+            if let (Some(p), Some(r)) = (ctx.principal.as_ref(), ctx.route.as_ref()) {
+                ctx.passthrough_headers = self.engine.passthrough_headers(p, r).await;
+            }
+            return Ok(false);
         }
         let chunked = header(session, "transfer-encoding")
             .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
@@ -290,6 +309,20 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if ctx.route.as_ref().is_some_and(|r| r.passthrough) {
+            // A passthrough body streams through untouched, within the same size bound.
+            ctx.passthrough_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+            let max = self.engine.config().server.max_request_body;
+            if ctx.passthrough_bytes > max {
+                let e = ApiError::new(
+                    ErrorCode::RequestTooLarge,
+                    format!("request body exceeds the limit of {max} bytes"),
+                );
+                ctx.refusal = Some(e.clone());
+                return Err(to_pingora(e));
+            }
+            return Ok(());
+        }
         if let Some(buf) = ctx.collecting.as_mut() {
             if let Some(chunk) = body.take() {
                 buf.extend_from_slice(&chunk);
@@ -423,50 +456,27 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         resp.insert_header("x-tollgate-trace-id", ctx.trace_id.as_str())?;
         if let Some(adm) = ctx.admission.as_ref() {
-            let ours = adm.ratelimit_headers();
-            if !ours.is_empty() {
-                let kinds: Vec<&str> = ours
-                    .iter()
-                    .map(|(n, _)| {
-                        if n.ends_with("requests") {
-                            "requests"
-                        } else {
-                            "tokens"
-                        }
-                    })
-                    .collect();
-                // Replace the upstream's own x-ratelimit-* of the kinds we report.
-                let names: Vec<String> = resp
-                    .headers
-                    .keys()
-                    .map(|k| k.as_str().to_string())
-                    .collect();
-                for name in names {
-                    if name.starts_with("x-ratelimit-") && kinds.iter().any(|k| name.ends_with(k)) {
-                        resp.remove_header(&name);
-                    }
-                }
-                for (n, v) in ours {
-                    resp.insert_header(*n, v.as_str())?;
-                }
-            }
+            replace_ratelimit_headers(resp, adm.ratelimit_headers())?;
             let success = resp.status.is_success();
-            if let (Some(meter), false) = (ctx.meter.as_mut(), success) {
+            if !success {
                 // Upstream errors pass through unchanged and are not metered.
-                let _ = meter;
                 ctx.meter = None;
             }
-            if success && adm.hide_usage {
-                // The body changes size when the usage chunk is removed.
+            if success && adm.stream {
+                // The body of a metered stream may change: the hidden usage chunk is cut
+                // out, and a failing upstream's stream is ended with an error event.
                 resp.remove_header("content-length");
             }
+        } else {
+            replace_ratelimit_headers(resp, &ctx.passthrough_headers)?;
         }
+        keep_alive_framing(session, resp)?;
         Ok(())
     }
 
@@ -555,9 +565,13 @@ impl ProxyHttp for Gateway {
                 500
             }
         };
+        // Our own refusal (decided once the body was read whole) keeps the connection;
+        // an upstream failure or a body cut short closes it.
+        let can_reuse_downstream =
+            ctx.refused && matches!(e.etype(), ErrorType::HTTPStatus(_)) && session.is_body_done();
         FailToProxy {
             error_code: code,
-            can_reuse_downstream: false,
+            can_reuse_downstream,
         }
     }
 
@@ -568,10 +582,10 @@ impl ProxyHttp for Gateway {
             .unwrap_or(0);
         // Label by configured route only, so unknown paths cannot grow the series count.
         let path = session.req_header().uri.path();
-        let route = if ctx.route.is_some() || path == USAGE_PATH {
-            path
-        } else {
-            "unmatched"
+        let route = match &ctx.route {
+            Some(r) => r.label.as_str(),
+            None if path == USAGE_PATH => path,
+            None => "unmatched",
         };
         self.engine.metrics().request(route, client_status);
         let disconnected = e.is_some_and(|e| e.esource() == &ErrorSource::Downstream);
@@ -641,6 +655,81 @@ impl Gateway {
         }
         code.status()
     }
+}
+
+impl Gateway {
+    /// Once the key is known, the trace id is too (SPEC §4.7): `<key_id>:<Idempotency-Key>`
+    /// when the client sent a valid one, so every answer from here on (200, 409, 403, 429,
+    /// passthrough) names the trace the client's retries share. An invalid key keeps the
+    /// generated id; admission refuses it with 400.
+    fn name_trace(&self, session: &Session, ctx: &mut Ctx, p: &crate::auth::Principal) {
+        ctx.idempotency_key = header(session, "idempotency-key")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        if let Some(k) = ctx.idempotency_key.as_deref()
+            && crate::engine::valid_idempotency_key(k)
+        {
+            ctx.trace_id = crate::engine::idempotent_trace_id(&p.key_id, k);
+        }
+    }
+}
+
+/// Put tollgate's `x-ratelimit-*` headers on an answer, replacing the upstream's own of the
+/// kinds (requests, tokens) tollgate reports.
+fn replace_ratelimit_headers(
+    resp: &mut ResponseHeader,
+    ours: &[(&'static str, String)],
+) -> Result<()> {
+    if ours.is_empty() {
+        return Ok(());
+    }
+    let reported = |name: &str| {
+        name.starts_with("x-ratelimit-")
+            && ours.iter().any(|(n, _)| {
+                let kind = if n.ends_with("requests") {
+                    "requests"
+                } else {
+                    "tokens"
+                };
+                name.ends_with(kind)
+            })
+    };
+    let names: Vec<String> = resp
+        .headers
+        .keys()
+        .map(|k| k.as_str().to_string())
+        .filter(|n| reported(n))
+        .collect();
+    for name in names {
+        resp.remove_header(&name);
+    }
+    for (n, v) in ours {
+        resp.insert_header(*n, v.as_str())?;
+    }
+    Ok(())
+}
+
+/// Frame a proxied answer so an HTTP/1.1 client's connection is reused: a body with
+/// neither `Content-Length` nor `Transfer-Encoding` (tollgate removed the length because it
+/// changes the body, or the upstream delimited it by closing) is sent chunked. Without
+/// this pingora writes it close-delimited and silently drops keep-alive, while a
+/// `Connection: keep-alive` copied from upstream still says otherwise. HTTP/1.0 clients
+/// cannot read chunked (close-delimited is their framing); HTTP/2 frames by itself.
+fn keep_alive_framing(session: &Session, resp: &mut ResponseHeader) -> Result<()> {
+    let req = session.req_header();
+    let bodyless = req.method == http::Method::HEAD
+        || resp.status.is_informational()
+        || resp.status == http::StatusCode::NO_CONTENT
+        || resp.status == http::StatusCode::NOT_MODIFIED;
+    if req.version == http::Version::HTTP_11
+        && !bodyless
+        && resp.headers.get("content-length").is_none()
+        && resp.headers.get("transfer-encoding").is_none()
+    {
+        resp.insert_header("transfer-encoding", "chunked")?;
+    }
+    Ok(())
 }
 
 /// Marks the request ended when it is finished (or the finishing task is cancelled).

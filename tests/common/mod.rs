@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 
@@ -447,4 +448,86 @@ pub fn chat_body(model: &str, stream: bool, text: &str) -> serde_json::Value {
         "max_tokens": 200,
         "messages": [{"role": "user", "content": text}],
     })
+}
+
+/// A raw upstream that answers every request with `response` written in `pieces`, and
+/// reports each request's head+body it received.
+pub async fn scripted_upstream(
+    response: Vec<u8>,
+    piece: usize,
+    gap: Duration,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let response = response.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 65536];
+                // Read the head, then the body by content-length or chunked terminator.
+                loop {
+                    let n = s.read(&mut tmp).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&tmp[..n]);
+                    if let Some(end) = find(&buf, b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body_len = buf.len() - end - 4;
+                        let done = if let Some(cl) =
+                            head.lines().find_map(|l| l.strip_prefix("content-length:"))
+                        {
+                            body_len >= cl.trim().parse::<usize>().unwrap_or(0)
+                        } else if head.contains("transfer-encoding: chunked") {
+                            buf.ends_with(b"0\r\n\r\n")
+                        } else {
+                            true
+                        };
+                        if done {
+                            break;
+                        }
+                    }
+                }
+                let _ = tx.send(buf);
+                for chunk in response.chunks(piece.max(1)) {
+                    if s.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    let _ = s.flush().await;
+                    if !gap.is_zero() {
+                        tokio::time::sleep(gap).await;
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+pub fn find(h: &[u8], n: &[u8]) -> Option<usize> {
+    h.windows(n.len()).position(|w| w == n)
+}
+
+pub fn http_response(content_type: &str, body: &[u8], chunked: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    if chunked {
+        out.extend_from_slice(format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\nconnection: close\r\nx-ratelimit-limit-requests: 999\r\n\r\n").as_bytes());
+        for piece in body.chunks(37) {
+            out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+            out.extend_from_slice(piece);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+    } else {
+        out.extend_from_slice(format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len()).as_bytes());
+        out.extend_from_slice(body);
+    }
+    out
 }

@@ -1,0 +1,239 @@
+//! Passthrough routes: provider endpoints that are forwarded but neither metered nor billed
+//! (`GET /v1/models`, `POST /v1/messages/count_tokens`, …), written `"METHOD /path"` in an
+//! upstream's `passthrough` list.
+//!
+//! A path segment written `{name}` matches exactly one non-empty segment of the request
+//! path, and only one that cannot move the request elsewhere on the provider: `.`/`..`
+//! (also percent-encoded), an encoded `/` or `\`, control bytes and bytes outside
+//! RFC 3986's segment characters never match. A passthrough carries the provider's own
+//! key, so it must reach exactly the endpoint it names and nothing next to it. The query
+//! string plays no part in matching and is forwarded as sent.
+
+use http::Method;
+
+/// Paths of the metered provider routes ([`crate::api::ApiFormat`]); a passthrough route
+/// may not match any of them, so it can never become a way around billing.
+pub const METERED_PATHS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/messages",
+];
+
+/// One `"METHOD /path"` passthrough route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassthroughRoute {
+    pub method: Method,
+    /// The path as configured, e.g. `/v1/models/{id}` (also the metrics label).
+    pub pattern: String,
+    /// Literal segments; `None` for a `{name}` segment.
+    segments: Vec<Option<String>>,
+}
+
+impl PassthroughRoute {
+    /// Parse `"GET /v1/models/{id}"`.
+    pub fn parse(s: &str) -> Result<PassthroughRoute, String> {
+        let (method, path) = s
+            .trim()
+            .split_once(' ')
+            .ok_or_else(|| format!("`{s}` is not a route like \"GET /v1/models\""))?;
+        let method = match method {
+            "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" => {
+                Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?
+            }
+            other => {
+                return Err(format!(
+                    "`{other}` is not a method (GET, POST, PUT, PATCH, DELETE, HEAD)"
+                ));
+            }
+        };
+        let path = path.trim();
+        let Some(rest) = path.strip_prefix('/') else {
+            return Err(format!("path `{path}` must start with /"));
+        };
+        if path.contains(['?', '#', '%', ' ']) {
+            return Err(format!(
+                "path `{path}` must be a plain path (no query, fragment, escapes or spaces)"
+            ));
+        }
+        let mut segments = Vec::new();
+        for seg in rest.split('/') {
+            if seg.is_empty() || seg == "." || seg == ".." {
+                return Err(format!(
+                    "path `{path}` has an empty or dot segment; write each segment out"
+                ));
+            }
+            if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!(
+                        "`{seg}` in `{path}` is not a parameter like {{id}}"
+                    ));
+                }
+                segments.push(None);
+            } else if seg.contains(['{', '}']) {
+                return Err(format!(
+                    "`{seg}` in `{path}`: a parameter must be a whole segment, like {{id}}"
+                ));
+            } else {
+                segments.push(Some(seg.to_string()));
+            }
+        }
+        Ok(PassthroughRoute {
+            method,
+            pattern: path.to_string(),
+            segments,
+        })
+    }
+
+    /// Does a request `method path` (path without its query) hit this route?
+    pub fn matches(&self, method: &Method, path: &str) -> bool {
+        *method == self.method && self.matches_path(path)
+    }
+
+    /// The path part of [`Self::matches`].
+    pub fn matches_path(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else {
+            return false;
+        };
+        let mut parts = rest.split('/');
+        for seg in &self.segments {
+            let Some(part) = parts.next() else {
+                return false;
+            };
+            let ok = match seg {
+                Some(literal) => part == literal,
+                None => safe_parameter(part),
+            };
+            if !ok {
+                return false;
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+impl std::fmt::Display for PassthroughRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.pattern)
+    }
+}
+
+/// A request path segment a `{name}` parameter may take: RFC 3986 `pchar`s only, escapes
+/// well formed, and after decoding no separator, control byte or dot segment.
+fn safe_parameter(seg: &str) -> bool {
+    let b = seg.as_bytes();
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
+                return false;
+            };
+            decoded.push(v);
+            i += 3;
+            continue;
+        }
+        let pchar = c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&c);
+        if !pchar {
+            return false;
+        }
+        decoded.push(c);
+        i += 1;
+    }
+    !decoded.is_empty()
+        && decoded != b"."
+        && decoded != b".."
+        && !decoded
+            .iter()
+            .any(|&c| c == b'/' || c == b'\\' || c < 0x20 || c == 0x7f)
+}
+
+/// The default passthrough routes of an upstream kind (SPEC §6).
+pub fn defaults(kind: crate::config::UpstreamKind) -> &'static [&'static str] {
+    match kind {
+        crate::config::UpstreamKind::Openai => &["GET /v1/models", "GET /v1/models/{id}"],
+        crate::config::UpstreamKind::Anthropic => {
+            &["GET /v1/models", "POST /v1/messages/count_tokens"]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_matches_templates() {
+        let r = PassthroughRoute::parse("GET /v1/models/{id}").unwrap();
+        assert_eq!(r.to_string(), "GET /v1/models/{id}");
+        assert!(r.matches(&Method::GET, "/v1/models/gpt-4o-mini"));
+        assert!(r.matches(&Method::GET, "/v1/models/ft:gpt-4o-mini:org:custom:abc123"));
+        assert!(r.matches(&Method::GET, "/v1/models/ft%3Agpt-4o"));
+        assert!(!r.matches(&Method::POST, "/v1/models/gpt-4o"), "method");
+        assert!(!r.matches(&Method::GET, "/v1/models"), "segment count");
+        assert!(!r.matches(&Method::GET, "/v1/models/"), "empty parameter");
+        assert!(!r.matches(&Method::GET, "/v1/models/a/b"), "extra segment");
+        let lit = PassthroughRoute::parse("POST /v1/messages/count_tokens").unwrap();
+        assert!(lit.matches(&Method::POST, "/v1/messages/count_tokens"));
+        assert!(!lit.matches(&Method::POST, "/v1/messages/count_tokens/"));
+        assert!(!lit.matches(&Method::POST, "/v1/messages"));
+    }
+
+    #[test]
+    fn a_parameter_cannot_walk_to_another_endpoint() {
+        let r = PassthroughRoute::parse("GET /v1/models/{id}").unwrap();
+        for hostile in [
+            "/v1/models/..",
+            "/v1/models/.",
+            "/v1/models/%2e%2E",
+            "/v1/models/%2E",
+            "/v1/models/..%2Ffiles",
+            "/v1/models/x%2fy",
+            "/v1/models/x%5cy",
+            "/v1/models/x\\y",
+            "/v1/models/x%00",
+            "/v1/models/x%0a",
+            "/v1/models/%zz",
+            "/v1/models/%4",
+            "/v1/models/a b",
+            "/v1/models/a\"b",
+        ] {
+            assert!(!r.matches(&Method::GET, hostile), "{hostile}");
+        }
+    }
+
+    #[test]
+    fn bad_routes_are_refused() {
+        for bad in [
+            "/v1/models",
+            "GET v1/models",
+            "FETCH /v1/models",
+            "GET /v1//models",
+            "GET /v1/../models",
+            "GET /v1/models?x=1",
+            "GET /v1/models/{}",
+            "GET /v1/models/x{id}",
+            "GET /v1/%2e",
+        ] {
+            assert!(PassthroughRoute::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_parse() {
+        for kind in [
+            crate::config::UpstreamKind::Openai,
+            crate::config::UpstreamKind::Anthropic,
+        ] {
+            for r in defaults(kind) {
+                let p = PassthroughRoute::parse(r).unwrap();
+                assert!(!METERED_PATHS.iter().any(|m| p.matches_path(m)), "{r}");
+            }
+        }
+    }
+}

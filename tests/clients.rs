@@ -1,0 +1,652 @@
+//! What an unmodified client meets: passthrough routes (models lists, token counting),
+//! keep-alive framing on every kind of answer, and the trace id on every answer.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn start_with(opts: ProxyOptions) -> (tollgate::mock::MockHandle, Proxy) {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(mock.addr, opts).await;
+    (mock, proxy)
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+// ---------------------------------------------------------------------------------------
+// Passthrough routes
+
+#[tokio::test]
+async fn models_and_count_tokens_pass_through_unbilled() {
+    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (id, key) = proxy
+        .create_live_key(&[
+            "--limit",
+            "requests:total=1",
+            "--limit",
+            "tokens:day=100000",
+        ])
+        .await;
+    let auth = bearer(&key);
+
+    // OpenAI SDK: GET /v1/models with a bearer key → OpenAI's list, OpenAI's key upstream.
+    mock.clear_recorded();
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["object"], "list");
+    assert!(
+        r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "gpt-4o-mini")
+    );
+    assert!(r.header("x-tollgate-trace-id").is_some());
+    // tollgate's rate-limit headers replace the provider's (nothing was consumed).
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("1"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("1"));
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("100000"));
+    let seen = mock.recorded();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {OPENAI_UPSTREAM_KEY}").as_str())
+    );
+
+    // One model, by id.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models/gpt-4o-mini"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], "gpt-4o-mini");
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models/no-such-model"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 404, "the provider's own 404 passes through");
+    assert_eq!(r.json()["error"]["code"], "model_not_found");
+
+    // Anthropic SDK: x-api-key + anthropic-version → Anthropic's list, with its query.
+    mock.clear_recorded();
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models?limit=2"),
+        &[("x-api-key", &key), ("anthropic-version", "2023-06-01")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
+    assert_eq!(r.json()["has_more"], true);
+    let seen = mock.recorded();
+    assert_eq!(seen[0].header("x-api-key"), Some(ANTHROPIC_UPSTREAM_KEY));
+    assert_eq!(seen[0].header("authorization"), None);
+    assert_eq!(seen[0].query.as_deref(), Some("limit=2"));
+
+    // count_tokens, body forwarded as sent.
+    let body = json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "How many tokens is this?"}]});
+    let r = send(
+        "POST",
+        &proxy.url("/v1/messages/count_tokens"),
+        &[
+            ("x-api-key", &key),
+            ("anthropic-version", "2023-06-01"),
+            ("content-type", "application/json"),
+        ],
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["input_tokens"].as_u64().unwrap() > 5);
+
+    // None of that was metered, counted or written: the one allowed request is still there.
+    assert!(proxy.ledger().is_empty(), "{:?}", proxy.ledger());
+    let chat = |k: String| {
+        let url = proxy.url("/v1/chat/completions");
+        async move { post_json(&url, &k, &chat_body("gpt-4o-mini", false, "hi"), &[]).await }
+    };
+    assert_eq!(chat(key.clone()).await.status, 200);
+    let refused = chat(key.clone()).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    proxy.wait_settled().await;
+    let rows = proxy.ledger();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["key_id"], id.as_str());
+    // Passthrough still works for a key whose quota is used up.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(proxy.ledger().len(), 1);
+}
+
+#[tokio::test]
+async fn passthrough_needs_a_key_and_reaches_only_what_it_names() {
+    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    mock.clear_recorded();
+    let r = send("GET", &proxy.url("/v1/models"), &[], "").await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["code"], "invalid_api_key");
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models"),
+        &[
+            ("x-api-key", "tg_not_a_key"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["type"], "error", "Anthropic's error shape");
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let auth = bearer(&key);
+    for path in [
+        "/v1/models/..%2Ffiles",
+        "/v1/models/%2e%2e",
+        "/v1/models/a/b",
+        "/v1/models/",
+    ] {
+        let r = send("GET", &proxy.url(path), &[("authorization", &auth)], "").await;
+        assert_eq!(r.status, 404, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "not_found", "{path}");
+    }
+    // Wrong method: not a passthrough.
+    let r = send(
+        "DELETE",
+        &proxy.url("/v1/models/gpt-4o"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // An Anthropic client never reaches a route only the OpenAI upstream lists.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models/claude-sonnet-4-5"),
+        &[("x-api-key", &key), ("anthropic-version", "2023-06-01")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "not_found");
+    assert!(mock.recorded().is_empty(), "{:?}", mock.recorded());
+
+    // Metrics are labelled by the configured route, not by what clients send.
+    let _ = send(
+        "GET",
+        &proxy.url("/v1/models/gpt-4o"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    let metrics = format!("http://{}/metrics", proxy.admin);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = send("GET", &metrics, &[], "").await.text();
+        if text.contains("route=\"/v1/models/{id}\",status=\"200\"") {
+            assert!(
+                !text.contains("/v1/models/gpt-4o\""),
+                "raw paths never label"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn passthrough_is_configurable_and_bounded() {
+    let (mock, proxy) = start_with(ProxyOptions {
+        upstream_extra: r#"passthrough = ["GET /v1/models", "POST /v1/files/{id}/content"]"#.into(),
+        max_request_body: "1KiB".into(),
+        ..Default::default()
+    })
+    .await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let auth = bearer(&key);
+    // The configured list replaces the default: /v1/models/{id} is gone.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models/gpt-4o"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // A configured template forwards (the mock answers its own 404 for this route).
+    mock.clear_recorded();
+    let r = send(
+        "POST",
+        &proxy.url("/v1/files/file-abc/content"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(mock.recorded()[0].path, "/v1/files/file-abc/content");
+    // The body bound holds for passthrough bodies, by length and when chunked.
+    let big = "x".repeat(2048);
+    let r = send(
+        "POST",
+        &proxy.url("/v1/files/f/content"),
+        &[("authorization", &auth)],
+        big.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    let chunked = raw_chunked_post(proxy.addr, "/v1/files/f/content", &key, big.as_bytes()).await;
+    assert!(chunked.starts_with("HTTP/1.1 413"), "{chunked}");
+    assert!(proxy.ledger().is_empty());
+}
+
+/// POST `body` with chunked transfer encoding over a raw socket; the response text.
+async fn raw_chunked_post(addr: SocketAddr, path: &str, key: &str, body: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for piece in body.chunks(256) {
+        let _ = s
+            .write_all(format!("{:x}\r\n", piece.len()).as_bytes())
+            .await;
+        let _ = s.write_all(piece).await;
+        let _ = s.write_all(b"\r\n").await;
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// The trace id on every answer
+
+#[tokio::test]
+async fn every_answer_names_the_idempotent_trace() {
+    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (id, key) = proxy.create_live_key(&["--limit", "requests:day=1"]).await;
+    let (off_id, off_key) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
+    let url = proxy.url("/v1/chat/completions");
+    let body = chat_body("gpt-4o-mini", false, "hi");
+    let with = |k: &'static str| [("idempotency-key", k)];
+
+    let ok = post_json(&url, &key, &body, &with("order-1")).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    let trace = format!("{id}:order-1");
+    assert_eq!(ok.header("x-tollgate-trace-id"), Some(trace.as_str()));
+    proxy.wait_settled().await;
+    assert_eq!(proxy.ledger()[0]["trace_id"], trace.as_str());
+
+    let dup = post_json(&url, &key, &body, &with("order-1")).await;
+    assert_eq!(dup.status, 409, "{}", dup.text());
+    assert_eq!(dup.header("x-tollgate-trace-id"), Some(trace.as_str()));
+
+    let over = post_json(&url, &key, &body, &with("order-2")).await;
+    assert_eq!(over.status, 429, "{}", over.text());
+    assert_eq!(
+        over.header("x-tollgate-trace-id"),
+        Some(format!("{id}:order-2").as_str())
+    );
+
+    let off = post_json(&url, &off_key, &body, &with("order-3")).await;
+    assert_eq!(off.status, 403, "{}", off.text());
+    assert_eq!(
+        off.header("x-tollgate-trace-id"),
+        Some(format!("{off_id}:order-3").as_str())
+    );
+
+    let bad = post_json(&url, &key, &json!({"model": 1}), &with("order-4")).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        bad.header("x-tollgate-trace-id"),
+        Some(format!("{id}:order-4").as_str())
+    );
+
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models"),
+        &[
+            ("authorization", &bearer(&key)),
+            ("idempotency-key", "list-1"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(
+        r.header("x-tollgate-trace-id"),
+        Some(format!("{id}:list-1").as_str())
+    );
+
+    // A key tollgate refuses (too long) keeps a generated id and is a 400.
+    let long = "k".repeat(256);
+    let r = post_json(&url, &key, &body, &[("idempotency-key", long.as_str())]).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let t = r.header("x-tollgate-trace-id").unwrap();
+    assert!(
+        !t.contains(&long) && uuid::Uuid::parse_str(t).is_ok(),
+        "{t}"
+    );
+    // Unauthenticated: the key id is unknown, so the id is generated.
+    let r = post_json(&url, "tg_nope", &body, &with("order-5")).await;
+    assert_eq!(r.status, 401);
+    assert!(uuid::Uuid::parse_str(r.header("x-tollgate-trace-id").unwrap()).is_ok());
+    assert_eq!(proxy.ledger().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Keep-alive: two requests on one connection, for every kind of answer
+
+/// Send `reqs` one after the other on a single HTTP/1.1 connection; panics when the
+/// connection cannot carry the next request.
+async fn on_one_connection(addr: SocketAddr, reqs: Vec<hyper::Request<Full<Bytes>>>) -> Vec<Reply> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    let n = reqs.len();
+    for (i, req) in reqs.into_iter().enumerate() {
+        let what = format!("{} {}", req.method(), req.uri());
+        sender
+            .ready()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}/{n} ({what}): connection closed: {e}"));
+        let resp = sender
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("request {i}/{n} ({what}) failed: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        out.push(Reply {
+            status,
+            headers,
+            body,
+        });
+    }
+    out
+}
+
+/// Two copies of one request through one connection; both answered with `status`, framed
+/// by length or chunks, never `Connection: close`.
+async fn twice_on_one_connection(
+    addr: SocketAddr,
+    what: &str,
+    make: impl Fn() -> hyper::Request<Full<Bytes>>,
+    status: u16,
+) -> Vec<Reply> {
+    let replies = on_one_connection(addr, vec![make(), make()]).await;
+    for r in &replies {
+        assert_eq!(r.status, status, "{what}: {}", r.text());
+        assert_ne!(r.header("connection"), Some("close"), "{what}");
+        assert!(
+            r.header("content-length").is_some()
+                || r.header("transfer-encoding") == Some("chunked"),
+            "{what}: framed by length or chunks: {:?}",
+            r.headers
+        );
+    }
+    replies
+}
+
+fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> hyper::Request<Full<Bytes>> {
+    let mut h: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    request("POST", url, &h, serde_json::to_vec(body).unwrap())
+}
+
+#[tokio::test]
+async fn every_answer_keeps_the_connection() {
+    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let (_, off_key) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
+    let (_, one_key) = proxy.create_live_key(&["--limit", "tokens:day=300"]).await;
+    let auth = bearer(&key);
+    let oa = [("authorization", auth.as_str())];
+    let an = [
+        ("x-api-key", key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    let addr = proxy.addr;
+    let u = |p: &str| proxy.url(p);
+
+    let chat = chat_body("gpt-4o-mini", false, "hi");
+    twice_on_one_connection(
+        addr,
+        "chat",
+        || post(&u("/v1/chat/completions"), &oa, &chat),
+        200,
+    )
+    .await;
+    let hidden = chat_body("gpt-4o-mini", true, "hi");
+    let r = twice_on_one_connection(
+        addr,
+        "stream, usage hidden",
+        || post(&u("/v1/chat/completions"), &oa, &hidden),
+        200,
+    )
+    .await;
+    assert!(r[1].text().ends_with("data: [DONE]\n\n"));
+    assert!(
+        !r[1].text().contains("\"choices\":[],"),
+        "usage chunk hidden"
+    );
+    let mut with_usage = hidden.clone();
+    with_usage["stream_options"] = json!({"include_usage": true});
+    let r = twice_on_one_connection(
+        addr,
+        "stream with include_usage",
+        || post(&u("/v1/chat/completions"), &oa, &with_usage),
+        200,
+    )
+    .await;
+    assert!(r[1].text().contains("\"choices\":[],"));
+    let responses =
+        json!({"model": "gpt-4o-mini", "input": "hi", "stream": true, "max_output_tokens": 50});
+    twice_on_one_connection(
+        addr,
+        "responses stream",
+        || post(&u("/v1/responses"), &oa, &responses),
+        200,
+    )
+    .await;
+    let msg = json!({"model": "claude-sonnet-4-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]});
+    twice_on_one_connection(
+        addr,
+        "anthropic",
+        || post(&u("/v1/messages"), &an, &msg),
+        200,
+    )
+    .await;
+    let mut msg_stream = msg.clone();
+    msg_stream["stream"] = json!(true);
+    twice_on_one_connection(
+        addr,
+        "anthropic stream",
+        || post(&u("/v1/messages"), &an, &msg_stream),
+        200,
+    )
+    .await;
+    let emb = json!({"model": "text-embedding-3-small", "input": "hello"});
+    twice_on_one_connection(
+        addr,
+        "embeddings",
+        || post(&u("/v1/embeddings"), &oa, &emb),
+        200,
+    )
+    .await;
+    twice_on_one_connection(
+        addr,
+        "models",
+        || request("GET", &u("/v1/models"), &oa, ""),
+        200,
+    )
+    .await;
+    let count =
+        json!({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]});
+    twice_on_one_connection(
+        addr,
+        "count_tokens",
+        || post(&u("/v1/messages/count_tokens"), &an, &count),
+        200,
+    )
+    .await;
+    twice_on_one_connection(
+        addr,
+        "usage",
+        || request("GET", &u("/v1/tollgate/usage"), &oa, ""),
+        200,
+    )
+    .await;
+
+    // Refusals decided once the body was read, or for a request without one.
+    let bad = json!({"model": 5});
+    twice_on_one_connection(
+        addr,
+        "400",
+        || post(&u("/v1/chat/completions"), &oa, &bad),
+        400,
+    )
+    .await;
+    let dup = [
+        ("authorization", auth.as_str()),
+        ("idempotency-key", "same"),
+    ];
+    let r = on_one_connection(
+        addr,
+        vec![
+            post(&u("/v1/chat/completions"), &dup, &chat),
+            post(&u("/v1/chat/completions"), &dup, &chat),
+            post(&u("/v1/chat/completions"), &dup, &chat),
+        ],
+    )
+    .await;
+    assert_eq!([r[0].status, r[1].status, r[2].status], [200, 409, 409]);
+    let off = format!("Bearer {off_key}");
+    twice_on_one_connection(
+        addr,
+        "403",
+        || {
+            post(
+                &u("/v1/chat/completions"),
+                &[("authorization", off.as_str())],
+                &chat,
+            )
+        },
+        403,
+    )
+    .await;
+    let one = format!("Bearer {one_key}");
+    let big = json!({"model": "gpt-4o-mini", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    twice_on_one_connection(
+        addr,
+        "429",
+        || {
+            post(
+                &u("/v1/chat/completions"),
+                &[("authorization", one.as_str())],
+                &big,
+            )
+        },
+        429,
+    )
+    .await;
+    twice_on_one_connection(
+        addr,
+        "401 without a body",
+        || request("GET", &u("/v1/models"), &[], ""),
+        401,
+    )
+    .await;
+    twice_on_one_connection(
+        addr,
+        "404 without a body",
+        || request("GET", &u("/v1/nothing"), &oa, ""),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_stream_with_content_length_is_reframed_when_its_body_changes() {
+    // An upstream (or a cache in front of it) that sends a whole SSE stream with a
+    // Content-Length: tollgate removes the usage chunk, so the length no longer holds.
+    const SSE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}]}\n\n\
+data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":1,\"total_tokens\":10}}\n\n\
+data: [DONE]\n\n";
+    let response = http_response("text/event-stream", SSE.as_bytes(), false);
+    let (up, _seen) = scripted_upstream(response, 1000, std::time::Duration::ZERO).await;
+    let proxy = Proxy::start(up, ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let auth = bearer(&key);
+    let oa = [("authorization", auth.as_str())];
+    let body = chat_body("gpt-4o-mini", true, "hi");
+    let r = twice_on_one_connection(
+        proxy.addr,
+        "stream with content-length, usage hidden",
+        || post(&proxy.url("/v1/chat/completions"), &oa, &body),
+        200,
+    )
+    .await;
+    let expected: String = SSE
+        .split_inclusive("\n\n")
+        .filter(|ev| !ev.contains("\"choices\":[],"))
+        .collect();
+    for reply in &r {
+        assert_eq!(reply.header("transfer-encoding"), Some("chunked"));
+        assert_eq!(reply.header("content-length"), None);
+        assert_eq!(reply.text(), expected);
+    }
+    // The client that asked for usage gets the upstream's bytes, still on one connection.
+    let mut asked = body.clone();
+    asked["stream_options"] = json!({"include_usage": true});
+    let r = twice_on_one_connection(
+        proxy.addr,
+        "stream with content-length, usage asked",
+        || post(&proxy.url("/v1/chat/completions"), &oa, &asked),
+        200,
+    )
+    .await;
+    assert_eq!(r[0].text(), SSE);
+    proxy.wait_settled().await;
+    assert!(proxy.ledger().iter().all(|row| row["output_tokens"] == 1));
+}
