@@ -3,13 +3,34 @@
 //! Every key and limit is held in memory in a [`Directory`] snapshot, so auth on the
 //! request path is one SHA-256 and one hash-map lookup, with no store round trip. A
 //! background task polls the store's change counter every [`REFRESH_EVERY`] and swaps in
-//! a fresh snapshot when it moved: a key created or revoked by the CLI or admin API (in
-//! any process sharing the store) takes effect within that interval plus one read.
+//! a fresh snapshot when it moved: a revoke or limit change made by the CLI or admin API
+//! (in any process sharing the store) takes effect within that interval plus one read.
+//!
+//! A key created a moment ago must work at once (SPEC §4.1), before the next poll. So a
+//! presented key that is not in the directory triggers a look-up ([`Misses`]): the store's
+//! change counter is read and, when it moved, the directory is reloaded — then the key is
+//! looked up again. The look-ups are bounded so unknown-key traffic cannot turn into a
+//! store read per request:
+//!
+//! - **Negative cache.** A hash a read found unknown is answered 401 without reading again
+//!   (up to [`UNKNOWN_CACHE`] hashes, each for [`UNKNOWN_TTL`]). This never hides a new key:
+//!   a secret is 256 random bits generated at creation, so no request presented it before.
+//! - **Coalescing and rate.** One look-up runs at a time, at most one per
+//!   [`MISS_READ_EVERY`]; every miss that arrived before a look-up started is answered by it.
+//!   Whatever the flood, this instance makes at most 1 / [`MISS_READ_EVERY`] reads a second
+//!   for unknown keys (`tollgate_key_miss_reads_total`).
+//! - **Outages.** A failed or slow (over [`MISS_READ_TIMEOUT`]) read is not retried for
+//!   [`MISS_BACKOFF`]: meanwhile a miss is answered from the directory as it is (in shared
+//!   mode the copy kept in the journal while Postgres is down).
 
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+// tokio's clock (the system's, except in tests with a paused clock), for the look-up gate.
+use tokio::time::Instant;
 
 use parking_lot::RwLock;
 
@@ -18,6 +39,16 @@ use crate::quota::LimitSpec;
 
 /// How often running instances look for key and limit changes.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
+/// Least time between two store reads made for unknown keys.
+pub const MISS_READ_EVERY: Duration = Duration::from_millis(10);
+/// A look-up read slower than this counts as failed.
+pub const MISS_READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a failed look-up read, misses are answered without reading for this long.
+pub const MISS_BACKOFF: Duration = Duration::from_secs(1);
+/// Unknown hashes remembered at most (about 150 bytes each).
+pub const UNKNOWN_CACHE: usize = 10_000;
+/// How long an unknown hash is remembered.
+pub const UNKNOWN_TTL: Duration = Duration::from_secs(60);
 
 /// Who a request acts for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,17 +191,73 @@ pub fn presented_secret<'a>(
     }
 }
 
-/// The live directory, refreshed in the background.
+/// The live directory, refreshed in the background and on a miss.
 #[derive(Clone, Default)]
 pub struct Authenticator {
     dir: Arc<RwLock<Arc<Directory>>>,
+    misses: Arc<Misses>,
+}
+
+/// Look-ups of presented keys missing from the directory (see the module docs).
+#[derive(Default)]
+struct Misses {
+    /// The store; unset (no look-ups) until [`Authenticator::with_source`].
+    source: Option<Arc<dyn DirectorySource>>,
+    /// Hashes a read found unknown, with when.
+    unknown: parking_lot::Mutex<HashMap<String, Instant>>,
+    /// Serialises look-up reads.
+    gate: tokio::sync::Mutex<Gate>,
+    stats: LookupStats,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// When the last look-up read started.
+    last_read: Option<Instant>,
+    /// No read before this (the last one failed).
+    backoff_until: Option<Instant>,
+}
+
+/// Counts of look-ups for keys not in the directory (exported as metrics).
+#[derive(Debug, Default)]
+pub struct LookupStats {
+    /// Store reads (change-counter checks; a reload follows only when it moved).
+    pub reads: AtomicU64,
+    /// Misses a look-up found (a key created since the last refresh).
+    pub found: AtomicU64,
+    /// Misses answered unknown after a look-up.
+    pub unknown: AtomicU64,
+    /// Misses answered from the negative cache or during a back-off, without a read.
+    pub unread: AtomicU64,
 }
 
 impl Authenticator {
     pub fn new(dir: Directory) -> Authenticator {
         Authenticator {
             dir: Arc::new(RwLock::new(Arc::new(dir))),
+            misses: Arc::default(),
         }
+    }
+
+    /// An authenticator that looks a missing key up in `source` (see the module docs).
+    pub fn with_source(dir: Directory, source: Arc<dyn DirectorySource>) -> Authenticator {
+        Authenticator {
+            dir: Arc::new(RwLock::new(Arc::new(dir))),
+            misses: Arc::new(Misses {
+                source: Some(source),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The store this authenticator reads, if any.
+    pub fn source(&self) -> Option<Arc<dyn DirectorySource>> {
+        self.misses.source.clone()
+    }
+
+    /// Counts of look-ups made for unknown keys.
+    pub fn lookup_stats(&self) -> &LookupStats {
+        &self.misses.stats
     }
 
     /// The current snapshot.
@@ -187,14 +274,101 @@ impl Authenticator {
         }
     }
 
-    /// Authenticate a presented secret.
-    pub fn authenticate(&self, secret: &str) -> Result<Arc<Principal>, AuthError> {
+    /// Authenticate a presented secret: the directory, else a bounded look-up in the store.
+    pub async fn authenticate(&self, secret: &str) -> Result<Arc<Principal>, AuthError> {
         if !secret.starts_with(keys::SECRET_PREFIX) {
             return Err(AuthError::Unknown);
         }
         let hash = keys::hash_secret(secret);
-        self.directory().by_hash(&hash).ok_or(AuthError::Unknown)
+        if let Some(p) = self.directory().by_hash(&hash) {
+            return Ok(p);
+        }
+        self.look_up(&hash).await
     }
+
+    async fn look_up(&self, hash: &str) -> Result<Arc<Principal>, AuthError> {
+        let m = &self.misses;
+        let stats = &m.stats;
+        let Some(source) = m.source.as_ref() else {
+            return Err(AuthError::Unknown);
+        };
+        let arrived = Instant::now();
+        if m.unknown
+            .lock()
+            .get(hash)
+            .is_some_and(|at| arrived.duration_since(*at) < UNKNOWN_TTL)
+        {
+            stats.unread.fetch_add(1, Ordering::Relaxed);
+            return Err(AuthError::Unknown);
+        }
+        let mut gate = m.gate.lock().await;
+        // A read that started after this request arrived has run: its result is in the
+        // directory. Otherwise read now (no sooner than MISS_READ_EVERY after the last).
+        if gate.last_read.is_none_or(|t| t <= arrived) {
+            if gate.backoff_until.is_some_and(|t| Instant::now() < t) {
+                drop(gate);
+                stats.unread.fetch_add(1, Ordering::Relaxed);
+                return self.directory().by_hash(hash).ok_or(AuthError::Unknown);
+            }
+            if let Some(last) = gate.last_read {
+                tokio::time::sleep_until(last + MISS_READ_EVERY).await;
+            }
+            gate.last_read = Some(Instant::now());
+            stats.reads.fetch_add(1, Ordering::Relaxed);
+            let read = tokio::time::timeout(MISS_READ_TIMEOUT, refresh_once(self, source.as_ref()));
+            match read.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot look up an unknown key; answering from the last known keys");
+                    gate.backoff_until = Some(Instant::now() + MISS_BACKOFF);
+                }
+                Err(_) => {
+                    tracing::warn!("key look-up timed out; answering from the last known keys");
+                    gate.backoff_until = Some(Instant::now() + MISS_BACKOFF);
+                }
+            }
+            if gate.backoff_until.is_some_and(|t| Instant::now() < t) {
+                drop(gate);
+                stats.unknown.fetch_add(1, Ordering::Relaxed);
+                return self.directory().by_hash(hash).ok_or(AuthError::Unknown);
+            }
+        }
+        drop(gate);
+        match self.directory().by_hash(hash) {
+            Some(p) => {
+                stats.found.fetch_add(1, Ordering::Relaxed);
+                Ok(p)
+            }
+            None => {
+                stats.unknown.fetch_add(1, Ordering::Relaxed);
+                let mut unknown = m.unknown.lock();
+                if unknown.len() >= UNKNOWN_CACHE {
+                    let now = Instant::now();
+                    unknown.retain(|_, at| now.duration_since(*at) < UNKNOWN_TTL);
+                    if unknown.len() >= UNKNOWN_CACHE {
+                        // Still full of fresh entries: start over rather than grow.
+                        unknown.clear();
+                    }
+                }
+                unknown.insert(hash.to_string(), arrived);
+                Err(AuthError::Unknown)
+            }
+        }
+    }
+}
+
+/// Read the store's change counter and, when it moved, install a fresh directory.
+async fn refresh_once(
+    auth: &Authenticator,
+    source: &dyn DirectorySource,
+) -> Result<(), crate::db::DbError> {
+    let current = auth.directory().rev;
+    if source.rev().await? != current {
+        let s = source.snapshot().await?;
+        tracing::debug!(rev = s.rev, keys = s.keys.len(), "key directory refreshed");
+        auth.replace(Directory::from_snapshot(s));
+    }
+    Ok(())
 }
 
 /// Source of directory snapshots (the embedded database, or Postgres in shared mode).
@@ -215,28 +389,19 @@ impl DirectorySource for crate::db::Db {
     }
 }
 
-/// Poll `source` forever, swapping in a new directory whenever its revision moves.
-pub async fn refresh_loop(auth: Authenticator, source: Arc<dyn DirectorySource>) {
+/// Poll the authenticator's store forever, swapping in a new directory whenever its
+/// revision moves. Without a store there is nothing to poll.
+pub async fn refresh_loop(auth: Authenticator) {
+    let Some(source) = auth.source() else {
+        return;
+    };
     let mut tick = tokio::time::interval(REFRESH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
         tick.tick().await;
-        let current = auth.directory().rev;
-        match source.rev().await {
-            Ok(rev) if rev == current => {}
-            Ok(_) => match source.snapshot().await {
-                Ok(s) => {
-                    tracing::debug!(rev = s.rev, keys = s.keys.len(), "key directory refreshed");
-                    auth.replace(Directory::from_snapshot(s));
-                    failing = false;
-                }
-                Err(e) if !failing => {
-                    tracing::warn!(error = %e, "cannot refresh key directory; serving the last known keys");
-                    failing = true;
-                }
-                Err(_) => {}
-            },
+        match refresh_once(&auth, source.as_ref()).await {
+            Ok(()) => failing = false,
             Err(e) if !failing => {
                 tracing::warn!(error = %e, "cannot refresh key directory; serving the last known keys");
                 failing = true;
@@ -273,6 +438,160 @@ mod tests {
         );
     }
 
+    /// A store whose keys a test changes, counting its reads.
+    #[derive(Default)]
+    struct FakeStore {
+        snap: parking_lot::Mutex<Snapshot>,
+        reads: AtomicU64,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl DirectorySource for FakeStore {
+        async fn rev(&self) -> Result<i64, crate::db::DbError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(crate::db::DbError::Invalid("down".into()));
+            }
+            Ok(self.snap.lock().rev)
+        }
+        async fn snapshot(&self) -> Result<Snapshot, crate::db::DbError> {
+            Ok(self.snap.lock().clone())
+        }
+    }
+
+    fn record(id: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            name: "n".into(),
+            user: None,
+            tenant: None,
+            plan: None,
+            limits: vec![],
+            status: "active".into(),
+            created_at: "t".into(),
+        }
+    }
+
+    impl FakeStore {
+        /// A key created in the store (as the CLI would); returns its secret.
+        fn create(&self, id: &str) -> String {
+            let secret = keys::generate_secret();
+            let mut s = self.snap.lock();
+            s.rev += 1;
+            s.keys.push((keys::hash_secret(&secret), record(id)));
+            secret
+        }
+    }
+
+    fn paused() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_key_created_after_the_last_refresh_works_at_once() {
+        let store = Arc::new(FakeStore::default());
+        let auth = Authenticator::with_source(Directory::default(), store.clone());
+        let rt = paused();
+        for i in 0..5 {
+            let secret = store.create(&format!("k_{i}"));
+            let p = rt.block_on(auth.authenticate(&secret)).unwrap();
+            assert_eq!(p.key_id, format!("k_{i}"));
+            // Known now: no further read.
+            let before = store.reads.load(Ordering::SeqCst);
+            rt.block_on(auth.authenticate(&secret)).unwrap();
+            assert_eq!(store.reads.load(Ordering::SeqCst), before);
+        }
+        assert_eq!(auth.lookup_stats().found.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn the_same_unknown_key_is_read_once() {
+        let store = Arc::new(FakeStore::default());
+        let auth = Authenticator::with_source(Directory::default(), store.clone());
+        let rt = paused();
+        for _ in 0..100 {
+            assert_eq!(
+                rt.block_on(auth.authenticate("tg_nobody")),
+                Err(AuthError::Unknown)
+            );
+        }
+        assert_eq!(store.reads.load(Ordering::SeqCst), 1);
+        assert_eq!(auth.lookup_stats().unread.load(Ordering::SeqCst), 99);
+        // A key created meanwhile is still found (its secret was never presented before).
+        let secret = store.create("k_new");
+        assert!(rt.block_on(auth.authenticate(&secret)).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_distinct_unknown_keys_reads_at_a_bounded_rate() {
+        let store = Arc::new(FakeStore::default());
+        let auth = Authenticator::with_source(Directory::default(), store.clone());
+        let rt = paused();
+        let n = 2000;
+        let elapsed = rt.block_on(async {
+            let t0 = tokio::time::Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..n {
+                let auth = auth.clone();
+                set.spawn(async move {
+                    // Arrivals spread over 2 s of (virtual) time.
+                    tokio::time::sleep(Duration::from_millis(i % 2000)).await;
+                    auth.authenticate(&format!("tg_unknown_{i}")).await
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                assert_eq!(r.unwrap(), Err(AuthError::Unknown));
+            }
+            t0.elapsed()
+        });
+        let reads = store.reads.load(Ordering::SeqCst);
+        let bound = (elapsed.as_millis() / MISS_READ_EVERY.as_millis()) as u64 + 1;
+        assert!(
+            reads <= bound,
+            "{reads} reads in {elapsed:?} (bound {bound})"
+        );
+        assert!(reads < n / 5, "{reads} reads for {n} unknown keys");
+        // The same keys again: all answered from the negative cache.
+        rt.block_on(async {
+            for i in 0..n {
+                let _ = auth.authenticate(&format!("tg_unknown_{i}")).await;
+            }
+        });
+        assert_eq!(store.reads.load(Ordering::SeqCst), reads);
+    }
+
+    #[test]
+    fn a_failing_store_is_not_hammered() {
+        let store = Arc::new(FakeStore::default());
+        let known = store.create("k_known");
+        let snap = store.snap.lock().clone();
+        let auth = Authenticator::with_source(Directory::from_snapshot(snap), store.clone());
+        store.failing.store(true, Ordering::SeqCst);
+        let rt = paused();
+        rt.block_on(async {
+            for i in 0..100 {
+                let r = auth.authenticate(&format!("tg_x{i}")).await;
+                assert_eq!(r, Err(AuthError::Unknown));
+            }
+            // Known keys are served from the directory as it is.
+            assert!(auth.authenticate(&known).await.is_ok());
+        });
+        assert_eq!(
+            store.reads.load(Ordering::SeqCst),
+            1,
+            "one read, then back-off"
+        );
+        rt.block_on(async { tokio::time::sleep(MISS_BACKOFF).await });
+        store.failing.store(false, Ordering::SeqCst);
+        let fresh = store.create("k_after");
+        assert!(rt.block_on(auth.authenticate(&fresh)).is_ok());
+    }
+
     #[test]
     fn directory_finds_active_keys_only() {
         let rec = |id: &str, status: &str| KeyRecord {
@@ -300,7 +619,17 @@ mod tests {
         assert_eq!(d.limits_of(&Subject::Key("k_1".into())).len(), 1);
         assert!(d.knows_subject(&Subject::User("u".into())));
         let auth = Authenticator::new(d);
-        assert_eq!(auth.authenticate("nope"), Err(AuthError::Unknown));
-        assert_eq!(auth.authenticate("tg_unknown"), Err(AuthError::Unknown));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert_eq!(
+            rt.block_on(auth.authenticate("nope")),
+            Err(AuthError::Unknown)
+        );
+        assert_eq!(
+            rt.block_on(auth.authenticate("tg_unknown")),
+            Err(AuthError::Unknown)
+        );
     }
 }

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::api::ApiFormat;
 use crate::api::meter::{Meter, MeterReport};
-use crate::auth::{AuthError, Authenticator, Principal, presented_secret};
+use crate::auth::{AuthError, Authenticator, Principal};
 use crate::billing::price::PriceTable;
 use crate::config::{Config, UnknownModel, UpstreamKind};
 use crate::db::Db;
@@ -291,13 +291,13 @@ impl Engine {
         }
     }
 
-    pub fn authenticate(
+    /// The principal of a presented secret (from [`presented_secret`]).
+    pub async fn authenticate(
         &self,
-        authorization: Option<&[u8]>,
-        x_api_key: Option<&[u8]>,
+        presented: Result<String, AuthError>,
     ) -> Result<Arc<Principal>, ApiError> {
-        let secret = presented_secret(authorization, x_api_key).map_err(auth_error)?;
-        self.auth.authenticate(secret).map_err(auth_error)
+        let secret = presented.map_err(auth_error)?;
+        self.auth.authenticate(&secret).await.map_err(auth_error)
     }
 
     /// Every limit that applies to `p` (optionally only those covering `upstream`).

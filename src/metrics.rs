@@ -140,6 +140,8 @@ pub struct Metrics {
     upstream_first_byte: HistogramVec,
     added_latency: Histogram,
     alerts: IntCounterVec,
+    key_miss_reads: IntCounter,
+    key_misses: IntCounterVec,
     models: Mutex<HashSet<String>>,
 }
 
@@ -242,6 +244,20 @@ impl Metrics {
         for o in ["fired", "dropped", "delivered", "failed"] {
             alerts.with_label_values(&[o]);
         }
+        let key_miss_reads = IntCounter::new(
+            "key_miss_reads_total",
+            "Store reads made because a presented key was not in this instance's key directory (at most one per 10 ms).",
+        )?;
+        let key_misses = IntCounterVec::new(
+            Opts::new(
+                "key_misses_total",
+                "Presented keys not in the key directory, by answer: found (created since the last refresh), unknown (after a read), unread (negative cache or read back-off).",
+            ),
+            &["answer"],
+        )?;
+        for a in ["found", "unknown", "unread"] {
+            key_misses.with_label_values(&[a]);
+        }
         for r in Rejection::ALL {
             rejections.with_label_values(&[r.as_str()]);
         }
@@ -266,6 +282,8 @@ impl Metrics {
         registry.register(Box::new(upstream_first_byte.clone()))?;
         registry.register(Box::new(added_latency.clone()))?;
         registry.register(Box::new(alerts.clone()))?;
+        registry.register(Box::new(key_miss_reads.clone()))?;
+        registry.register(Box::new(key_misses.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -283,6 +301,8 @@ impl Metrics {
             upstream_first_byte,
             added_latency,
             alerts,
+            key_miss_reads,
+            key_misses,
             models: Mutex::new(HashSet::new()),
         })
     }
@@ -365,6 +385,25 @@ impl Metrics {
             if total > seen {
                 c.inc_by(total - seen);
             }
+        }
+    }
+
+    /// Bring the key look-up counters up to the authenticator's totals (read at scrape time).
+    pub fn set_key_lookup_totals(&self, s: &crate::auth::LookupStats) {
+        let load = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+        let bump = |c: &IntCounter, total: u64| {
+            let seen = c.get();
+            if total > seen {
+                c.inc_by(total - seen);
+            }
+        };
+        bump(&self.key_miss_reads, load(&s.reads));
+        for (answer, total) in [
+            ("found", load(&s.found)),
+            ("unknown", load(&s.unknown)),
+            ("unread", load(&s.unread)),
+        ] {
+            bump(&self.key_misses.with_label_values(&[answer]), total);
         }
     }
 

@@ -68,7 +68,8 @@ pub fn build_engine_parts(
             )
         }
     };
-    let auth = Authenticator::new(Directory::from_snapshot(snapshot));
+    let source = crate::shared::directory::source_for(&config, &db, outbox.as_ref());
+    let auth = Authenticator::with_source(Directory::from_snapshot(snapshot), source);
     let prices = price_table(&config)?;
     let loader: Arc<dyn CounterLoader> = match &outbox {
         Some(ob) => ob.ledger_loader(),
@@ -164,8 +165,7 @@ struct Background {
 impl BackgroundService for Background {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let e = self.engine.clone();
-        let source = crate::shared::directory::source_for(e.config(), e.db(), self.outbox.as_ref());
-        let refresh = tokio::spawn(crate::auth::refresh_loop(e.authenticator().clone(), source));
+        let refresh = tokio::spawn(crate::auth::refresh_loop(e.authenticator().clone()));
         let shipper = self.outbox.clone().map(|ob| {
             let retention = e.config().storage.journal_retention;
             tokio::spawn(crate::shared::shipper::Shipper::new(ob, retention).run())

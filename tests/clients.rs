@@ -650,3 +650,158 @@ data: [DONE]\n\n";
     proxy.wait_settled().await;
     assert!(proxy.ledger().iter().all(|row| row["output_tokens"] == 1));
 }
+
+// ---------------------------------------------------------------------------------------
+// Keys work the moment they are created
+
+/// A key's own usage report (one authenticated round trip).
+async fn usage_status(proxy: &Proxy, key: &str) -> u16 {
+    send(
+        "GET",
+        &proxy.url("/v1/tollgate/usage"),
+        &[("authorization", &bearer(key))],
+        "",
+    )
+    .await
+    .status
+}
+
+/// The value of a counter series on the proxy's `/metrics`.
+async fn metric(proxy: &Proxy, series: &str) -> u64 {
+    let text = send("GET", &format!("http://{}/metrics", proxy.admin), &[], "")
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test]
+async fn a_key_works_the_moment_the_cli_returns() {
+    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    for i in 0..15 {
+        let (_, key) = proxy.create_key(&["--limit", "requests:day=10"]);
+        assert_eq!(usage_status(&proxy, &key).await, 200, "key {i}");
+        let r = post_json(
+            &proxy.url("/v1/chat/completions"),
+            &key,
+            &chat_body("gpt-4o-mini", false, "hi"),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "key {i}: {}", r.text());
+    }
+}
+
+/// A shared-mode instance on `pg` (Redis unreachable: counters fall back to local).
+async fn shared_instance(pg: &common::pg::TestPg, upstream: SocketAddr) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
+    let text = std::fs::read_to_string(&config_path).unwrap().replace(
+        "mode = \"embedded\"",
+        &format!(
+            "mode = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"redis://127.0.0.1:1\"",
+            pg.url()
+        ),
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let mut p = Proxy {
+        child: None,
+        addr,
+        admin,
+        log_path: dir.path().join("proxy.log"),
+        dir,
+        config_path,
+    };
+    p.spawn().await;
+    p
+}
+
+#[tokio::test]
+async fn a_key_works_at_once_on_every_instance_sharing_the_store() {
+    let pg = common::pg::TestPg::start();
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let a = shared_instance(&pg, mock.addr).await;
+    let b = shared_instance(&pg, mock.addr).await;
+    let mut last = None;
+    for i in 0..10 {
+        // Created through instance a's config (Postgres), used at once on both.
+        let (id, key) = a.create_key(&[]);
+        assert_eq!(usage_status(&b, &key).await, 200, "key {i} on b");
+        assert_eq!(usage_status(&a, &key).await, 200, "key {i} on a");
+        last = Some((id, key));
+    }
+    // A revoke reaches the other instance through its refresh (SPEC: within 1 s).
+    let (id, key) = last.unwrap();
+    let (code, _, err) = b.cli(&["keys", "revoke", &id]);
+    assert_eq!(code, 0, "{err}");
+    let t0 = std::time::Instant::now();
+    loop {
+        if usage_status(&a, &key).await == 401 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "revoke never arrived"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "revoke effective on the other instance after {:?}",
+        t0.elapsed()
+    );
+    assert!(metric(&b, "tollgate_key_misses_total{answer=\"found\"}").await >= 1);
+}
+
+#[tokio::test]
+async fn unknown_keys_cost_a_bounded_number_of_store_reads() {
+    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    let reads = "tollgate_key_miss_reads_total";
+    let base = metric(&proxy, reads).await;
+    // One unknown key, many times: one read, then the negative cache.
+    for _ in 0..200 {
+        assert_eq!(usage_status(&proxy, "tg_the_same_unknown_key").await, 401);
+    }
+    let after_same = metric(&proxy, reads).await;
+    assert_eq!(after_same - base, 1);
+    // Many distinct unknown keys at once: reads are coalesced and rate-bounded.
+    let n = 400;
+    let t0 = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let url = proxy.url("/v1/tollgate/usage");
+        set.spawn(async move {
+            send(
+                "GET",
+                &url,
+                &[("authorization", &format!("Bearer tg_flood_{i}"))],
+                "",
+            )
+            .await
+            .status
+        });
+    }
+    while let Some(s) = set.join_next().await {
+        assert_eq!(s.unwrap(), 401);
+    }
+    let elapsed = t0.elapsed();
+    let flood = metric(&proxy, reads).await - after_same;
+    let bound = elapsed.as_millis() as u64 / tollgate::auth::MISS_READ_EVERY.as_millis() as u64 + 2;
+    eprintln!("{n} distinct unknown keys: {flood} store reads in {elapsed:?}");
+    assert!(
+        flood <= bound,
+        "{flood} reads in {elapsed:?} (bound {bound})"
+    );
+    assert!(flood < n, "{flood} reads for {n} keys");
+    // The same keys again cost nothing.
+    for i in 0..n {
+        let _ = usage_status(&proxy, &format!("tg_flood_{i}")).await;
+    }
+    assert_eq!(metric(&proxy, reads).await - after_same, flood);
+    // …and a key created now still works at once.
+    let (_, key) = proxy.create_key(&[]);
+    assert_eq!(usage_status(&proxy, &key).await, 200);
+}

@@ -383,6 +383,7 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
         load(&a.delivered),
         load(&a.failed),
     );
+    m.set_key_lookup_totals(engine.authenticator().lookup_stats());
     for (store, up) in store_status(engine).await {
         m.set_store_up(store, up);
     }

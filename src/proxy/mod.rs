@@ -201,10 +201,12 @@ impl ProxyHttp for Gateway {
         ctx.anthropic_client = header(session, "anthropic-version").is_some();
 
         // Auth first: every route, including our own usage endpoint.
-        let principal = self.engine.authenticate(
+        let presented = crate::auth::presented_secret(
             header(session, "authorization"),
             header(session, "x-api-key"),
-        );
+        )
+        .map(str::to_owned);
+        let principal = self.engine.authenticate(presented).await;
 
         if path == USAGE_PATH && method == http::Method::GET {
             let p = match principal {
