@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Install what building tollgate needs on Debian/Ubuntu: a C toolchain and cmake
 # (pingora's zlib-ng), plus Rust if absent. With --test also redis-server and PostgreSQL,
-# which the test suite starts privately (and uses the local services if running), and
-# Chromium, which renders the admin usage page headless (tests/usage_page.rs).
+# which the test suite starts privately (and uses the local services if running),
+# Chromium, which renders the admin usage page headless (tests/usage_page.rs), and the
+# official OpenAI and Anthropic SDKs for Python and Node.js at the pinned versions of
+# tests/sdk/ (tests/sdk.rs), with python3-venv and nodejs/npm when absent.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 need=()
 command -v cmake >/dev/null || need+=(cmake)
 command -v cc >/dev/null || need+=(build-essential)
@@ -15,6 +18,10 @@ if [[ "${1:-}" == "--test" ]]; then
     need+=(postgresql)
   fi
   command -v chromium >/dev/null || need+=(chromium)
+  command -v python3 >/dev/null || need+=(python3)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+  command -v node >/dev/null || need+=(nodejs)
+  command -v npm >/dev/null || need+=(npm)
 fi
 if ((${#need[@]})); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
@@ -26,4 +33,21 @@ if ! command -v cargo >/dev/null; then
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
   # shellcheck disable=SC1091
   source "$HOME/.cargo/env"
+fi
+if [[ "${1:-}" == "--test" ]]; then
+  # The SDK conformance suite's pinned SDKs, reinstalled only when a pin changes.
+  sdk=tests/sdk
+  stamp() { sha256sum "$1" | cut -d' ' -f1; }
+  if [[ "$(cat "$sdk/.venv/.requirements.sha256" 2>/dev/null)" != "$(stamp "$sdk/python/requirements.txt")" ]]; then
+    echo "installing the Python SDKs into $sdk/.venv"
+    rm -rf "$sdk/.venv"
+    python3 -m venv "$sdk/.venv"
+    "$sdk/.venv/bin/pip" install -q --disable-pip-version-check -r "$sdk/python/requirements.txt"
+    stamp "$sdk/python/requirements.txt" >"$sdk/.venv/.requirements.sha256"
+  fi
+  if [[ "$(cat "$sdk/node/node_modules/.package-lock.sha256" 2>/dev/null)" != "$(stamp "$sdk/node/package-lock.json")" ]]; then
+    echo "installing the Node.js SDKs into $sdk/node/node_modules"
+    (cd "$sdk/node" && npm ci --no-audit --no-fund --loglevel=error)
+    stamp "$sdk/node/package-lock.json" >"$sdk/node/node_modules/.package-lock.sha256"
+  fi
 fi

@@ -320,6 +320,10 @@ async fn every_answer_names_the_idempotent_trace() {
 
     let over = post_json(&url, &key, &body, &with("order-2")).await;
     assert_eq!(over.status, 429, "{}", over.text());
+    // A day's budget does not clear within a minute: SDKs are told not to retry (they
+    // would honour a Retry-After of hours).
+    assert!(over.header("retry-after").unwrap().parse::<u64>().unwrap() > 60);
+    assert_eq!(over.header("x-should-retry"), Some("false"));
     assert_eq!(
         over.header("x-tollgate-trace-id"),
         Some(format!("{id}:order-2").as_str())

@@ -45,6 +45,10 @@ use crate::errors::{ApiError, ErrorCode};
 /// it must not exceed pingora's retry buffer (64 KiB), which replays the body to upstream.
 pub const SMALL_BODY: usize = 64 * 1024;
 
+/// A 429 whose limit frees within this many seconds is left to the SDKs' own retries;
+/// a later (or never) one carries `x-should-retry: false`.
+pub const SDK_RETRY_WITHIN_SECS: u64 = 60;
+
 /// The caller's own usage report (SPEC §6).
 const USAGE_PATH: &str = "/v1/tollgate/usage";
 
@@ -110,6 +114,15 @@ impl Gateway {
         h.insert_header("x-tollgate-trace-id", ctx.trace_id.as_str())?;
         if let Some(s) = err.retry_after {
             h.insert_header("retry-after", s.to_string())?;
+        }
+        if err.code == ErrorCode::QuotaExceeded
+            && err.retry_after.is_none_or(|s| s > SDK_RETRY_WITHIN_SECS)
+        {
+            // The official SDKs retry a 429 by default and honour Retry-After — the
+            // Anthropic Python SDK sleeps for all of it, hours for a daily budget. When
+            // the limit cannot clear within a minute, tell them (the Stainless SDKs'
+            // `x-should-retry`) to give the error to the application at once.
+            h.insert_header("x-should-retry", "false")?;
         }
         for (name, value) in &err.headers {
             h.insert_header(*name, value.as_str())?;
