@@ -379,7 +379,11 @@ async fn every_answer_names_the_idempotent_trace() {
 
 /// Send `reqs` one after the other on a single HTTP/1.1 connection; panics when the
 /// connection cannot carry the next request.
-async fn on_one_connection(addr: SocketAddr, reqs: Vec<hyper::Request<Full<Bytes>>>) -> Vec<Reply> {
+async fn on_one_connection(
+    addr: SocketAddr,
+    label: &str,
+    reqs: Vec<hyper::Request<Full<Bytes>>>,
+) -> Vec<Reply> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -388,7 +392,7 @@ async fn on_one_connection(addr: SocketAddr, reqs: Vec<hyper::Request<Full<Bytes
     let mut out = Vec::new();
     let n = reqs.len();
     for (i, req) in reqs.into_iter().enumerate() {
-        let what = format!("{} {}", req.method(), req.uri());
+        let what = format!("{label}: {} {}", req.method(), req.uri());
         sender
             .ready()
             .await
@@ -417,7 +421,7 @@ async fn twice_on_one_connection(
     make: impl Fn() -> hyper::Request<Full<Bytes>>,
     status: u16,
 ) -> Vec<Reply> {
-    let replies = on_one_connection(addr, vec![make(), make()]).await;
+    let replies = on_one_connection(addr, what, vec![make(), make()]).await;
     for r in &replies {
         assert_eq!(r.status, status, "{what}: {}", r.text());
         assert_ne!(r.header("connection"), Some("close"), "{what}");
@@ -556,6 +560,7 @@ async fn every_answer_keeps_the_connection() {
     ];
     let r = on_one_connection(
         addr,
+        "409",
         vec![
             post(&u("/v1/chat/completions"), &dup, &chat),
             post(&u("/v1/chat/completions"), &dup, &chat),
