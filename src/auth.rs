@@ -7,7 +7,7 @@
 //! (in any process sharing the store) takes effect within that interval plus one read.
 //!
 //! A key created a moment ago must work at once (SPEC §4.1), before the next poll. So a
-//! presented key that is not in the directory triggers a look-up ([`Misses`]): the store's
+//! presented key that is not in the directory triggers a look-up (`Misses`): the store's
 //! change counter is read and, when it moved, the directory is reloaded — then the key is
 //! looked up again. The look-ups are bounded so unknown-key traffic cannot turn into a
 //! store read per request:

@@ -3,7 +3,10 @@
 //! Only glue lives here — every decision is made by [`crate::engine`], which knows nothing
 //! of pingora. The phases, in order:
 //!
-//! 1. `request_filter`: route (404), auth (401), size (413 by `Content-Length`). A body
+//! 1. `request_filter`: route (404), auth (401; a key created since the last directory
+//!    refresh is looked up, see [`crate::auth`]), trace id, size (413 by
+//!    `Content-Length`). A passthrough route ([`crate::passthrough`]) is forwarded from
+//!    here as it comes, never admitted. A body
 //!    whose length is known and at most [`SMALL_BODY`] is read here in full and admitted
 //!    (400/409/403/429) *before any upstream connection*; pingora then replays it from its
 //!    retry buffer into `request_body_filter`, where it is swapped for the (possibly
@@ -18,7 +21,9 @@
 //!    key, `accept-encoding` is dropped so the meter sees plain text.
 //! 4. `upstream_response_filter` / `response_body_filter`: headers (trace id, rate-limit
 //!    headers), then every chunk through the meter, which returns the bytes unchanged
-//!    (or minus the usage chunk the client did not ask for).
+//!    (or minus the usage chunk the client did not ask for). An answer whose length
+//!    tollgate removed (or the upstream never sent) goes out chunked, so an HTTP/1.1
+//!    client's connection is reused (`keep_alive_framing`).
 //! 5. `logging` runs after success, errors and disconnects alike: the one place the
 //!    request is finished (settled or released, in a task it spawns so the client's
 //!    connection is free at once) and logged.
