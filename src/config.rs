@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use toml_edit::{Document, Item, Table, Value};
 
+use crate::billing::price::Price;
 use crate::passthrough::{self, METERED_PATHS, PassthroughRoute};
 
 /// A configuration value that must never be printed (provider keys, admin token, URLs
@@ -100,7 +101,9 @@ pub const UPSTREAM_KEYS: &[&str] = &[
 /// Keys of each `[plans.NAME]` table.
 pub const PLAN_KEYS: &[&str] = &["limits"];
 /// Keys of each `[prices."MODEL"]` table.
-pub const PRICE_KEYS: &[&str] = &["input", "cached_input", "cache_write", "output"];
+pub const PRICE_KEYS: &[&str] = crate::billing::price::ENTRY_KEYS;
+/// Keys of a price entry's `long_context` table.
+pub const LONG_CONTEXT_KEYS: &[&str] = crate::billing::price::LONG_CONTEXT_KEYS;
 /// Keys of `[alerts]`.
 pub const ALERTS_KEYS: &[&str] = &["thresholds", "webhook"];
 /// Keys of `[log]`.
@@ -116,6 +119,7 @@ pub const SECTIONS: &[(&str, &[&str])] = &[
     ("upstreams", UPSTREAM_KEYS),
     ("plans.NAME", PLAN_KEYS),
     ("prices.\"MODEL\"", PRICE_KEYS),
+    ("prices.\"MODEL\".long_context", LONG_CONTEXT_KEYS),
     ("alerts", ALERTS_KEYS),
     ("log", LOG_KEYS),
 ];
@@ -174,8 +178,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Plan name → limit specs (validated by the quota layer when it loads them).
     pub plans: BTreeMap<String, Vec<String>>,
-    /// Model (or glob) → price overrides, USD per 1M tokens as exact decimal text.
-    pub prices: BTreeMap<String, PriceOverride>,
+    /// Model (or glob) → price entries replacing or adding to the shipped table.
+    pub prices: BTreeMap<String, Price>,
     pub alerts: AlertsConfig,
     pub log: LogConfig,
 }
@@ -230,15 +234,6 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
-}
-
-/// A `[prices."MODEL"]` table as written: decimal text per field, `None` when absent.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PriceOverride {
-    pub input: Option<String>,
-    pub cached_input: Option<String>,
-    pub cache_write: Option<String>,
-    pub output: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -425,10 +420,11 @@ impl Config {
                 "idle_timeout": humantime::format_duration(u.idle_timeout).to_string(),
             })).collect::<Vec<_>>(),
             "plans": self.plans,
-            "prices": self.prices.iter().map(|(k, p)| (k.clone(), json!({
-                "input": p.input, "cached_input": p.cached_input,
-                "cache_write": p.cache_write, "output": p.output,
-            }))).collect::<serde_json::Map<_, _>>(),
+            "prices": self.prices.iter().map(|(k, p)| {
+                let mut entry = serde_json::to_value(p).unwrap_or_default();
+                entry["version"] = json!(p.version());
+                (k.clone(), entry)
+            }).collect::<serde_json::Map<_, _>>(),
             "alerts": {
                 "thresholds": self.alerts.thresholds,
                 "webhook": self.alerts.webhook.as_ref().map(mask),
@@ -1043,48 +1039,38 @@ impl Reader<'_> {
         out
     }
 
-    fn prices(&mut self, root: &Table) -> BTreeMap<String, PriceOverride> {
+    /// Each `[prices."MODEL"]` entry read into its resolved price (see
+    /// [`crate::billing::price::read_entry`]), every problem reported with its key path.
+    fn prices(&mut self, root: &Table) -> BTreeMap<String, Price> {
         let mut out = BTreeMap::new();
         let Some(t) = self.table(root, "prices") else {
             return out;
         };
         for (model, item) in t.iter() {
             let p = format!("prices.\"{model}\"");
-            let Some(pt) = item.as_table() else {
-                self.issue(&p, item_span(item), "expected a table of prices");
+            if model.is_empty() {
+                self.issue(
+                    &p,
+                    item_span(item),
+                    "a model id or pattern must not be empty",
+                );
                 continue;
-            };
-            self.unknown_keys(pt, &p, PRICE_KEYS);
-            let mut po = PriceOverride::default();
-            for (field, slot) in [
-                ("input", &mut po.input),
-                ("cached_input", &mut po.cached_input),
-                ("cache_write", &mut po.cache_write),
-                ("output", &mut po.output),
-            ] {
-                let Some(it) = pt.get(field) else { continue };
-                let path = join(&p, field);
-                match it.as_value() {
-                    // f64 Display is the shortest text that reads back to the same float,
-                    // i.e. what the operator wrote for any price with ≤ 15 significant digits.
-                    Some(Value::Float(f)) if f.value().is_finite() && *f.value() >= 0.0 => {
-                        *slot = Some(format!("{}", f.value()))
+            }
+            match crate::billing::price::read_entry(item) {
+                Ok(price) => {
+                    out.insert(model.to_string(), price);
+                }
+                Err(issues) => {
+                    for i in issues {
+                        let path = if i.key.is_empty() {
+                            p.clone()
+                        } else {
+                            join(&p, &i.key)
+                        };
+                        self.issue(&path, i.span.or_else(|| item_span(item)), i.message);
                     }
-                    Some(Value::Integer(i)) if *i.value() >= 0 => {
-                        *slot = Some(i.value().to_string())
-                    }
-                    Some(Value::String(s)) => *slot = Some(s.value().trim().to_string()),
-                    _ => self.issue(
-                        &path,
-                        item_span(it),
-                        "expected a non-negative number (USD per 1M tokens)",
-                    ),
                 }
             }
-            if po.input.is_none() && po.output.is_none() {
-                self.issue(&p, item_span(item), "needs at least `input` or `output`");
-            }
-            out.insert(model.to_string(), po);
         }
         out
     }
@@ -1342,8 +1328,11 @@ output = 0.60
         );
         assert!(c.upstreams[1].api_key.is_empty());
         assert_eq!(c.plans["free"], vec!["requests:minute=20", "usd:month=5"]);
-        assert_eq!(c.prices["gpt-4o-mini"].input.as_deref(), Some("0.15"));
-        assert_eq!(c.prices["gpt-4o-mini"].output.as_deref(), Some("0.6"));
+        let mini = &c.prices["gpt-4o-mini"];
+        assert_eq!(
+            (mini.rates.input, mini.rates.cached_input, mini.rates.output),
+            (150_000_000, 75_000_000, 600_000_000)
+        );
         assert_eq!(
             c.upstream_for_path("/v1/messages?x=1").map(|(i, _)| i),
             Some(1)

@@ -15,10 +15,10 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::api::ApiFormat;
 use crate::api::meter::{Meter, MeterReport};
+use crate::api::{ApiFormat, Modifiers, Usage};
 use crate::auth::{AuthError, Authenticator, Principal};
-use crate::billing::price::PriceTable;
+use crate::billing::table::{PriceTable, unknown_model_message};
 use crate::config::{Config, UnknownModel, UpstreamKind};
 use crate::db::Db;
 use crate::errors::{ApiError, ErrorCode};
@@ -64,6 +64,8 @@ struct Parsed {
     input_tokens: u64,
     max_output_tokens: u64,
     encoding: Encoding,
+    /// The service tier, speed and region the request asks for.
+    asked: Modifiers,
 }
 
 /// The hold of an admitted request. Must be handed to [`Engine::finish`].
@@ -80,6 +82,8 @@ pub struct Admission {
     route: Route,
     model: String,
     encoding: Encoding,
+    /// What the request asked for: prices a settle whose response did not say.
+    asked: Modifiers,
     estimate: Amounts,
     limits: Vec<AppliedLimit>,
     started_at: DateTime<Utc>,
@@ -362,39 +366,29 @@ impl Engine {
                 input_tokens: 0,
                 max_output_tokens: 0,
                 encoding: Encoding::O200k,
+                asked: Modifiers::default(),
             }
         };
-        let price = if route.format.is_some() {
+        let entry = if route.format.is_some() {
             match self.prices.lookup(&parsed.model) {
-                Some(p) => Some(p),
+                Some(e) => Some(e),
                 None if self.config.quota.unknown_model == UnknownModel::Free => None,
                 None => {
+                    tracing::warn!(model = %parsed.model, "refused a model without a price; add a [prices] entry for it");
                     return Err(ApiError::new(
                         ErrorCode::InvalidRequest,
-                        format!(
-                            "model `{}` has no price configured; add it under [prices] or set quota.unknown_model = \"free\"",
-                            parsed.model
-                        ),
+                        unknown_model_message(&parsed.model),
                     ));
                 }
             }
         } else {
             None
         };
-        // The hold must cover the worst case: every input token at the dearest input rate
-        // (cache writes cost 1.25× on Anthropic), every allowed output token produced.
-        let estimate_cost = price.map_or(0, |pr| {
-            let all_as_writes = if pr.cache_write > pr.input {
-                parsed.input_tokens
-            } else {
-                0
-            };
-            pr.cost_of(
-                parsed.input_tokens,
-                0,
-                all_as_writes,
-                parsed.max_output_tokens,
-            )
+        // The hold is the worst case (billing::cost): the dearest input-side and output-side
+        // rates, the long-context band of the estimate, the multipliers asked for.
+        let estimate_cost = entry.map_or(0, |e| {
+            e.price
+                .hold(parsed.input_tokens, parsed.max_output_tokens, &parsed.asked)
         });
         let estimate = Amounts {
             requests: 1,
@@ -508,6 +502,7 @@ impl Engine {
             route: route.clone(),
             model: parsed.model,
             encoding: parsed.encoding,
+            asked: parsed.asked,
             estimate,
             limits,
             started_at,
@@ -604,6 +599,9 @@ impl Engine {
             cached_input_tokens = s.cached_input_tokens,
             output_tokens = s.output_tokens,
             cost_micros = s.cost_micros,
+            service_tier = s.service_tier.as_deref().unwrap_or(""),
+            tool_calls = s.tool_calls,
+            price_version = s.price_version.as_deref().unwrap_or(""),
             usage_source = s.usage_source,
             quota = "admitted",
             billing,
@@ -624,12 +622,12 @@ impl Engine {
         let est_in = adm.estimate.input_tokens;
         let (usage, in_rep, out_rep, text) = match report {
             Some(r) => (
-                r.usage,
+                r.usage.clone(),
                 r.input_reported,
                 r.output_reported,
                 r.output_text.clone(),
             ),
-            None => (crate::api::Usage::default(), false, false, String::new()),
+            None => (Usage::default(), false, false, String::new()),
         };
         let input = if in_rep {
             usage.input_tokens as i64
@@ -665,20 +663,47 @@ impl Engine {
         } else {
             0
         };
-        let cost = self.prices.lookup(&adm.model).map_or(0, |p| {
-            p.cost_of(
-                input as u64,
-                cached as u64,
-                cache_write as u64,
-                output as u64,
-            )
-        });
+        // The parts the upstream reported; a name it did not report is what was asked for.
+        let billed = Usage {
+            input_tokens: input as u64,
+            cached_input_tokens: cached as u64,
+            cache_write_tokens: cache_write as u64,
+            cache_write_1h_tokens: if in_rep {
+                usage.cache_write_1h_tokens
+            } else {
+                0
+            },
+            audio_input_tokens: if in_rep { usage.audio_input_tokens } else { 0 },
+            output_tokens: output as u64,
+            reasoning_tokens: reasoning as u64,
+            audio_output_tokens: if out_rep {
+                usage.audio_output_tokens
+            } else {
+                0
+            },
+            tool_calls: usage.tool_calls,
+            served: usage.served.or(&adm.asked),
+        };
+        let (cost, price_version) = match self.prices.lookup(&adm.model) {
+            Some(entry) => {
+                let costed = entry.price.cost(&billed);
+                for (kind, name) in &costed.unpriced {
+                    self.metrics.unpriced(&adm.model, kind, name);
+                }
+                (costed.micros, Some(entry.version.clone()))
+            }
+            None => (0, None),
+        };
         Settlement {
             input_tokens: input,
             cached_input_tokens: cached,
             cache_write_tokens: cache_write,
             output_tokens: output,
             reasoning_tokens: reasoning,
+            cache_write_1h_tokens: i64::try_from(billed.cache_write_1h_tokens).unwrap_or(i64::MAX),
+            tool_calls: i64::try_from(billed.tool_calls).unwrap_or(i64::MAX),
+            service_tier: billed.served.service_tier,
+            price_version,
             cost_micros: cost,
             usage_source: if in_rep && out_rep {
                 "upstream"
@@ -814,6 +839,7 @@ fn parse_request(
             },
         }
     }
+    let asked = Modifiers::requested(format, &v);
     let (encoding, accuracy) = tokens::encoding_for_model(&model);
     let counted = match format {
         ApiFormat::OpenAiChat => tokens::openai_chat_input(&v, encoding),
@@ -861,6 +887,7 @@ fn parse_request(
         input_tokens,
         max_output_tokens,
         encoding,
+        asked,
     })
 }
 

@@ -137,6 +137,15 @@ pub struct Settlement {
     pub cache_write_tokens: i64,
     pub output_tokens: i64,
     pub reasoning_tokens: i64,
+    /// The long-lifetime part of `cache_write_tokens` (SPEC §7; not stored yet).
+    pub cache_write_1h_tokens: i64,
+    /// Server tool calls billed per call (SPEC §7; not stored yet).
+    pub tool_calls: i64,
+    /// The service tier the request was priced at (SPEC §7; not stored yet).
+    pub service_tier: Option<String>,
+    /// [`crate::billing::price::Price::version`] of the entry that priced it; `None` when no
+    /// entry did (SPEC §7; not stored yet).
+    pub price_version: Option<String>,
     pub cost_micros: i64,
     pub usage_source: &'static str,
     /// Status the client got; `None` when unknown (recovered after a crash).

@@ -32,6 +32,10 @@ pub const MAX_MODEL_LABELS: usize = 200;
 /// Label value for models beyond [`MAX_MODEL_LABELS`].
 pub const OTHER_MODEL: &str = "other";
 
+/// Most distinct unpriced tier/speed/region names counted under their own label; later ones
+/// are counted as [`OTHER_MODEL`].
+pub const MAX_UNPRICED_NAMES: usize = 50;
+
 /// Histogram buckets in seconds, from 50 µs to 10 s: a quota check or settle is tens of
 /// microseconds to a few milliseconds, an upstream's first byte up to seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -142,7 +146,9 @@ pub struct Metrics {
     alerts: IntCounterVec,
     key_miss_reads: IntCounter,
     key_misses: IntCounterVec,
+    unpriced: IntCounterVec,
     models: Mutex<HashSet<String>>,
+    unpriced_names: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -258,6 +264,13 @@ impl Metrics {
         for a in ["found", "unknown", "unread"] {
             key_misses.with_label_values(&[a]);
         }
+        let unpriced = IntCounterVec::new(
+            Opts::new(
+                "unpriced_modifiers_total",
+                "Settled requests whose response reported a service tier, speed or region the model's price entry has no multiplier for (billed at standard rates).",
+            ),
+            &["model", "kind", "name"],
+        )?;
         for r in Rejection::ALL {
             rejections.with_label_values(&[r.as_str()]);
         }
@@ -284,6 +297,7 @@ impl Metrics {
         registry.register(Box::new(alerts.clone()))?;
         registry.register(Box::new(key_miss_reads.clone()))?;
         registry.register(Box::new(key_misses.clone()))?;
+        registry.register(Box::new(unpriced.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -303,7 +317,9 @@ impl Metrics {
             alerts,
             key_miss_reads,
             key_misses,
+            unpriced,
             models: Mutex::new(HashSet::new()),
+            unpriced_names: Mutex::new(HashSet::new()),
         })
     }
 
@@ -422,6 +438,24 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// A settled request of `model` reported `name` as its `kind` (`service_tier`, `speed`,
+    /// `inference_geo`) and the price entry has no multiplier for it: billed at standard rates.
+    pub fn unpriced(&self, model: &str, kind: &str, name: &str) {
+        let model = self.model_label(model);
+        let name = {
+            let mut seen = self.unpriced_names.lock();
+            if seen.contains(name) || seen.len() < MAX_UNPRICED_NAMES {
+                seen.insert(name.to_owned());
+                name.to_owned()
+            } else {
+                OTHER_MODEL.to_owned()
+            }
+        };
+        self.unpriced
+            .with_label_values(&[model.as_str(), kind, name.as_str()])
+            .inc();
     }
 
     /// The `model` label for `model`: itself while fewer than [`MAX_MODEL_LABELS`] models

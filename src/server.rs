@@ -8,7 +8,7 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 
 use crate::auth::{Authenticator, Directory};
-use crate::billing::price::{Price, PriceTable, parse_rate};
+use crate::billing::table::PriceTable;
 use crate::config::{Config, StorageMode};
 use crate::db::Db;
 use crate::engine::Engine;
@@ -132,26 +132,8 @@ async fn probe_loop(engine: Arc<Engine>) {
 
 /// The shipped price table with the config's `[prices]` entries on top.
 pub fn price_table(config: &Config) -> Result<PriceTable, StartError> {
-    let mut overrides = Vec::new();
-    for (model, p) in &config.prices {
-        let rate = |field: &str, v: &Option<String>| -> Result<Option<u64>, StartError> {
-            v.as_deref()
-                .map(parse_rate)
-                .transpose()
-                .map_err(|e| StartError::Invalid(format!("prices.\"{model}\".{field}: {e}")))
-        };
-        let input = rate("input", &p.input)?.unwrap_or(0);
-        let output = rate("output", &p.output)?.unwrap_or(0);
-        let mut price = Price::new(input, output);
-        if let Some(c) = rate("cached_input", &p.cached_input)? {
-            price.cached_input = c;
-        }
-        if let Some(c) = rate("cache_write", &p.cache_write)? {
-            price.cache_write = c;
-        }
-        overrides.push((model.clone(), price));
-    }
-    PriceTable::with_overrides(overrides).map_err(|e| StartError::Invalid(e.to_string()))
+    PriceTable::with_overrides(config.prices.clone())
+        .map_err(|e| StartError::Invalid(e.to_string()))
 }
 
 /// Background work of a running instance: key directory refresh, DNS, admin listener,

@@ -12,6 +12,23 @@
 //! chunk builds no JSON tree. Non-stream bodies (and embeddings, which never stream) are kept as
 //! reference-counted chunks and parsed once in [`Meter::finish`].
 //!
+//! Every usage field that changes the bill is read, per format (SPEC §4):
+//!
+//! | field | OpenAI chat / completions | OpenAI Responses | Anthropic Messages |
+//! |---|---|---|---|
+//! | input, output | `prompt_tokens`, `completion_tokens` | `input_tokens`, `output_tokens` | `input_tokens` + cache reads + cache writes, `output_tokens` (last `message_delta`) |
+//! | cache reads | `prompt_tokens_details.cached_tokens` | `input_tokens_details.cached_tokens` | `cache_read_input_tokens` |
+//! | cache writes | `prompt_tokens_details.cache_write_tokens` | `input_tokens_details.cache_write_tokens` | `cache_creation_input_tokens` |
+//! | long-lived writes | `…cache_write_tokens_details.ttl_12h_tokens` | same | `cache_creation.ephemeral_1h_input_tokens` |
+//! | audio | `prompt_tokens_details` / `completion_tokens_details` `.audio_tokens` | same | — |
+//! | reasoning | `completion_tokens_details.reasoning_tokens` | `output_tokens_details.reasoning_tokens` | `output_tokens_details.thinking_tokens` |
+//! | web searches | — | `web_search_call` output items not `failed` (stream: `response.output_item.done`, then the terminal event's `output`) | `server_tool_use.web_search_requests` |
+//! | service tier | top-level `service_tier` (every chunk) | `response.service_tier` | `usage.service_tier` |
+//! | speed, region | — | — | `usage.speed`, `usage.inference_geo` |
+//!
+//! Reported names are copied once per response (a chat stream repeats `service_tier` on every
+//! chunk; it is compared, not copied again), so metering a chunk allocates nothing new.
+//!
 //! Bounds, so memory per request stays bounded whatever the upstream sends:
 //! - [`MAX_OUTPUT_TEXT`] (16 MiB) of collected output text; past it the text is cut and
 //!   `output_text_truncated` is set, so a token count made from it is a lower bound.
@@ -29,11 +46,10 @@ use std::borrow::Cow;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
-use self::select::{Envelope, Sel, Select, TextSink, parse_with};
+use self::select::{Envelope, Nested, Sel, Select, TextSink, parse_with, store_label};
 use super::sse::{SseEvent, SseParser};
-use super::{ApiFormat, Usage};
+use super::{ApiFormat, Modifiers, Usage};
 
 /// Cap on collected output text, in bytes.
 pub const MAX_OUTPUT_TEXT: usize = 16 << 20;
@@ -317,35 +333,58 @@ struct UsageAcc {
     /// OpenAI: all input. Anthropic: uncached input only (`input_tokens`).
     input: Option<u64>,
     cached: Option<u64>,
+    /// All cache writes, whatever their lifetime.
     cache_write: Option<u64>,
+    /// The long-lifetime part of `cache_write` (Anthropic 1 hour, OpenAI 12 hours).
+    cache_write_1h: Option<u64>,
+    audio_input: Option<u64>,
     output: Option<u64>,
     reasoning: Option<u64>,
+    audio_output: Option<u64>,
+    /// Anthropic `server_tool_use.web_search_requests`; OpenAI's calls are counted in the
+    /// text sink as output items.
+    tool_calls: Option<u64>,
+    served: Modifiers,
 }
 
 #[derive(Debug, Deserialize)]
 struct OpenAiUsage {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
-    prompt_tokens_details: Option<CachedDetails>,
-    completion_tokens_details: Option<ReasoningDetails>,
+    prompt_tokens_details: Option<InputDetails>,
+    completion_tokens_details: Option<OutputDetails>,
 }
 
 #[derive(Debug, Deserialize)]
 struct ResponsesUsage {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
-    input_tokens_details: Option<CachedDetails>,
-    output_tokens_details: Option<ReasoningDetails>,
+    input_tokens_details: Option<InputDetails>,
+    output_tokens_details: Option<OutputDetails>,
 }
 
+/// OpenAI `prompt_tokens_details` (chat) and `input_tokens_details` (Responses): parts of
+/// the input count.
 #[derive(Debug, Deserialize)]
-struct CachedDetails {
+struct InputDetails {
     cached_tokens: Option<u64>,
+    cache_write_tokens: Option<u64>,
+    cache_write_tokens_details: Option<WriteDetails>,
+    audio_tokens: Option<u64>,
 }
 
+/// Cache writes by retention.
 #[derive(Debug, Deserialize)]
-struct ReasoningDetails {
+struct WriteDetails {
+    ttl_30m_tokens: Option<u64>,
+    ttl_12h_tokens: Option<u64>,
+}
+
+/// OpenAI `completion_tokens_details` / `output_tokens_details`: parts of the output count.
+#[derive(Debug, Deserialize)]
+struct OutputDetails {
     reasoning_tokens: Option<u64>,
+    audio_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,19 +392,46 @@ struct AnthropicUsage {
     input_tokens: Option<u64>,
     cache_creation_input_tokens: Option<u64>,
     cache_read_input_tokens: Option<u64>,
+    cache_creation: Option<CacheCreation>,
     output_tokens: Option<u64>,
+    output_tokens_details: Option<ThinkingDetails>,
+    server_tool_use: Option<ServerToolUse>,
+    service_tier: Option<LabelText>,
+    speed: Option<LabelText>,
+    inference_geo: Option<LabelText>,
 }
 
-/// `response.completed|incomplete|failed` event body.
+/// Anthropic `usage.cache_creation`: cache writes by lifetime.
 #[derive(Debug, Deserialize)]
-struct ResponsesTerminal {
-    response: Option<ResponsesTerminalBody>,
+struct CacheCreation {
+    ephemeral_5m_input_tokens: Option<u64>,
+    ephemeral_1h_input_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
-struct ResponsesTerminalBody {
-    usage: Option<ResponsesUsage>,
-    error: Option<IgnoredAny>,
+struct ThinkingDetails {
+    thinking_tokens: Option<u64>,
+}
+
+/// Anthropic `usage.server_tool_use`: calls of server-side tools; web searches are billed.
+#[derive(Debug, Deserialize)]
+struct ServerToolUse {
+    web_search_requests: Option<u64>,
+}
+
+/// A reported name read leniently: a string, or nothing for any other JSON type (a provider
+/// retyping it must not cost us the usage numbers beside it).
+#[derive(Debug)]
+struct LabelText(Option<String>);
+
+impl<'de> Deserialize<'de> for LabelText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(d)?;
+        Ok(LabelText(match value {
+            serde_json::Value::String(s) => Some(s),
+            _ => None,
+        }))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -388,15 +454,9 @@ struct TypeField<'a> {
 impl UsageAcc {
     fn openai(&mut self, u: OpenAiUsage, embeddings: bool) {
         self.input = u.prompt_tokens.or(self.input);
-        self.cached = u
-            .prompt_tokens_details
-            .and_then(|d| d.cached_tokens)
-            .or(self.cached);
         self.output = u.completion_tokens.or(self.output);
-        self.reasoning = u
-            .completion_tokens_details
-            .and_then(|d| d.reasoning_tokens)
-            .or(self.reasoning);
+        self.input_details(u.prompt_tokens_details);
+        self.output_details(u.completion_tokens_details);
         if embeddings && self.input.is_some() && self.output.is_none() {
             self.output = Some(0);
         }
@@ -404,26 +464,72 @@ impl UsageAcc {
 
     fn responses(&mut self, u: ResponsesUsage) {
         self.input = u.input_tokens.or(self.input);
-        self.cached = u
-            .input_tokens_details
-            .and_then(|d| d.cached_tokens)
-            .or(self.cached);
         self.output = u.output_tokens.or(self.output);
-        self.reasoning = u
-            .output_tokens_details
-            .and_then(|d| d.reasoning_tokens)
-            .or(self.reasoning);
+        self.input_details(u.input_tokens_details);
+        self.output_details(u.output_tokens_details);
+    }
+
+    fn input_details(&mut self, d: Option<InputDetails>) {
+        let Some(d) = d else { return };
+        self.cached = d.cached_tokens.or(self.cached);
+        self.audio_input = d.audio_tokens.or(self.audio_input);
+        let split = d.cache_write_tokens_details;
+        let long = split.as_ref().and_then(|s| s.ttl_12h_tokens);
+        let total = d.cache_write_tokens.or_else(|| {
+            split.map(|s| {
+                s.ttl_30m_tokens
+                    .unwrap_or(0)
+                    .saturating_add(s.ttl_12h_tokens.unwrap_or(0))
+            })
+        });
+        self.cache_write = total.or(self.cache_write);
+        self.cache_write_1h = long.or(self.cache_write_1h);
+    }
+
+    fn output_details(&mut self, d: Option<OutputDetails>) {
+        let Some(d) = d else { return };
+        self.reasoning = d.reasoning_tokens.or(self.reasoning);
+        self.audio_output = d.audio_tokens.or(self.audio_output);
     }
 
     /// `final_output`: the usage comes from `message_delta` or a whole message, where
     /// `output_tokens` is the cumulative total so far (the last one wins; never summed). In
-    /// `message_start` it is a placeholder and is ignored.
+    /// `message_start` it is a placeholder and is ignored. Every count a `message_delta`
+    /// carries is cumulative too and replaces the earlier one; the lifetime split of cache
+    /// writes and the reported names come only with `message_start` and are kept.
     fn anthropic(&mut self, u: AnthropicUsage, final_output: bool) {
         self.input = u.input_tokens.or(self.input);
-        self.cache_write = u.cache_creation_input_tokens.or(self.cache_write);
+        let split = u.cache_creation;
+        let long = split.as_ref().and_then(|s| s.ephemeral_1h_input_tokens);
+        let total = u.cache_creation_input_tokens.or_else(|| {
+            split.map(|s| {
+                s.ephemeral_5m_input_tokens
+                    .unwrap_or(0)
+                    .saturating_add(s.ephemeral_1h_input_tokens.unwrap_or(0))
+            })
+        });
+        self.cache_write = total.or(self.cache_write);
+        self.cache_write_1h = long.or(self.cache_write_1h);
         self.cached = u.cache_read_input_tokens.or(self.cached);
+        self.tool_calls = u
+            .server_tool_use
+            .and_then(|s| s.web_search_requests)
+            .or(self.tool_calls);
+        for (slot, value) in [
+            (&mut self.served.service_tier, u.service_tier),
+            (&mut self.served.speed, u.speed),
+            (&mut self.served.inference_geo, u.inference_geo),
+        ] {
+            if let Some(LabelText(Some(v))) = value {
+                store_label(slot, &v);
+            }
+        }
         if final_output {
             self.output = u.output_tokens.or(self.output);
+            self.reasoning = u
+                .output_tokens_details
+                .and_then(|d| d.thinking_tokens)
+                .or(self.reasoning);
         }
     }
 }
@@ -449,15 +555,29 @@ const CHOICE: Sel = Sel::Obj(&[
 const OPENAI_TOP: &[(&str, Sel)] = &[("choices", Sel::Each(&CHOICE))];
 
 const RESPONSES_PART: Sel = Sel::Obj(&[("text", Sel::Text), ("refusal", Sel::Text)]);
+/// Output items of this type are billed per call (`web_search` fee).
+const WEB_SEARCH_CALL: &str = "web_search_call";
 /// An item of a Responses `output`: message content, reasoning summary and content, function
-/// call arguments, custom tool call input.
-const RESPONSES_ITEM: Sel = Sel::Obj(&[
-    ("content", Sel::Each(&RESPONSES_PART)),
-    ("summary", Sel::Each(&RESPONSES_PART)),
-    ("arguments", Sel::Text),
-    ("input", Sel::Text),
-]);
+/// call arguments, custom tool call input; web search calls counted.
+const RESPONSES_ITEM: Sel = Sel::Call {
+    kind: WEB_SEARCH_CALL,
+    fields: &[
+        ("content", Sel::Each(&RESPONSES_PART)),
+        ("summary", Sel::Each(&RESPONSES_PART)),
+        ("arguments", Sel::Text),
+        ("input", Sel::Text),
+    ],
+};
 const RESPONSES_TOP: &[(&str, Sel)] = &[("output", Sel::Each(&RESPONSES_ITEM))];
+/// An output item counted, its text not taken (a stream's deltas carried it already).
+const COUNTED_ITEM: Sel = Sel::Call {
+    kind: WEB_SEARCH_CALL,
+    fields: &[],
+};
+/// The `response` of a terminal stream event: its `output` repeats every item.
+const RESPONSES_TERMINAL: &[(&str, Sel)] = &[("output", Sel::Each(&COUNTED_ITEM))];
+/// `response.output_item.done`.
+const RESPONSES_ITEM_DONE: Sel = Sel::Obj(&[("item", COUNTED_ITEM)]);
 /// Every Responses `*.delta` event we collect carries its text in `delta`.
 const RESPONSES_DELTA: Sel = Sel::Obj(&[("delta", Sel::Text)]);
 
@@ -518,13 +638,12 @@ impl State {
             self.finished = true;
             return false;
         }
-        match parse_with(
-            data,
-            Envelope::<OpenAiUsage>::new(OPENAI_TOP, &mut self.sink),
-        ) {
+        let envelope = Envelope::<OpenAiUsage>::new(OPENAI_TOP, &mut self.sink)
+            .tier(&mut self.usage.served.service_tier);
+        match parse_with(data, envelope) {
             Ok(info) => {
                 self.upstream_error |= info.error;
-                let usage_only = info.usage.is_some() && info.choices.unwrap_or(0) == 0;
+                let usage_only = info.usage.is_some() && info.items.unwrap_or(0) == 0;
                 if let Some(u) = info.usage {
                     self.usage.openai(u, false);
                 }
@@ -572,24 +691,46 @@ impl State {
             | "response.custom_tool_call_input.delta"
             | "response.reasoning_summary_text.delta"
             | "response.reasoning_text.delta" => self.select(ev.data, &RESPONSES_DELTA),
+            "response.output_item.done" => self.select(ev.data, &RESPONSES_ITEM_DONE),
             "response.completed" | "response.incomplete" | "response.failed" => {
                 self.finished = true;
                 self.upstream_error |= kind == "response.failed";
-                match serde_json::from_slice::<ResponsesTerminal>(ev.data) {
-                    Ok(ResponsesTerminal {
-                        response: Some(body),
-                    }) => {
-                        self.upstream_error |= body.error.is_some();
-                        if let Some(u) = body.usage {
-                            self.usage.responses(u);
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => self.parse_errors += 1,
-                }
+                self.responses_terminal(ev.data);
             }
             "error" => self.upstream_error = true,
             _ => {}
+        }
+    }
+
+    /// A terminal Responses event: usage, error, the tier served, and the web search calls of
+    /// its `output`, which replace the count taken from `response.output_item.done` events
+    /// (kept when the event has no `output`).
+    fn responses_terminal(&mut self, data: &[u8]) {
+        let seen = std::mem::take(&mut self.sink.tool_calls);
+        let envelope = Envelope::<ResponsesUsage>::new(RESPONSES_TERMINAL, &mut self.sink)
+            .tier(&mut self.usage.served.service_tier);
+        let counted = match parse_with(
+            data,
+            Nested {
+                key: "response",
+                seed: envelope,
+            },
+        ) {
+            Ok(Some(info)) => {
+                self.upstream_error |= info.error;
+                if let Some(u) = info.usage {
+                    self.usage.responses(u);
+                }
+                info.items.is_some()
+            }
+            Ok(None) => false,
+            Err(_) => {
+                self.parse_errors += 1;
+                false
+            }
+        };
+        if !counted {
+            self.sink.tool_calls = seen;
         }
     }
 
@@ -627,7 +768,9 @@ impl State {
         let sink = &mut self.sink;
         let ok = match self.format {
             ApiFormat::OpenAiChat | ApiFormat::OpenAiCompletions | ApiFormat::OpenAiEmbeddings => {
-                parse_with(body, Envelope::<OpenAiUsage>::new(OPENAI_TOP, sink)).map(|info| {
+                let envelope = Envelope::<OpenAiUsage>::new(OPENAI_TOP, sink)
+                    .tier(&mut self.usage.served.service_tier);
+                parse_with(body, envelope).map(|info| {
                     if let Some(u) = info.usage {
                         let embeddings = self.format == ApiFormat::OpenAiEmbeddings;
                         self.usage.openai(u, embeddings);
@@ -636,7 +779,9 @@ impl State {
                 })
             }
             ApiFormat::OpenAiResponses => {
-                parse_with(body, Envelope::<ResponsesUsage>::new(RESPONSES_TOP, sink)).map(|info| {
+                let envelope = Envelope::<ResponsesUsage>::new(RESPONSES_TOP, sink)
+                    .tier(&mut self.usage.served.service_tier);
+                parse_with(body, envelope).map(|info| {
                     if let Some(u) = info.usage {
                         self.usage.responses(u);
                     }
@@ -677,8 +822,13 @@ impl State {
                 input_tokens: input.unwrap_or(0),
                 cached_input_tokens: cached,
                 cache_write_tokens: cache_write,
+                cache_write_1h_tokens: u.cache_write_1h.unwrap_or(0),
+                audio_input_tokens: u.audio_input.unwrap_or(0),
                 output_tokens: u.output.unwrap_or(0),
                 reasoning_tokens: u.reasoning.unwrap_or(0),
+                audio_output_tokens: u.audio_output.unwrap_or(0),
+                tool_calls: u.tool_calls.unwrap_or(self.sink.tool_calls),
+                served: u.served.clone(),
             },
             input_reported: input.is_some(),
             output_reported: u.output.is_some(),

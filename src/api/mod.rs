@@ -32,15 +32,94 @@ impl ApiFormat {
     }
 }
 
-/// Token usage of one request. input_tokens counts ALL input incl. cached and cache writes;
-/// output_tokens includes reasoning tokens.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Longest tier, speed or region name kept, in bytes: a reported name longer than this (or
+/// not printable ASCII) is ignored, and a configured one is refused.
+pub const MAX_LABEL_LEN: usize = 64;
+
+/// Token usage of one request, normalised to SPEC §4's semantics: every part is a subset of
+/// its total. `input_tokens` counts all input — cached reads, cache writes and audio included;
+/// `output_tokens` includes reasoning and audio tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
+    /// Input read from a prompt cache.
     pub cached_input_tokens: u64,
+    /// Input written to a prompt cache, whatever the lifetime.
     pub cache_write_tokens: u64,
+    /// The part of `cache_write_tokens` written with the long lifetime (Anthropic 1 hour,
+    /// OpenAI 12 hours).
+    pub cache_write_1h_tokens: u64,
+    /// Audio input tokens.
+    pub audio_input_tokens: u64,
     pub output_tokens: u64,
+    /// Reasoning (thinking) tokens, kept for reporting; billed as output.
     pub reasoning_tokens: u64,
+    /// Audio output tokens.
+    pub audio_output_tokens: u64,
+    /// Server tool calls billed per call (web searches).
+    pub tool_calls: u64,
+    /// The tier, speed and region the response says it was served with.
+    pub served: Modifiers,
+}
+
+/// Names that select price multipliers: the ones a request asks for, or the ones a response
+/// reports it was served with. `None` means standard.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Modifiers {
+    /// OpenAI `service_tier`; Anthropic `usage.service_tier`.
+    pub service_tier: Option<String>,
+    /// Anthropic `speed` (`usage.speed`).
+    pub speed: Option<String>,
+    /// Anthropic `inference_geo` (`usage.inference_geo`).
+    pub inference_geo: Option<String>,
+}
+
+impl Modifiers {
+    /// These names, each missing one taken from `fallback`.
+    pub fn or(&self, fallback: &Modifiers) -> Modifiers {
+        let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+        Modifiers {
+            service_tier: pick(&self.service_tier, &fallback.service_tier),
+            speed: pick(&self.speed, &fallback.speed),
+            inference_geo: pick(&self.inference_geo, &fallback.inference_geo),
+        }
+    }
+
+    /// What a request body asks for, named as the response would report it: OpenAI's
+    /// `service_tier` (`fast` is reported as `priority`; `auto` and `default` are standard);
+    /// Anthropic's `speed` and `inference_geo` (its request `service_tier` values, `auto` and
+    /// `standard_only`, select no price). Values that are not names are ignored.
+    pub fn requested(format: ApiFormat, body: &serde_json::Value) -> Modifiers {
+        let name = |key: &str| {
+            body.get(key)
+                .and_then(serde_json::Value::as_str)
+                .filter(|v| {
+                    !v.is_empty()
+                        && v.len() <= MAX_LABEL_LEN
+                        && v.bytes().all(|b| b.is_ascii_graphic())
+                })
+        };
+        match format {
+            ApiFormat::AnthropicMessages => Modifiers {
+                service_tier: None,
+                speed: name("speed")
+                    .filter(|s| *s != "standard")
+                    .map(str::to_owned),
+                inference_geo: name("inference_geo")
+                    .filter(|g| *g != "global")
+                    .map(str::to_owned),
+            },
+            _ => Modifiers {
+                service_tier: match name("service_tier") {
+                    None | Some("auto" | "default") => None,
+                    Some("fast") => Some("priority".to_owned()),
+                    Some(t) => Some(t.to_owned()),
+                },
+                speed: None,
+                inference_geo: None,
+            },
+        }
+    }
 }
 
 #[cfg(test)]

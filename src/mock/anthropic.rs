@@ -4,6 +4,12 @@
 //! `output_tokens: 1`), `content_block_start`, `ping`, `content_block_delta`×N,
 //! `content_block_stop`, `message_delta` (usage.output_tokens is the cumulative total — a
 //! consumer that adds it to message_start's 1 counts one token too many), `message_stop`.
+//!
+//! Usage follows the current API: `cache_creation` splits cache writes into 5-minute and
+//! 1-hour ones, `service_tier` (default `standard`), `speed` and `inference_geo` (when the
+//! request or an `x-mock-*` header sets them) come in the message and in `message_start`; web
+//! searches are counted in `server_tool_use.web_search_requests`, which `message_start` reports
+//! as 0 (searches run during the answer) and the cumulative `message_delta` usage as the total.
 
 use bytes::Bytes;
 use serde_json::{Value, json};
@@ -86,7 +92,10 @@ pub(crate) fn messages(body: &Value, ctx: &PlanCtx<'_>) -> Result<Plan, Invalid>
         include_usage: true,
         salt: ctx.salt,
     };
-    let turn = build_turn(spec, ctx.controls, ctx.cache, || prompt(body, messages));
+    let mut turn = build_turn(spec, ctx.controls, ctx.cache, || prompt(body, messages));
+    let asked = |key: &str| body.get(key).and_then(Value::as_str).map(str::to_owned);
+    turn.speed = turn.speed.take().or_else(|| asked("speed"));
+    turn.inference_geo = turn.inference_geo.take().or_else(|| asked("inference_geo"));
     let script = MessagesScript::new(turn);
     if stream {
         Ok(Plan::Stream(Box::new(script)))
@@ -161,17 +170,56 @@ impl MessagesScript {
     }
 
     /// Anthropic's `input_tokens` excludes cache reads and writes, which are reported beside it.
-    fn usage(&self, output_tokens: u64) -> Value {
-        json!({
-            "input_tokens": self.turn.input_tokens,
-            "cache_creation_input_tokens": self.turn.cache_write_tokens,
-            "cache_read_input_tokens": self.turn.cached_tokens,
+    /// `searches` is the web search count so far.
+    fn usage(&self, output_tokens: u64, searches: u64) -> Value {
+        let t = &self.turn;
+        let mut u = json!({
+            "input_tokens": t.input_tokens,
+            "cache_creation_input_tokens": t.cache_write_tokens + t.cache_write_1h_tokens,
+            "cache_read_input_tokens": t.cached_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": t.cache_write_tokens,
+                "ephemeral_1h_input_tokens": t.cache_write_1h_tokens
+            },
             "output_tokens": output_tokens,
-            "service_tier": "standard"
-        })
+            "service_tier": t.service_tier.as_deref().unwrap_or("standard")
+        });
+        if t.web_searches > 0 {
+            u["server_tool_use"] =
+                json!({"web_search_requests": searches, "web_fetch_requests": 0});
+        }
+        if let Some(geo) = &t.inference_geo {
+            u["inference_geo"] = json!(geo);
+        }
+        if let Some(speed) = &t.speed {
+            u["speed"] = json!(speed);
+        }
+        u
     }
 
-    fn message(&self, content: Value, stop_reason: Value, output_tokens: u64) -> Value {
+    /// The cumulative usage of `message_delta`: every count, none of the names.
+    fn delta_usage(&self) -> Value {
+        let t = &self.turn;
+        let mut u = json!({
+            "input_tokens": t.input_tokens,
+            "cache_creation_input_tokens": t.cache_write_tokens + t.cache_write_1h_tokens,
+            "cache_read_input_tokens": t.cached_tokens,
+            "output_tokens": t.output_tokens()
+        });
+        if t.web_searches > 0 {
+            u["server_tool_use"] =
+                json!({"web_search_requests": t.web_searches, "web_fetch_requests": 0});
+        }
+        u
+    }
+
+    fn message(
+        &self,
+        content: Value,
+        stop_reason: Value,
+        output_tokens: u64,
+        searches: u64,
+    ) -> Value {
         let mut m = json!({
             "id": self.message_id,
             "type": "message",
@@ -182,7 +230,7 @@ impl MessagesScript {
             "stop_sequence": null
         });
         if !self.turn.no_usage {
-            m["usage"] = self.usage(output_tokens);
+            m["usage"] = self.usage(output_tokens, searches);
         }
         m
     }
@@ -203,6 +251,7 @@ impl MessagesScript {
             json!([block]),
             json!(self.stop_reason()),
             self.turn.output_tokens(),
+            self.turn.web_searches,
         )
     }
 }
@@ -215,7 +264,7 @@ impl Script for MessagesScript {
     fn head(&mut self) -> Vec<Bytes> {
         let start = json!({
             "type": "message_start",
-            "message": self.message(json!([]), Value::Null, 1)
+            "message": self.message(json!([]), Value::Null, 1, 0)
         });
         let block = match &self.turn.tool_name {
             Some(name) => {
@@ -259,7 +308,7 @@ impl Script for MessagesScript {
             "delta": {"stop_reason": self.stop_reason(), "stop_sequence": null}
         });
         if !self.turn.no_usage {
-            delta["usage"] = json!({"output_tokens": self.turn.output_tokens()});
+            delta["usage"] = self.delta_usage();
         }
         vec![
             event(

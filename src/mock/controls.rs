@@ -19,6 +19,10 @@ const MAX_DELAY_MS: u64 = 600_000;
 const MAX_EXTRA_TOKENS: u64 = 1_000_000_000;
 /// Largest fixed split size; larger values would make splitting meaningless for SSE events.
 const MAX_SPLIT: usize = 1 << 20;
+/// Most web search calls one answer reports.
+const MAX_WEB_SEARCHES: u64 = 1000;
+/// Longest tier, speed or region name a header may set.
+const MAX_NAME_LEN: usize = 64;
 
 /// A malformed `x-mock-*` header.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -75,6 +79,17 @@ pub(crate) struct Controls {
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
     pub cache_write_tokens: u64,
+    /// Long-lifetime cache writes: Anthropic 1-hour, OpenAI 12-hour.
+    pub cache_write_1h_tokens: u64,
+    pub audio_input_tokens: u64,
+    pub audio_output_tokens: u64,
+    pub web_searches: u64,
+    /// Overrides the service tier the response reports.
+    pub service_tier: Option<String>,
+    /// Overrides Anthropic's `usage.speed`.
+    pub speed: Option<String>,
+    /// Overrides Anthropic's `usage.inference_geo`.
+    pub inference_geo: Option<String>,
     pub tool_call: bool,
     pub no_usage: bool,
     pub seed: Option<u64>,
@@ -95,6 +110,13 @@ impl Default for Controls {
             cached_tokens: 0,
             reasoning_tokens: 0,
             cache_write_tokens: 0,
+            cache_write_1h_tokens: 0,
+            audio_input_tokens: 0,
+            audio_output_tokens: 0,
+            web_searches: 0,
+            service_tier: None,
+            speed: None,
+            inference_geo: None,
             tool_call: false,
             no_usage: false,
             seed: None,
@@ -179,6 +201,21 @@ impl Controls {
         if let Some(n) = number(headers, "x-mock-cache-write-tokens", MAX_EXTRA_TOKENS)? {
             c.cache_write_tokens = n;
         }
+        if let Some(n) = number(headers, "x-mock-cache-write-1h-tokens", MAX_EXTRA_TOKENS)? {
+            c.cache_write_1h_tokens = n;
+        }
+        if let Some(n) = number(headers, "x-mock-audio-input-tokens", MAX_EXTRA_TOKENS)? {
+            c.audio_input_tokens = n;
+        }
+        if let Some(n) = number(headers, "x-mock-audio-output-tokens", MAX_EXTRA_TOKENS)? {
+            c.audio_output_tokens = n;
+        }
+        if let Some(n) = number(headers, "x-mock-web-searches", MAX_WEB_SEARCHES)? {
+            c.web_searches = n;
+        }
+        c.service_tier = name(headers, "x-mock-service-tier")?;
+        c.speed = name(headers, "x-mock-speed")?;
+        c.inference_geo = name(headers, "x-mock-inference-geo")?;
         c.tool_call = flag(headers, "x-mock-tool-call")?;
         c.no_usage = flag(headers, "x-mock-no-usage")?;
         c.seed = number(headers, "x-mock-seed", u64::MAX)?;
@@ -204,6 +241,21 @@ fn number(headers: &HeaderMap, name: &'static str, max: u64) -> Result<Option<u6
             expected: "a non-negative integer within the documented cap",
         }),
     }
+}
+
+/// A name (tier, speed, region): 1 to 64 printable ASCII characters.
+fn name(headers: &HeaderMap, header: &'static str) -> Result<Option<String>, ControlError> {
+    let Some(raw) = text(headers, header) else {
+        return Ok(None);
+    };
+    if raw.is_empty() || raw.len() > MAX_NAME_LEN || !raw.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ControlError {
+            header,
+            value: raw,
+            expected: "a name of 1 to 64 printable ASCII characters",
+        });
+    }
+    Ok(Some(raw))
 }
 
 fn flag(headers: &HeaderMap, name: &'static str) -> Result<bool, ControlError> {
@@ -255,6 +307,13 @@ mod tests {
             ("x-mock-cached-tokens", "11"),
             ("x-mock-reasoning-tokens", "12"),
             ("x-mock-cache-write-tokens", "13"),
+            ("x-mock-cache-write-1h-tokens", "14"),
+            ("x-mock-audio-input-tokens", "15"),
+            ("x-mock-audio-output-tokens", "16"),
+            ("x-mock-web-searches", "3"),
+            ("x-mock-service-tier", "flex"),
+            ("x-mock-speed", "fast"),
+            ("x-mock-inference-geo", "us"),
             ("x-mock-tool-call", "true"),
             ("x-mock-no-usage", "1"),
             ("x-mock-seed", "42"),
@@ -276,6 +335,23 @@ mod tests {
             (c.cached_tokens, c.reasoning_tokens, c.cache_write_tokens),
             (11, 12, 13)
         );
+        assert_eq!(
+            (
+                c.cache_write_1h_tokens,
+                c.audio_input_tokens,
+                c.audio_output_tokens,
+                c.web_searches
+            ),
+            (14, 15, 16, 3)
+        );
+        assert_eq!(
+            (
+                c.service_tier.as_deref(),
+                c.speed.as_deref(),
+                c.inference_geo.as_deref()
+            ),
+            (Some("flex"), Some("fast"), Some("us"))
+        );
         assert!(c.tool_call && c.no_usage);
         assert_eq!(c.seed, Some(42));
     }
@@ -295,6 +371,8 @@ mod tests {
             ("x-mock-status", "200"),
             ("x-mock-split", "0"),
             ("x-mock-no-usage", "maybe"),
+            ("x-mock-web-searches", "1001"),
+            ("x-mock-service-tier", "two words"),
         ] {
             let err = Controls::from_headers(&headers(&[(name, value)])).unwrap_err();
             assert_eq!(err.header, name);

@@ -47,10 +47,14 @@
 //! for gpt-4, gpt-3.5 and text-embedding-* — plus `x-mock-reasoning-tokens`. Input tokens: the
 //! request's text contents joined with `\n` and counted with the same encoding, plus 3 per
 //! message and 3 more (message routes); completions and embeddings count their inputs exactly.
-//! OpenAI `cached_tokens` is `min(x-mock-cached-tokens, prompt_tokens)` (a part of the prompt);
-//! Anthropic reports `x-mock-cached-tokens` / `x-mock-cache-write-tokens` as
-//! `cache_read_input_tokens` / `cache_creation_input_tokens` beside `input_tokens` (which
-//! excludes them, as Anthropic's does). Counts are memoized per body and answer shape.
+//! OpenAI `cached_tokens` is `min(x-mock-cached-tokens, prompt_tokens)` and `cache_write_tokens`
+//! the writes cut to what the prompt has left (both parts of the prompt, 12-hour writes in
+//! `cache_write_tokens_details`); Anthropic reports `x-mock-cached-tokens` and the writes as
+//! `cache_read_input_tokens` / `cache_creation_input_tokens` (split by lifetime in
+//! `cache_creation`) beside `input_tokens` (which excludes them, as Anthropic's does). Audio
+//! tokens are added to OpenAI's prompt and completion counts and reported in their details.
+//! Counts are memoized per body and answer shape. The service tier, speed and region a
+//! response reports follow the request (see [`openai`], [`anthropic`]) unless a header says.
 //!
 //! # Behaviour switches (request headers; they pass through the proxy)
 //!
@@ -69,7 +73,12 @@
 //! | `x-mock-drop-after: N` | after N content chunks abort the connection (no terminating chunk / HTTP/2 reset) |
 //! | `x-mock-split: N` \| `random` | write the bytes in pieces of N bytes / seeded random 1–64 bytes, across event boundaries; default one frame per event |
 //! | `x-mock-cached-tokens: N` | cached prompt tokens (OpenAI `cached_tokens`, Anthropic `cache_read_input_tokens`) |
-//! | `x-mock-cache-write-tokens: N` | Anthropic `cache_creation_input_tokens` |
+//! | `x-mock-cache-write-tokens: N` | cache writes: Anthropic 5-minute (`cache_creation.ephemeral_5m_input_tokens`), OpenAI 30-minute (`cache_write_tokens`) |
+//! | `x-mock-cache-write-1h-tokens: N` | long-lived cache writes: Anthropic 1-hour (`ephemeral_1h_input_tokens`), OpenAI 12-hour (`cache_write_tokens_details.ttl_12h_tokens`) |
+//! | `x-mock-audio-input-tokens: N`, `x-mock-audio-output-tokens: N` | OpenAI audio tokens, added to `prompt_tokens` / `completion_tokens` and reported in their `audio_tokens` details |
+//! | `x-mock-web-searches: N` | N web searches (max 1000): Anthropic `server_tool_use.web_search_requests`, Responses `web_search_call` output items (with their stream events); ignored on chat |
+//! | `x-mock-service-tier: NAME` | the service tier the response reports (OpenAI top-level `service_tier`, Anthropic `usage.service_tier`) |
+//! | `x-mock-speed: NAME`, `x-mock-inference-geo: NAME` | Anthropic `usage.speed` / `usage.inference_geo` |
 //! | `x-mock-reasoning-tokens: N` | hidden reasoning tokens, added to output tokens (`reasoning_tokens` on OpenAI) |
 //! | `x-mock-tool-call: 1` | answer with a function/tool call whose JSON arguments stream in 3–12 byte pieces |
 //! | `x-mock-no-usage: 1` | omit usage everywhere (chat streams keep `"usage": null` chunks but drop the usage chunk) |

@@ -3,7 +3,12 @@
 //!
 //! Shapes follow what api.openai.com sends today, field for field where a consumer could care:
 //! streamed chat chunks carry `"usage": null` only when `stream_options.include_usage` is true,
-//! and then a last chunk with `"choices": []` carries the usage before `data: [DONE]`.
+//! and then a last chunk with `"choices": []` carries the usage before `data: [DONE]`. Every
+//! chat chunk and Responses object carries the `service_tier` served: the request's
+//! (`fast` and `priority` are served as `priority`, `auto` and none as `default`) unless
+//! `x-mock-service-tier` overrides it. Cache writes are reported in the input details
+//! (`cache_write_tokens`, with `cache_write_tokens_details` when some are 12-hour writes), audio
+//! tokens in both details objects, and web searches as `web_search_call` output items.
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -84,6 +89,33 @@ const TAG_RESPONSES: u64 = 2;
 const TAG_COMPLETIONS: u64 = 3;
 const TAG_EMBEDDINGS: u64 = 4;
 
+/// The tier a response reports: `x-mock-service-tier`, else the request's as OpenAI serves it.
+fn served_tier(body: &Value, turn: &Turn) -> String {
+    if let Some(t) = &turn.service_tier {
+        return t.clone();
+    }
+    match body.get("service_tier").and_then(Value::as_str) {
+        Some("fast" | "priority") => "priority".to_owned(),
+        Some(t @ ("flex" | "scale" | "ultrafast")) => t.to_owned(),
+        _ => "default".to_owned(),
+    }
+}
+
+/// `prompt_tokens_details` / `input_tokens_details`: cache reads and writes (with their
+/// retention split when some are 12-hour writes) and, for chat, audio.
+fn input_details(turn: &Turn, audio: bool) -> Value {
+    let (read, write, long) = turn.openai_cache();
+    let mut d = json!({"cached_tokens": read, "cache_write_tokens": write});
+    if long > 0 {
+        d["cache_write_tokens_details"] =
+            json!({"ttl_30m_tokens": write - long, "ttl_12h_tokens": long});
+    }
+    if audio {
+        d["audio_tokens"] = json!(turn.audio_input_tokens);
+    }
+    d
+}
+
 fn require_model(body: &Value) -> Result<String, Invalid> {
     match body.get("model").and_then(Value::as_str) {
         Some(m) if !m.is_empty() => Ok(m.to_owned()),
@@ -158,7 +190,7 @@ pub(crate) fn chat(body: &Value, ctx: &PlanCtx<'_>) -> Result<Plan, Invalid> {
         include_usage,
         salt: ctx.salt,
     };
-    let turn = build_turn(spec, ctx.controls, ctx.cache, || {
+    let mut turn = build_turn(spec, ctx.controls, ctx.cache, || {
         let mut prompt = Prompt {
             messages: Some(messages.len() as u64),
             ..Prompt::default()
@@ -176,6 +208,7 @@ pub(crate) fn chat(body: &Value, ctx: &PlanCtx<'_>) -> Result<Plan, Invalid> {
         }
         prompt
     });
+    turn.service_tier = Some(served_tier(body, &turn));
     if stream {
         Ok(Plan::Stream(Box::new(ChatScript::new(
             turn,
@@ -189,16 +222,13 @@ pub(crate) fn chat(body: &Value, ctx: &PlanCtx<'_>) -> Result<Plan, Invalid> {
 fn chat_usage(turn: &Turn) -> Value {
     let output = turn.output_tokens();
     json!({
-        "prompt_tokens": turn.input_tokens,
+        "prompt_tokens": turn.prompt_tokens(),
         "completion_tokens": output,
-        "total_tokens": turn.input_tokens + output,
-        "prompt_tokens_details": {
-            "cached_tokens": turn.cached_tokens.min(turn.input_tokens),
-            "audio_tokens": 0
-        },
+        "total_tokens": turn.prompt_tokens() + output,
+        "prompt_tokens_details": input_details(turn, true),
         "completion_tokens_details": {
             "reasoning_tokens": turn.reasoning_tokens,
-            "audio_tokens": 0,
+            "audio_tokens": turn.audio_output_tokens,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": 0
         }
@@ -247,7 +277,7 @@ fn chat_json(mut turn: Turn) -> Bytes {
             "logprobs": null,
             "finish_reason": finish_reason(&turn)
         }],
-        "service_tier": "default",
+        "service_tier": turn.service_tier.as_deref().unwrap_or("default"),
         "system_fingerprint": fingerprint(&turn.model)
     });
     if !turn.no_usage {
@@ -292,7 +322,12 @@ impl ChatScript {
         prefix.push_str(",\"model\":");
         push_json_str(&mut prefix, &turn.model);
         if kind == ChatKind::Chat {
-            prefix.push_str(",\"service_tier\":\"default\",\"system_fingerprint\":");
+            prefix.push_str(",\"service_tier\":");
+            push_json_str(
+                &mut prefix,
+                turn.service_tier.as_deref().unwrap_or("default"),
+            );
+            prefix.push_str(",\"system_fingerprint\":");
             push_json_str(&mut prefix, &fingerprint(&turn.model));
         }
         prefix.push_str(",\"choices\":");
@@ -455,13 +490,12 @@ pub(crate) fn completions(body: &Value, ctx: &PlanCtx<'_>) -> Result<Plan, Inval
 fn completion_usage(turn: &Turn) -> Value {
     let output = turn.output_tokens();
     let mut usage = json!({
-        "prompt_tokens": turn.input_tokens,
+        "prompt_tokens": turn.prompt_tokens(),
         "completion_tokens": output,
-        "total_tokens": turn.input_tokens + output
+        "total_tokens": turn.prompt_tokens() + output
     });
-    if turn.cached_tokens > 0 {
-        usage["prompt_tokens_details"] =
-            json!({"cached_tokens": turn.cached_tokens.min(turn.input_tokens)});
+    if turn.cached_tokens > 0 || turn.cache_write_tokens > 0 || turn.cache_write_1h_tokens > 0 {
+        usage["prompt_tokens_details"] = input_details(turn, false);
     }
     if turn.reasoning_tokens > 0 {
         usage["completion_tokens_details"] = json!({"reasoning_tokens": turn.reasoning_tokens});
@@ -584,7 +618,8 @@ pub(crate) fn responses(body: &Value, ctx: &PlanCtx<'_>) -> Result<Plan, Invalid
         include_usage: true,
         salt: ctx.salt,
     };
-    let turn = build_turn(spec, ctx.controls, ctx.cache, || responses_prompt(body));
+    let mut turn = build_turn(spec, ctx.controls, ctx.cache, || responses_prompt(body));
+    turn.service_tier = Some(served_tier(body, &turn));
     let script = ResponsesScript::new(turn, body);
     if stream {
         Ok(Plan::Stream(Box::new(script)))
@@ -632,6 +667,8 @@ struct ResponsesScript {
     seq: u64,
     item_id: String,
     call_id: String,
+    /// Ids of the web search calls, which come first in `output`; the answer item follows.
+    searches: Vec<String>,
     /// The response object with the request's echoed settings, before status/output/usage.
     template: Value,
 }
@@ -645,6 +682,9 @@ impl ResponsesScript {
             format!("msg_{}", turn.ids.hex(50))
         };
         let call_id = format!("call_{}", turn.ids.base62(24));
+        let searches = (0..turn.web_searches)
+            .map(|_| format!("ws_{}", turn.ids.hex(50)))
+            .collect();
         let echo = |name: &str, default: Value| {
             body.get(name)
                 .filter(|v| !v.is_null())
@@ -670,7 +710,7 @@ impl ResponsesScript {
                 "effort": body.pointer("/reasoning/effort").cloned().unwrap_or(Value::Null),
                 "summary": null
             },
-            "service_tier": "default",
+            "service_tier": echo("service_tier", json!("auto")),
             "store": echo("store", json!(true)),
             "temperature": echo("temperature", json!(1.0)),
             "text": echo("text", json!({"format": {"type": "text"}})),
@@ -687,8 +727,14 @@ impl ResponsesScript {
             seq: 0,
             item_id,
             call_id,
+            searches,
             template,
         }
+    }
+
+    /// Position of the answer item in `output`, after the web search calls.
+    fn answer_index(&self) -> usize {
+        self.searches.len()
     }
 
     fn usage(&self) -> Value {
@@ -697,14 +743,25 @@ impl ResponsesScript {
         }
         let output = self.turn.output_tokens();
         json!({
-            "input_tokens": self.turn.input_tokens,
-            "input_tokens_details": {
-                "cached_tokens": self.turn.cached_tokens.min(self.turn.input_tokens)
-            },
+            "input_tokens": self.turn.prompt_tokens(),
+            "input_tokens_details": input_details(&self.turn, false),
             "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": self.turn.reasoning_tokens},
-            "total_tokens": self.turn.input_tokens + output
+            "total_tokens": self.turn.prompt_tokens() + output
         })
+    }
+
+    /// Web search call `i`, as `response.output` and `output_item.*` events carry it.
+    fn search(&self, i: usize, done: bool) -> Value {
+        let mut item = json!({
+            "type": "web_search_call",
+            "id": self.searches[i],
+            "status": if done { "completed" } else { "in_progress" }
+        });
+        if done {
+            item["action"] = json!({"type": "search", "query": format!("search {}", i + 1)});
+        }
+        item
     }
 
     fn item(&self, done: bool) -> Value {
@@ -747,7 +804,12 @@ impl ResponsesScript {
         } else {
             self.response("completed")
         };
-        r["output"] = json!([self.item(true)]);
+        let mut output: Vec<Value> = (0..self.searches.len())
+            .map(|i| self.search(i, true))
+            .collect();
+        output.push(self.item(true));
+        r["output"] = json!(output);
+        r["service_tier"] = json!(self.turn.service_tier.as_deref().unwrap_or("default"));
         r["usage"] = self.usage();
         r
     }
@@ -764,16 +826,29 @@ impl ResponsesScript {
 impl Script for ResponsesScript {
     fn head(&mut self) -> Vec<Bytes> {
         let created = json!({"response": self.response("in_progress")});
-        let item = json!({"output_index": 0, "item": self.item(false)});
         let mut events = vec![
             self.event("response.created", created.clone()),
             self.event("response.in_progress", created),
-            self.event("response.output_item.added", item),
         ];
+        // Each web search runs before the answer: added, in progress, searching, completed,
+        // done.
+        for i in 0..self.searches.len() {
+            let added = json!({"output_index": i, "item": self.search(i, false)});
+            events.push(self.event("response.output_item.added", added));
+            for phase in ["in_progress", "searching", "completed"] {
+                let progress = json!({"output_index": i, "item_id": self.searches[i]});
+                events.push(self.event(&format!("response.web_search_call.{phase}"), progress));
+            }
+            let done = json!({"output_index": i, "item": self.search(i, true)});
+            events.push(self.event("response.output_item.done", done));
+        }
+        let index = self.answer_index();
+        let item = json!({"output_index": index, "item": self.item(false)});
+        events.push(self.event("response.output_item.added", item));
         if self.turn.tool_name.is_none() {
             let part = json!({
                 "item_id": self.item_id,
-                "output_index": 0,
+                "output_index": index,
                 "content_index": 0,
                 "part": self.part(false)
             });
@@ -802,7 +877,9 @@ impl Script for ResponsesScript {
         out.push_str(&self.seq.to_string());
         out.push_str(",\"item_id\":\"");
         out.push_str(&self.item_id);
-        out.push_str("\",\"output_index\":0,");
+        out.push_str("\",\"output_index\":");
+        out.push_str(&self.answer_index().to_string());
+        out.push(',');
         if self.turn.tool_name.is_none() {
             out.push_str("\"content_index\":0,");
         }
@@ -818,17 +895,18 @@ impl Script for ResponsesScript {
 
     fn tail(&mut self) -> Vec<Bytes> {
         let mut events = Vec::with_capacity(5);
+        let index = self.answer_index();
         if self.turn.tool_name.is_some() {
             let done = json!({
                 "item_id": self.item_id,
-                "output_index": 0,
+                "output_index": index,
                 "arguments": self.turn.text
             });
             events.push(self.event("response.function_call_arguments.done", done));
         } else {
             let text_done = json!({
                 "item_id": self.item_id,
-                "output_index": 0,
+                "output_index": index,
                 "content_index": 0,
                 "text": self.turn.text,
                 "logprobs": []
@@ -836,13 +914,13 @@ impl Script for ResponsesScript {
             events.push(self.event("response.output_text.done", text_done));
             let part_done = json!({
                 "item_id": self.item_id,
-                "output_index": 0,
+                "output_index": index,
                 "content_index": 0,
                 "part": self.part(true)
             });
             events.push(self.event("response.content_part.done", part_done));
         }
-        let item_done = json!({"output_index": 0, "item": self.item(true)});
+        let item_done = json!({"output_index": index, "item": self.item(true)});
         events.push(self.event("response.output_item.done", item_done));
         let kind = if self.turn.truncated {
             "response.incomplete"

@@ -400,6 +400,18 @@ pub(crate) struct Turn {
     pub cached_tokens: u64,
     pub reasoning_tokens: u64,
     pub cache_write_tokens: u64,
+    /// Long-lifetime cache writes (Anthropic 1-hour, OpenAI 12-hour), beside `cache_write_tokens`.
+    pub cache_write_1h_tokens: u64,
+    /// Audio tokens, added to the prompt's and the answer's counts (OpenAI chat).
+    pub audio_input_tokens: u64,
+    pub audio_output_tokens: u64,
+    /// Web search calls the answer reports.
+    pub web_searches: u64,
+    /// Service tier, speed and region the answer reports when set (`x-mock-*`), else what the
+    /// route derives from the request.
+    pub service_tier: Option<String>,
+    pub speed: Option<String>,
+    pub inference_geo: Option<String>,
     pub no_usage: bool,
     pub include_usage: bool,
     /// Source of ids (`chatcmpl-…`, `msg_…`); seeded per request unless `x-mock-seed` is set.
@@ -417,9 +429,23 @@ impl Turn {
         self.text.get(start..self.chunk_ends[i]).unwrap_or("")
     }
 
-    /// Output tokens as a provider bills them: visible text plus hidden reasoning.
+    /// Output tokens as a provider bills them: visible text plus hidden reasoning and audio.
     pub(crate) fn output_tokens(&self) -> u64 {
-        self.visible_tokens + self.reasoning_tokens
+        self.visible_tokens + self.reasoning_tokens + self.audio_output_tokens
+    }
+
+    /// Prompt tokens as OpenAI reports them: the counted text plus audio.
+    pub(crate) fn prompt_tokens(&self) -> u64 {
+        self.input_tokens + self.audio_input_tokens
+    }
+
+    /// OpenAI cache counts as parts of the prompt: (reads, writes, the 12-hour part of the
+    /// writes), each cut to what the prompt has left.
+    pub(crate) fn openai_cache(&self) -> (u64, u64, u64) {
+        let prompt = self.prompt_tokens();
+        let read = self.cached_tokens.min(prompt);
+        let write = (self.cache_write_tokens + self.cache_write_1h_tokens).min(prompt - read);
+        (read, write, self.cache_write_1h_tokens.min(write))
     }
 }
 
@@ -505,6 +531,13 @@ pub(crate) fn build_turn(
         cached_tokens: ctl.cached_tokens,
         reasoning_tokens: ctl.reasoning_tokens,
         cache_write_tokens: ctl.cache_write_tokens,
+        cache_write_1h_tokens: ctl.cache_write_1h_tokens,
+        audio_input_tokens: ctl.audio_input_tokens,
+        audio_output_tokens: ctl.audio_output_tokens,
+        web_searches: ctl.web_searches,
+        service_tier: ctl.service_tier.clone(),
+        speed: ctl.speed.clone(),
+        inference_geo: ctl.inference_geo.clone(),
         no_usage: ctl.no_usage,
         include_usage: spec.include_usage,
         ids,

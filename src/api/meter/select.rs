@@ -1,12 +1,14 @@
 //! Streaming extraction of output text and usage objects from provider JSON.
 //!
 //! A static selector tree ([`Sel`]) names the string fields worth keeping (message text, tool-call
-//! arguments, reasoning text). [`Select`] walks a JSON document with serde's visitor API,
-//! appending selected strings straight into a [`TextSink`] and skipping everything else with
-//! `IgnoredAny`, so a chunk is read without building a `serde_json::Value` or any per-chunk
-//! collection. The only allocation left on the per-event path is serde_json's scratch buffer,
-//! used when a selected string contains escape sequences. [`Envelope`] adds the top-level fields
-//! the meter needs besides text: `usage`, `error` and the length of `choices`.
+//! arguments, reasoning text) and the output items worth counting (web search calls).
+//! [`Select`] walks a JSON document with serde's visitor API, appending selected strings straight
+//! into a [`TextSink`] and skipping everything else with `IgnoredAny`, so a chunk is read without
+//! building a `serde_json::Value` or any per-chunk collection. The only allocation left on the
+//! per-event path is serde_json's scratch buffer, used when a selected string contains escape
+//! sequences. [`Envelope`] adds the top-level fields the meter needs besides text: `usage`,
+//! `error`, the length of the selected array (`choices`, `output`) and the `service_tier` label,
+//! which is copied only when it differs from the one already held (so once per response).
 //!
 //! Walking is lenient: a field of an unexpected JSON type is skipped rather than failing the
 //! document, so a provider adding or retyping a field cannot lose us the usage numbers.
@@ -16,6 +18,8 @@ use std::marker::PhantomData;
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use crate::api::MAX_LABEL_LEN;
 
 /// What to take from a JSON value.
 #[derive(Debug)]
@@ -29,14 +33,22 @@ pub(crate) enum Sel {
     Obj(&'static [(&'static str, Sel)]),
     /// An array: every element is taken with the inner selector.
     Each(&'static Sel),
+    /// An output item: counted in [`TextSink::tool_calls`] when its `type` is `kind` and its
+    /// `status` is not `failed`; its listed keys are followed like [`Sel::Obj`]'s.
+    Call {
+        kind: &'static str,
+        fields: &'static [(&'static str, Sel)],
+    },
 }
 
-/// Collected output text with a hard size cap.
+/// Collected output text with a hard size cap, and the billable tool calls seen.
 #[derive(Debug, Default)]
 pub(crate) struct TextSink {
     pub text: String,
     pub cap: usize,
     pub truncated: bool,
+    /// Output items matched by a [`Sel::Call`] selector.
+    pub tool_calls: u64,
 }
 
 impl TextSink {
@@ -45,6 +57,7 @@ impl TextSink {
             text: String::new(),
             cap,
             truncated: false,
+            tool_calls: 0,
         }
     }
 
@@ -146,47 +159,190 @@ impl<'de> Visitor<'de> for Select<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<usize>, A::Error> {
-        let fields: &'static [(&'static str, Sel)] = match self.sel {
-            Sel::Obj(fields) => fields,
-            _ => &[],
+        let (fields, call): (&'static [(&'static str, Sel)], Option<&'static str>) = match self.sel
+        {
+            Sel::Obj(fields) => (fields, None),
+            Sel::Call { kind, fields } => (fields, Some(*kind)),
+            _ => (&[], None),
         };
+        let (mut is_call, mut failed) = (false, false);
         while let Some(key) = map.next_key_seed(KeyIndex(fields))? {
-            match key {
-                Some(i) => {
+            match (key, call) {
+                (Key::Field(i), _) => {
                     map.next_value_seed(Select {
                         sel: &fields[i].1,
                         sink: &mut *self.sink,
                     })?;
                 }
-                None => {
+                (Key::Type, Some(kind)) => is_call = map.next_value_seed(Equals(kind))?,
+                (Key::Status, Some(_)) => failed = map.next_value_seed(Equals("failed"))?,
+                _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
+        if is_call && !failed {
+            self.sink.tool_calls = self.sink.tool_calls.saturating_add(1);
+        }
         Ok(None)
     }
+}
+
+/// Whether a JSON value is the string `.0` (other types: false), read without allocating.
+struct Equals(&'static str);
+
+impl<'de> DeserializeSeed<'de> for Equals {
+    type Value = bool;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Equals {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_none<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+}
+
+/// A reported name (service tier, speed, region) stored in `slot`, copied only when it
+/// differs from the one held. Values that are not a string, empty, longer than
+/// [`MAX_LABEL_LEN`] bytes or not printable ASCII are left out; so is `auto`, which is what a
+/// request asks for, not a tier a response was served at.
+pub(crate) fn store_label(slot: &mut Option<String>, value: &str) {
+    let valid = !value.is_empty()
+        && value.len() <= MAX_LABEL_LEN
+        && value.bytes().all(|b| b.is_ascii_graphic())
+        && value != "auto";
+    if valid && slot.as_deref() != Some(value) {
+        *slot = Some(value.to_owned());
+    }
+}
+
+/// Reads a JSON value into a label slot with [`store_label`].
+struct Label<'s>(&'s mut Option<String>);
+
+impl<'de> DeserializeSeed<'de> for Label<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Label<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a name")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        store_label(self.0, v);
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
+/// A map key as [`KeyIndex`] reads it.
+enum Key {
+    /// Position in the selector's fields.
+    Field(usize),
+    /// `type` (not a selected field).
+    Type,
+    /// `status` (not a selected field).
+    Status,
+    Other,
 }
 
 /// Reads a map key and returns its position in `fields`, without allocating the key.
 struct KeyIndex(&'static [(&'static str, Sel)]);
 
 impl<'de> DeserializeSeed<'de> for KeyIndex {
-    type Value = Option<usize>;
+    type Value = Key;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for KeyIndex {
-    type Value = Option<usize>;
+    type Value = Key;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.iter().position(|(k, _)| *k == v))
+    fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+        Ok(match self.0.iter().position(|(k, _)| *k == v) {
+            Some(i) => Key::Field(i),
+            None if v == "type" => Key::Type,
+            None if v == "status" => Key::Status,
+            None => Key::Other,
+        })
     }
 }
 
@@ -197,14 +353,16 @@ pub(crate) struct EnvelopeInfo<U> {
     pub usage: Option<U>,
     /// `error` was present and not null.
     pub error: bool,
-    /// Length of `choices` when it is an array.
-    pub choices: Option<usize>,
+    /// Length of the last selected field that was an array (`choices`, `output`).
+    pub items: Option<usize>,
 }
 
-/// Reads a top-level object: `usage` as `U`, `error`, and text through `fields`.
+/// Reads a top-level object: `usage` as `U`, `error`, text through `fields`, and
+/// `service_tier` into a label slot when one is given.
 pub(crate) struct Envelope<'s, U> {
     pub fields: &'static [(&'static str, Sel)],
     pub sink: &'s mut TextSink,
+    pub tier: Option<&'s mut Option<String>>,
     pub usage: PhantomData<U>,
 }
 
@@ -213,14 +371,22 @@ impl<'s, U> Envelope<'s, U> {
         Envelope {
             fields,
             sink,
+            tier: None,
             usage: PhantomData,
         }
+    }
+
+    /// Also reads `service_tier` into `slot` (see [`store_label`]).
+    pub fn tier(mut self, slot: &'s mut Option<String>) -> Self {
+        self.tier = Some(slot);
+        self
     }
 }
 
 enum EnvelopeKey {
     Usage,
     Error,
+    ServiceTier,
     Field(usize),
     Other,
 }
@@ -246,6 +412,7 @@ impl<'de> Visitor<'de> for EnvelopeKeySeed {
         Ok(match v {
             "usage" => EnvelopeKey::Usage,
             "error" => EnvelopeKey::Error,
+            "service_tier" => EnvelopeKey::ServiceTier,
             _ => match self.0.iter().position(|(k, _)| *k == v) {
                 Some(i) => EnvelopeKey::Field(i),
                 None => EnvelopeKey::Other,
@@ -269,11 +436,11 @@ impl<'de, U: Deserialize<'de>> Visitor<'de> for Envelope<'_, U> {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EnvelopeInfo<U>, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<EnvelopeInfo<U>, A::Error> {
         let mut info = EnvelopeInfo {
             usage: None,
             error: false,
-            choices: None,
+            items: None,
         };
         while let Some(key) = map.next_key_seed(EnvelopeKeySeed(self.fields))? {
             match key {
@@ -281,14 +448,20 @@ impl<'de, U: Deserialize<'de>> Visitor<'de> for Envelope<'_, U> {
                 EnvelopeKey::Error => {
                     info.error = map.next_value::<Option<IgnoredAny>>()?.is_some();
                 }
+                EnvelopeKey::ServiceTier => match self.tier.as_deref_mut() {
+                    Some(slot) => map.next_value_seed(Label(slot))?,
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                },
                 EnvelopeKey::Field(i) => {
-                    let (name, sel) = &self.fields[i];
+                    let (_, sel) = &self.fields[i];
                     let len = map.next_value_seed(Select {
                         sel,
                         sink: &mut *self.sink,
                     })?;
-                    if *name == "choices" {
-                        info.choices = len;
+                    if len.is_some() {
+                        info.items = len;
                     }
                 }
                 EnvelopeKey::Other => {
@@ -297,6 +470,96 @@ impl<'de, U: Deserialize<'de>> Visitor<'de> for Envelope<'_, U> {
             }
         }
         Ok(info)
+    }
+}
+
+/// Applies `seed` to the value of top-level `key` of an object (`response` of a Responses
+/// stream event), skipping the other keys; `None` when the key is absent or null.
+pub(crate) struct Nested<S> {
+    pub key: &'static str,
+    pub seed: S,
+}
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Nested<S> {
+    type Value = Option<S::Value>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<S::Value>, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for Nested<S> {
+    type Value = Option<S::Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a JSON object with `{}`", self.key)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<S::Value>, A::Error> {
+        let mut seed = Some(self.seed);
+        let mut out = None;
+        while let Some(key) = map.next_key_seed(NamedKey(self.key))? {
+            match (key, seed.take()) {
+                (true, Some(s)) => out = map.next_value_seed(OptionalSeed(s))?,
+                (_, s) => {
+                    seed = s;
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether a map key is `.0`, read without allocating.
+struct NamedKey(&'static str);
+
+impl<'de> DeserializeSeed<'de> for NamedKey {
+    type Value = bool;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NamedKey {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+/// `null` → `None`, anything else through the inner seed.
+struct OptionalSeed<S>(S);
+
+impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for OptionalSeed<S> {
+    type Value = Option<S::Value>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<S::Value>, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for OptionalSeed<S> {
+    type Value = Option<S::Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a value or null")
+    }
+
+    fn visit_none<E>(self) -> Result<Option<S::Value>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Option<S::Value>, E> {
+        Ok(None)
+    }
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Option<S::Value>, D::Error> {
+        self.0.deserialize(d).map(Some)
     }
 }
 
@@ -340,7 +603,7 @@ mod tests {
         );
         assert_eq!(text, "a\"b{\"q\":1}");
         assert_eq!(info.usage, Some(U { n: 5 }));
-        assert_eq!(info.choices, Some(2));
+        assert_eq!(info.items, Some(2));
         assert!(!info.error);
     }
 
@@ -352,7 +615,7 @@ mod tests {
         );
         assert_eq!(text, "");
         assert_eq!(info.usage, None);
-        assert_eq!(info.choices, Some(3));
+        assert_eq!(info.items, Some(3));
         assert!(info.error);
     }
 

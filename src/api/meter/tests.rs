@@ -236,7 +236,14 @@ fn usage(input: u64, cached: u64, write: u64, output: u64, reasoning: u64) -> Us
         cache_write_tokens: write,
         output_tokens: output,
         reasoning_tokens: reasoning,
+        ..Usage::default()
     }
+}
+
+/// `u` served at service tier `name`.
+fn tier(mut u: Usage, name: &str) -> Usage {
+    u.served.service_tier = Some(name.to_owned());
+    u
 }
 
 #[test]
@@ -405,7 +412,7 @@ fn anthropic_stream_thinking_text_tool_use_and_cache() {
     let (out, r) = run(ApiFormat::AnthropicMessages, true, false, input.as_bytes());
     assert_eq!(out, input.as_bytes());
     // input = 25 uncached + 3000 cache reads + 1000 cache writes.
-    assert_eq!(r.usage, usage(4025, 3000, 1000, 89, 0));
+    assert_eq!(r.usage, tier(usage(4025, 3000, 1000, 89, 0), "standard"));
     assert_eq!(r.output_text, ANTHROPIC_OUT);
     assert!(r.finished && r.input_reported && r.output_reported && !r.upstream_error);
 }
@@ -433,7 +440,7 @@ fn anthropic_stream_cut_before_message_delta_reports_input_only() {
     let (_, r) = run(ApiFormat::AnthropicMessages, true, false, input.as_bytes());
     assert!(r.input_reported && !r.output_reported && !r.finished);
     // The placeholder output_tokens of message_start is not reported as output.
-    assert_eq!(r.usage, usage(4025, 3000, 1000, 0, 0));
+    assert_eq!(r.usage, tier(usage(4025, 3000, 1000, 0, 0), "standard"));
     assert_eq!(r.output_text, "Let me check. Bonjour ☀ ");
 }
 
@@ -464,7 +471,7 @@ fn non_stream_chat_with_tool_calls() {
     let (outs, rest, r) = run_chunks(ApiFormat::OpenAiChat, false, true, &chunks);
     assert_eq!(outs, chunks);
     assert!(rest.is_empty());
-    assert_eq!(r.usage, usage(82, 64, 0, 17, 0));
+    assert_eq!(r.usage, tier(usage(82, 64, 0, 17, 0), "default"));
     assert_eq!(r.output_text, "Checking.{\"city\":\"Rome\"}");
     assert!(r.finished && r.input_reported && r.output_reported);
 }
@@ -715,6 +722,9 @@ fn render(blocks: Fixture, eols: &[u8]) -> (Vec<u8>, Vec<(usize, usize)>) {
 fn fixture_strategy() -> impl Strategy<Value = (ApiFormat, Fixture, Option<usize>)> {
     prop_oneof![
         Just((ApiFormat::OpenAiChat, CHAT_TEXT, Some(CHAT_TEXT_USAGE))),
+        Just((ApiFormat::OpenAiChat, CHAT_PRIORITY, Some(2))),
+        Just((ApiFormat::OpenAiResponses, RESPONSES_SEARCH, None)),
+        Just((ApiFormat::AnthropicMessages, ANTHROPIC_FULL, None)),
         Just((ApiFormat::OpenAiChat, CHAT_TOOLS, Some(4))),
         Just((ApiFormat::OpenAiChat, CHAT_ERROR, None)),
         Just((ApiFormat::OpenAiCompletions, COMPLETIONS_STREAM, Some(2))),
@@ -792,5 +802,483 @@ proptest! {
         prop_assert_eq!(outs, chunks);
         prop_assert_eq!(report.usage, usage(5, 2, 0, 4, 0));
         prop_assert_eq!(report.output_text, "héllo 世界");
+    }
+}
+
+/// A chat stream served at `priority` (every chunk says so), with cache writes of both
+/// retentions and audio tokens.
+const CHAT_PRIORITY: Fixture = &[
+    &[
+        r#"data: {"id":"chatcmpl-P","object":"chat.completion.chunk","created":1796000000,"model":"gpt-6.1-sol","service_tier":"priority","choices":[{"index":0,"delta":{"role":"assistant","content":"Fast"},"finish_reason":null}],"usage":null}"#,
+    ],
+    &[
+        r#"data: {"id":"chatcmpl-P","object":"chat.completion.chunk","created":1796000000,"model":"gpt-6.1-sol","service_tier":"priority","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+    ],
+    &[
+        r#"data: {"id":"chatcmpl-P","object":"chat.completion.chunk","created":1796000000,"model":"gpt-6.1-sol","service_tier":"priority","choices":[],"usage":{"prompt_tokens":12000,"completion_tokens":800,"total_tokens":12800,"prompt_tokens_details":{"cached_tokens":9000,"cache_write_tokens":2048,"cache_write_tokens_details":{"ttl_30m_tokens":2000,"ttl_12h_tokens":48},"audio_tokens":100},"completion_tokens_details":{"reasoning_tokens":512,"audio_tokens":30}}}"#,
+    ],
+    &["data: [DONE]"],
+];
+
+/// A Responses stream with two web searches, one of them failed, served at `flex`.
+const RESPONSES_SEARCH: Fixture = &[
+    &[
+        "event: response.created",
+        r#"data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","status":"in_progress","model":"gpt-6.1-sol","service_tier":"auto","output":[],"usage":null}}"#,
+    ],
+    &[
+        "event: response.output_item.added",
+        r#"data: {"type":"response.output_item.added","sequence_number":1,"output_index":0,"item":{"type":"web_search_call","id":"ws_1","status":"in_progress"}}"#,
+    ],
+    &[
+        "event: response.web_search_call.completed",
+        r#"data: {"type":"response.web_search_call.completed","sequence_number":2,"output_index":0,"item_id":"ws_1"}"#,
+    ],
+    &[
+        "event: response.output_item.done",
+        r#"data: {"type":"response.output_item.done","sequence_number":3,"output_index":0,"item":{"type":"web_search_call","id":"ws_1","status":"completed","action":{"type":"search","query":"tollgate proxy"}}}"#,
+    ],
+    &[
+        "event: response.output_item.done",
+        r#"data: {"type":"response.output_item.done","sequence_number":4,"output_index":1,"item":{"status":"failed","id":"ws_2","type":"web_search_call"}}"#,
+    ],
+    &[
+        "event: response.output_text.delta",
+        r#"data: {"type":"response.output_text.delta","sequence_number":5,"item_id":"msg_1","output_index":2,"content_index":0,"delta":"Found it.","logprobs":[]}"#,
+    ],
+    &[
+        "event: response.output_item.done",
+        r#"data: {"type":"response.output_item.done","sequence_number":6,"output_index":2,"item":{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":"Found it.","annotations":[]}]}}"#,
+    ],
+    &[
+        "event: response.completed",
+        r#"data: {"type":"response.completed","sequence_number":7,"response":{"id":"resp_1","status":"completed","model":"gpt-6.1-sol","service_tier":"flex","output":[{"type":"web_search_call","id":"ws_1","status":"completed","action":{"type":"search","query":"tollgate proxy"}},{"type":"web_search_call","id":"ws_2","status":"failed"},{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":"Found it.","annotations":[]}]}],"usage":{"input_tokens":5200,"input_tokens_details":{"cached_tokens":4096,"cache_write_tokens":512},"output_tokens":350,"output_tokens_details":{"reasoning_tokens":120},"total_tokens":5550}}}"#,
+    ],
+];
+
+/// An Anthropic stream with every usage field: 1-hour writes, server tool use (counts grow in
+/// `message_delta`), service tier, speed, region and thinking tokens.
+const ANTHROPIC_FULL: Fixture = &[
+    &[
+        "event: message_start",
+        r#"data: {"type":"message_start","message":{"id":"msg_01","type":"message","role":"assistant","model":"claude-opus-5-5","content":[],"stop_reason":null,"stop_sequence":null,"usage":{"input_tokens":105,"cache_creation_input_tokens":7345,"cache_read_input_tokens":7123,"cache_creation":{"ephemeral_5m_input_tokens":345,"ephemeral_1h_input_tokens":7000},"output_tokens":1,"service_tier":"standard","inference_geo":"us","speed":"fast","server_tool_use":{"web_search_requests":0,"web_fetch_requests":0}}}}"#,
+    ],
+    &[
+        "event: content_block_delta",
+        r#"data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Searched."}}"#,
+    ],
+    &[
+        "event: message_delta",
+        r#"data: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"input_tokens":105,"cache_creation_input_tokens":7345,"cache_read_input_tokens":7123,"output_tokens":6039,"output_tokens_details":{"thinking_tokens":4100},"server_tool_use":{"web_search_requests":2,"web_fetch_requests":1}}}"#,
+    ],
+    &["event: message_stop", r#"data: {"type":"message_stop"}"#],
+];
+
+#[test]
+fn chat_stream_reads_tier_cache_writes_and_audio() {
+    let input = join(CHAT_PRIORITY);
+    let (_, r) = run(ApiFormat::OpenAiChat, true, true, input.as_bytes());
+    assert_eq!(
+        r.usage,
+        Usage {
+            input_tokens: 12_000,
+            cached_input_tokens: 9_000,
+            cache_write_tokens: 2_048,
+            cache_write_1h_tokens: 48,
+            audio_input_tokens: 100,
+            output_tokens: 800,
+            reasoning_tokens: 512,
+            audio_output_tokens: 30,
+            tool_calls: 0,
+            served: Modifiers {
+                service_tier: Some("priority".into()),
+                ..Modifiers::default()
+            },
+        }
+    );
+    // The tier comes with every chunk: a stream cut before its usage still knows it.
+    let cut = join(&CHAT_PRIORITY[..1]);
+    let (_, r) = run(ApiFormat::OpenAiChat, true, true, cut.as_bytes());
+    assert_eq!(r.usage.served.service_tier.as_deref(), Some("priority"));
+    assert!(!r.input_reported);
+}
+
+#[test]
+fn openai_write_split_without_a_total_is_summed() {
+    let body = r#"{"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":10,"cache_write_tokens_details":{"ttl_30m_tokens":20,"ttl_12h_tokens":30}}}}"#;
+    let (_, r) = run(ApiFormat::OpenAiChat, false, false, body.as_bytes());
+    assert_eq!(
+        (r.usage.cache_write_tokens, r.usage.cache_write_1h_tokens),
+        (50, 30)
+    );
+}
+
+#[test]
+fn responses_stream_counts_web_searches_and_takes_the_served_tier() {
+    let input = join(RESPONSES_SEARCH);
+    let (_, r) = run(ApiFormat::OpenAiResponses, true, false, input.as_bytes());
+    // One completed search; the failed one is not billed. `auto` (created) is not a tier.
+    assert_eq!(r.usage.tool_calls, 1);
+    assert_eq!(
+        r.usage,
+        Usage {
+            tool_calls: 1,
+            cache_write_tokens: 512,
+            ..tier(usage(5200, 4096, 0, 350, 120), "flex")
+        }
+    );
+    // The terminal event's output is not taken as text again.
+    assert_eq!(r.output_text, "Found it.");
+    // Cut after the first search finished: counted from its `output_item.done`.
+    let cut = join(&RESPONSES_SEARCH[..5]);
+    let (_, r) = run(ApiFormat::OpenAiResponses, true, false, cut.as_bytes());
+    assert_eq!(r.usage.tool_calls, 1);
+    assert_eq!(r.usage.served.service_tier, None);
+    // Cut while the search runs: not counted.
+    let cut = join(&RESPONSES_SEARCH[..3]);
+    let (_, r) = run(ApiFormat::OpenAiResponses, true, false, cut.as_bytes());
+    assert_eq!(r.usage.tool_calls, 0);
+}
+
+#[test]
+fn responses_terminal_output_replaces_the_streamed_count() {
+    // Items seen done: 1; the terminal output lists 3 completed searches (it is authoritative).
+    let input = concat!(
+        "event: response.output_item.done\n",
+        "data: {\"type\":\"response.output_item.done\",\"item\":{\"type\":\"web_search_call\",\"status\":\"completed\"}}\n\n",
+        "event: response.completed\n",
+        "data: {\"type\":\"response.completed\",\"response\":{\"output\":[{\"type\":\"web_search_call\"},{\"type\":\"web_search_call\",\"status\":\"completed\"},{\"type\":\"web_search_call\",\"status\":\"searching\"}],\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}}\n\n",
+    );
+    let (_, r) = run(ApiFormat::OpenAiResponses, true, false, input.as_bytes());
+    assert_eq!(r.usage.tool_calls, 3);
+    // A terminal event without `output` keeps the streamed count.
+    let input = concat!(
+        "event: response.output_item.done\n",
+        "data: {\"type\":\"response.output_item.done\",\"item\":{\"type\":\"web_search_call\",\"status\":\"completed\"}}\n\n",
+        "event: response.incomplete\n",
+        "data: {\"type\":\"response.incomplete\",\"response\":{\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}}\n\n",
+    );
+    let (_, r) = run(ApiFormat::OpenAiResponses, true, false, input.as_bytes());
+    assert_eq!(r.usage.tool_calls, 1);
+    assert!(r.finished && r.input_reported);
+}
+
+#[test]
+fn non_stream_responses_count_web_searches() {
+    let body = r#"{"id":"resp_123","object":"response","status":"completed","model":"gpt-6.2-sol","service_tier":"default",
+        "output":[{"type":"web_search_call","id":"ws_1","status":"completed","action":{"type":"search","query":"tollgate proxy"}},
+                  {"type":"web_search_call","id":"ws_2","status":"completed","action":{"type":"open_page","url":"https://x"}},
+                  {"type":"message","id":"msg_1","role":"assistant","status":"completed","content":[{"type":"output_text","text":"Answer.","annotations":[]}]}],
+        "usage":{"input_tokens":300000,"input_tokens_details":{"cached_tokens":250000,"cache_write_tokens":40000,"cache_write_tokens_details":{"ttl_30m_tokens":40000,"ttl_12h_tokens":0}},"output_tokens":2000,"output_tokens_details":{"reasoning_tokens":1500},"total_tokens":302000}}"#;
+    let (_, r) = run(ApiFormat::OpenAiResponses, false, false, body.as_bytes());
+    assert_eq!(
+        r.usage,
+        Usage {
+            tool_calls: 2,
+            cache_write_tokens: 40_000,
+            ..tier(usage(300_000, 250_000, 0, 2_000, 1_500), "default")
+        }
+    );
+    assert_eq!(r.output_text, "Answer.");
+}
+
+#[test]
+fn anthropic_stream_reads_every_billed_field() {
+    let input = join(ANTHROPIC_FULL);
+    let (_, r) = run(ApiFormat::AnthropicMessages, true, false, input.as_bytes());
+    assert_eq!(
+        r.usage,
+        Usage {
+            // 105 uncached + 7123 reads + 7345 writes.
+            input_tokens: 14_573,
+            cached_input_tokens: 7_123,
+            cache_write_tokens: 7_345,
+            cache_write_1h_tokens: 7_000,
+            audio_input_tokens: 0,
+            output_tokens: 6_039,
+            reasoning_tokens: 4_100,
+            audio_output_tokens: 0,
+            // The cumulative count of message_delta replaces message_start's 0.
+            tool_calls: 2,
+            served: Modifiers {
+                service_tier: Some("standard".into()),
+                speed: Some("fast".into()),
+                inference_geo: Some("us".into()),
+            },
+        }
+    );
+    // The same message whole (non-stream) reads the same.
+    let body = r#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-opus-5-5",
+        "content":[{"type":"text","text":"Searched."}],"stop_reason":"end_turn","stop_sequence":null,
+        "usage":{"input_tokens":105,"cache_creation_input_tokens":7345,"cache_read_input_tokens":7123,
+        "cache_creation":{"ephemeral_5m_input_tokens":345,"ephemeral_1h_input_tokens":7000},"output_tokens":6039,
+        "output_tokens_details":{"thinking_tokens":4100},"server_tool_use":{"web_search_requests":2,"web_fetch_requests":1},
+        "service_tier":"standard","inference_geo":"us","speed":"fast"}}"#;
+    let (_, whole) = run(ApiFormat::AnthropicMessages, false, false, body.as_bytes());
+    assert_eq!(whole.usage, r.usage);
+    assert_eq!(whole.output_text, r.output_text);
+}
+
+#[test]
+fn reported_names_are_bounded_and_retyped_ones_cost_no_usage() {
+    let long = "x".repeat(crate::api::MAX_LABEL_LEN + 1);
+    for (tier_json, expect) in [
+        (r#""auto""#.to_owned(), None),
+        (format!("\"{long}\""), None),
+        (r#""two words""#.to_owned(), None),
+        ("7".to_owned(), None),
+        (r#"{"name":"x"}"#.to_owned(), None),
+        (r#""scale""#.to_owned(), Some("scale")),
+    ] {
+        let body = format!(
+            r#"{{"service_tier":{tier_json},"choices":[],"usage":{{"prompt_tokens":3,"completion_tokens":2}}}}"#
+        );
+        let (_, r) = run(ApiFormat::OpenAiChat, false, false, body.as_bytes());
+        assert_eq!(
+            r.usage.served.service_tier.as_deref(),
+            expect,
+            "{tier_json}"
+        );
+        assert!(r.input_reported && r.output_reported, "{tier_json}");
+        // Anthropic reads its names inside usage, as leniently.
+        let body = format!(
+            r#"{{"content":[],"usage":{{"input_tokens":3,"output_tokens":2,"service_tier":{tier_json},"speed":{tier_json}}}}}"#
+        );
+        let (_, r) = run(ApiFormat::AnthropicMessages, false, false, body.as_bytes());
+        assert_eq!(
+            r.usage.served.service_tier.as_deref(),
+            expect,
+            "{tier_json}"
+        );
+        assert_eq!(r.usage.served.speed.as_deref(), expect, "{tier_json}");
+        assert_eq!((r.usage.input_tokens, r.usage.output_tokens), (3, 2));
+    }
+}
+
+/// A usage report of `format` rendered whole (non-stream) and as the format's event stream.
+fn render_both(format: ApiFormat, u: &Usage) -> (String, String) {
+    use serde_json::json;
+    let tier = u
+        .served
+        .service_tier
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let long = u.cache_write_1h_tokens;
+    let mut input_details = json!({
+        "cached_tokens": u.cached_input_tokens,
+        "cache_write_tokens": u.cache_write_tokens,
+    });
+    if long > 0 {
+        input_details["cache_write_tokens_details"] =
+            json!({"ttl_30m_tokens": u.cache_write_tokens - long, "ttl_12h_tokens": long});
+    }
+    match format {
+        ApiFormat::OpenAiChat => {
+            input_details["audio_tokens"] = json!(u.audio_input_tokens);
+            let usage = json!({
+                "prompt_tokens": u.input_tokens,
+                "completion_tokens": u.output_tokens,
+                "total_tokens": u.input_tokens + u.output_tokens,
+                "prompt_tokens_details": input_details,
+                "completion_tokens_details": {
+                    "reasoning_tokens": u.reasoning_tokens,
+                    "audio_tokens": u.audio_output_tokens
+                }
+            });
+            let whole = json!({
+                "id": "c", "object": "chat.completion", "model": "m", "service_tier": tier,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}],
+                "usage": usage
+            });
+            let chunk = |choices: serde_json::Value, usage: serde_json::Value| {
+                format!(
+                    "data: {}\n\n",
+                    json!({"id": "c", "object": "chat.completion.chunk", "model": "m", "service_tier": tier, "choices": choices, "usage": usage})
+                )
+            };
+            let stream = [
+                chunk(
+                    json!([{"index": 0, "delta": {"content": "hi"}}]),
+                    json!(null),
+                ),
+                chunk(
+                    json!([{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop"}]),
+                    json!(null),
+                ),
+                chunk(json!([]), usage),
+                "data: [DONE]\n\n".to_owned(),
+            ]
+            .concat();
+            (whole.to_string(), stream)
+        }
+        ApiFormat::OpenAiResponses => {
+            let usage = json!({
+                "input_tokens": u.input_tokens,
+                "input_tokens_details": input_details,
+                "output_tokens": u.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+                "total_tokens": u.input_tokens + u.output_tokens
+            });
+            let search = |i: u64| json!({"type": "web_search_call", "id": format!("ws_{i}"), "status": "completed"});
+            let mut output: Vec<serde_json::Value> = (0..u.tool_calls).map(search).collect();
+            output.push(json!({"type": "message", "id": "msg", "role": "assistant", "content": [{"type": "output_text", "text": "hi there"}]}));
+            let whole = json!({"id": "r", "object": "response", "status": "completed", "service_tier": tier, "output": output, "usage": usage});
+            let event = |kind: &str, payload: serde_json::Value| {
+                let mut p = payload;
+                p["type"] = json!(kind);
+                format!("event: {kind}\ndata: {p}\n\n")
+            };
+            let mut stream = event(
+                "response.created",
+                json!({"response": {"id": "r", "status": "in_progress", "service_tier": "auto", "output": [], "usage": null}}),
+            );
+            for i in 0..u.tool_calls {
+                stream += &event(
+                    "response.output_item.done",
+                    json!({"output_index": i, "item": search(i)}),
+                );
+            }
+            stream += &event("response.output_text.delta", json!({"delta": "hi there"}));
+            stream += &event("response.completed", json!({"response": whole}));
+            (whole.to_string(), stream)
+        }
+        _ => {
+            let mut usage = json!({
+                "input_tokens": u.input_tokens - u.cached_input_tokens - u.cache_write_tokens,
+                "cache_creation_input_tokens": u.cache_write_tokens,
+                "cache_read_input_tokens": u.cached_input_tokens,
+                "cache_creation": {
+                    "ephemeral_5m_input_tokens": u.cache_write_tokens - long,
+                    "ephemeral_1h_input_tokens": long
+                },
+                "output_tokens": u.output_tokens,
+                "output_tokens_details": {"thinking_tokens": u.reasoning_tokens},
+                "server_tool_use": {"web_search_requests": u.tool_calls, "web_fetch_requests": 0},
+            });
+            let names = &u.served;
+            for (key, value) in [
+                ("service_tier", &names.service_tier),
+                ("speed", &names.speed),
+                ("inference_geo", &names.inference_geo),
+            ] {
+                if let Some(v) = value {
+                    usage[key] = json!(v);
+                }
+            }
+            let whole = json!({"id": "m", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "hi there"}], "usage": usage});
+            let mut start = usage.clone();
+            start["output_tokens"] = json!(1);
+            start["server_tool_use"]["web_search_requests"] = json!(0);
+            let delta_usage = json!({
+                "input_tokens": usage["input_tokens"],
+                "cache_creation_input_tokens": u.cache_write_tokens,
+                "cache_read_input_tokens": u.cached_input_tokens,
+                "output_tokens": u.output_tokens,
+                "output_tokens_details": {"thinking_tokens": u.reasoning_tokens},
+                "server_tool_use": {"web_search_requests": u.tool_calls}
+            });
+            let event = |kind: &str, p: serde_json::Value| format!("event: {kind}\ndata: {p}\n\n");
+            let stream = [
+                event("message_start", json!({"type": "message_start", "message": {"id": "m", "content": [], "usage": start}})),
+                event("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi there"}})),
+                event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": delta_usage})),
+                event("message_stop", json!({"type": "message_stop"})),
+            ]
+            .concat();
+            (whole.to_string(), stream)
+        }
+    }
+}
+
+/// A consistent usage of `format`: parts within their totals, names the format reports.
+fn usage_strategy() -> impl Strategy<Value = (ApiFormat, Usage)> {
+    let name =
+        |names: &'static [&'static str]| proptest::option::of(proptest::sample::select(names));
+    (
+        prop_oneof![
+            Just(ApiFormat::OpenAiChat),
+            Just(ApiFormat::OpenAiResponses),
+            Just(ApiFormat::AnthropicMessages),
+        ],
+        proptest::array::uniform8(0u64..2_000_000),
+        0u64..6,
+        name(&["default", "priority", "flex", "scale"]),
+        name(&["standard", "fast"]),
+        name(&["global", "us"]),
+    )
+        .prop_map(|(format, n, calls, tier, speed, geo)| {
+            let (cached, writes, audio_in) = (n[0], n[1], n[2]);
+            let long = n[3] % (writes + 1);
+            let input = cached + writes + audio_in + n[4];
+            let audio_out = n[5];
+            let reasoning = n[6];
+            let output = audio_out + reasoning + n[7];
+            let chat = format == ApiFormat::OpenAiChat;
+            let anthropic = format == ApiFormat::AnthropicMessages;
+            let u = Usage {
+                input_tokens: if chat { input } else { input - audio_in },
+                cached_input_tokens: cached,
+                cache_write_tokens: writes,
+                cache_write_1h_tokens: long,
+                audio_input_tokens: if chat { audio_in } else { 0 },
+                output_tokens: if chat { output } else { output - audio_out },
+                reasoning_tokens: reasoning,
+                audio_output_tokens: if chat { audio_out } else { 0 },
+                tool_calls: if chat { 0 } else { calls },
+                served: Modifiers {
+                    // Anthropic reports `standard` for the tier; OpenAI its own names.
+                    service_tier: if anthropic {
+                        tier.map(|_| "standard".to_owned())
+                    } else {
+                        Some(tier.unwrap_or("default").to_owned())
+                    },
+                    speed: speed.filter(|_| anthropic).map(str::to_owned),
+                    inference_geo: geo.filter(|_| anthropic).map(str::to_owned),
+                },
+            };
+            (format, u)
+        })
+}
+
+/// An entry with every kind of rate and multiplier the usages above can select.
+fn full_price() -> crate::billing::price::Price {
+    let text = r#"[prices."m"]
+input = 1.25
+cached_input = 0.125
+cache_write = 1.5625
+cache_write_1h = 3.125
+output = 10
+audio_input = 32
+audio_output = 64
+web_search = 0.01
+tiers = { priority = 2, flex = 0.5 }
+speed = { fast = 2 }
+inference_geo = { us = 1.1 }
+long_context = { above = 2500000, input = 2.5, output = 15 }
+"#;
+    let file = crate::billing::table::parse_price_file(text).unwrap();
+    file.prices["m"].clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// A stream and a non-stream answer reporting the same usage meter to that usage and
+    /// cost the same, however the stream is chunked.
+    #[test]
+    fn stream_and_non_stream_answers_with_equal_usage_cost_the_same(
+        (format, u) in usage_strategy(),
+        cuts in proptest::collection::vec(any::<usize>(), 0..30),
+    ) {
+        let (whole, stream) = render_both(format, &u);
+        let (_, non_stream) = run(format, false, false, whole.as_bytes());
+        let chunks = to_chunks(stream.as_bytes(), &cuts);
+        let (_, _, streamed) = run_chunks(format, true, format == ApiFormat::OpenAiChat, &chunks);
+        prop_assert_eq!(&non_stream.usage, &u);
+        prop_assert_eq!(&streamed.usage, &u);
+        prop_assert!(non_stream.finished && streamed.finished);
+        prop_assert_eq!(&streamed.output_text, &non_stream.output_text);
+        let price = full_price();
+        prop_assert_eq!(price.cost(&streamed.usage), price.cost(&non_stream.usage));
     }
 }
