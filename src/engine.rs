@@ -211,6 +211,11 @@ impl Engine {
         &self.db
     }
 
+    /// The active price table.
+    pub fn prices(&self) -> &PriceTable {
+        &self.prices
+    }
+
     /// Replace the journal (shared mode writes to its outbox instead of the embedded ledger).
     pub fn with_journal(mut self, journal: Arc<dyn Journal>) -> Engine {
         self.journal = journal;

@@ -46,8 +46,11 @@ struct Common {
 enum Command {
     /// Run the proxy.
     Serve(#[command(flatten)] Common),
-    /// Validate the config and print it resolved (secrets masked).
+    /// Validate the config and print it resolved (secrets masked). Warns on stderr when the
+    /// shipped price table is more than 90 days old.
     CheckConfig(#[command(flatten)] Common),
+    /// List the active price table (shipped + config overrides) with each entry's version.
+    Prices(#[command(flatten)] Common),
     /// Create or upgrade the ledger schema.
     Migrate(#[command(flatten)] Common),
     /// Manage API keys.
@@ -199,17 +202,14 @@ fn key_admin(cfg: &Config) -> Result<KeyAdmin> {
 }
 
 fn print_json(v: &serde_json::Value) {
-    #[allow(clippy::print_stdout)]
-    {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-    }
+    print_line(&serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// Writes a line to stdout. A closed stdout (`tollgate prices | head`) ends the output
+/// quietly instead of panicking as `println!` does.
 fn print_line(s: &str) {
-    #[allow(clippy::print_stdout)]
-    {
-        println!("{s}");
-    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{s}");
 }
 
 fn key_lines(k: &keys::KeyRecord) -> String {
@@ -247,9 +247,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::CheckConfig(common) => {
             let cfg = load(&common)?;
+            let prices = tollgate::server::price_table(&cfg)?;
             print_json(&cfg.redacted_json());
+            if let Some(warning) = prices.as_of().and_then(|as_of| {
+                tollgate::billing::table::staleness_warning(as_of, chrono::Utc::now().date_naive())
+            }) {
+                eprintln!("warning: {warning}");
+            }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Prices(common) => prices_cmd(&common),
         Command::Migrate(common) => {
             let cfg = load(&common)?;
             let conn =
@@ -299,6 +306,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn prices_cmd(common: &Common) -> Result<ExitCode> {
+    let cfg = load(common)?;
+    let table = tollgate::server::price_table(&cfg)?;
+    let as_of = table.as_of().map(|d| d.to_string());
+    if common.json {
+        let entries: Vec<serde_json::Value> = table.entries().map(|e| e.to_json()).collect();
+        print_json(&json!({"as_of": as_of, "entries": entries}));
+    } else {
+        print_line(&format!(
+            "price table as of {} (USD per 1M tokens; web_search USD per call; {} entries)",
+            as_of.as_deref().unwrap_or("an unknown date"),
+            table.entries().count()
+        ));
+        for e in table.entries() {
+            print_line(&e.summary());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn keys_cmd(cmd: KeysCmd) -> Result<ExitCode> {

@@ -220,6 +220,11 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         migrate_postgres(&config)?;
     }
     let (engine, outbox) = build_engine_parts(config.clone(), db)?;
+    if let Some(warning) = engine.prices().as_of().and_then(|as_of| {
+        crate::billing::table::staleness_warning(as_of, chrono::Utc::now().date_naive())
+    }) {
+        tracing::warn!("{warning}");
+    }
 
     // Finish what a previous run of this instance left open, before serving.
     let rt = tokio::runtime::Builder::new_current_thread()

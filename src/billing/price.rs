@@ -193,7 +193,7 @@ impl Ratio {
             };
             return Ratio::new(int(n)?, int(d)?).ok_or_else(out_of_range);
         }
-        let scaled = money::parse_decimal(text, RATE_DECIMALS).map_err(|e| e.to_string())?;
+        let scaled = money::parse_decimal(text, RATE_DECIMALS).map_err(|_| out_of_range())?;
         Ratio::new(scaled.unsigned_abs(), RATE_SCALE).ok_or_else(out_of_range)
     }
 
@@ -617,9 +617,10 @@ impl EntryReader {
             audio_output: side(base.audio_output, "audio_output", output, base.output),
         };
         // A long context is a surcharge: rates below the standard ones would make more
-        // input cost less, and the hold (priced at the estimate's band) no worst case.
+        // input cost less, and the hold (priced at the estimate's band) no worst case. Only
+        // written rates are checked: the others scale from them.
         for ((key, long), (_, standard)) in rates.fields().into_iter().zip(base.fields()) {
-            if long < standard {
+            if long < standard && written.contains_key(key) {
                 let span = table.get(key).and_then(Item::span).or(item.span());
                 self.issue(
                     &join(path, key),

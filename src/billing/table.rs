@@ -62,6 +62,67 @@ pub struct Entry {
     pub source: Source,
 }
 
+impl Entry {
+    /// The entry as `tollgate prices --json` lists it: the resolved price (see
+    /// [`Price`]'s serialization) with `model`, `version` and `source`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.price).unwrap_or_default();
+        v["model"] = self.pattern.clone().into();
+        v["version"] = self.version.clone().into();
+        v["source"] = serde_json::to_value(self.source).unwrap_or_default();
+        v
+    }
+
+    /// One line for `tollgate prices`: the rates, then what differs from the defaults'
+    /// shape (audio rates, multipliers, long context), the version and the source.
+    pub fn summary(&self) -> String {
+        use super::price::format_rate as f;
+        let p = &self.price;
+        let r = &p.rates;
+        let mut out = format!(
+            "{}  in={} cached={} write={} write_1h={} out={}",
+            self.pattern,
+            f(r.input),
+            f(r.cached_input),
+            f(r.cache_write),
+            f(r.cache_write_1h),
+            f(r.output)
+        );
+        if (r.audio_input, r.audio_output) != (r.input, r.output) {
+            out += &format!(
+                " audio_in={} audio_out={}",
+                f(r.audio_input),
+                f(r.audio_output)
+            );
+        }
+        out += &format!(" web_search={}", f(p.web_search));
+        for (name, map) in [
+            ("tiers", &p.tiers),
+            ("speed", &p.speed),
+            ("inference_geo", &p.inference_geo),
+        ] {
+            if !map.is_empty() {
+                let list: Vec<String> = map.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+                out += &format!(" {name}={}", list.join(","));
+            }
+        }
+        if let Some(lc) = &p.long_context {
+            out += &format!(
+                " long_context(>{})=in {} out {}",
+                lc.above,
+                f(lc.rates.input),
+                f(lc.rates.output)
+            );
+        }
+        let source = match self.source {
+            Source::Shipped => "shipped",
+            Source::Config => "config",
+        };
+        out += &format!("  version={}  {source}", self.version);
+        out
+    }
+}
+
 /// A price file as read: its `as_of` date and entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriceFile {

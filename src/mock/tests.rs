@@ -1186,3 +1186,183 @@ async fn large_requests_are_counted_off_the_reactor() {
     assert_eq!(doc["usage"]["completion_tokens"], o200k(content));
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn openai_reports_cache_writes_audio_and_the_served_tier() {
+    let h = mock().await;
+    let headers = [
+        ("x-mock-cached-tokens", "5"),
+        ("x-mock-cache-write-tokens", "7"),
+        ("x-mock-cache-write-1h-tokens", "3"),
+        ("x-mock-audio-input-tokens", "40"),
+        ("x-mock-audio-output-tokens", "20"),
+    ];
+    let mut body = chat_body(false, None);
+    body["service_tier"] = json!("fast");
+    let doc = post(&h, "/v1/chat/completions", &headers, body)
+        .await
+        .json();
+    // Fast mode is served, and reported, as `priority`.
+    assert_eq!(doc["service_tier"], "priority");
+    let u = &doc["usage"];
+    let text = o200k("You are terse.\nSay something about budgets.") + 3 * 2 + 3;
+    assert_eq!(u["prompt_tokens"], text + 40);
+    let d = &u["prompt_tokens_details"];
+    assert_eq!(
+        (
+            &d["cached_tokens"],
+            &d["cache_write_tokens"],
+            &d["audio_tokens"]
+        ),
+        (&json!(5), &json!(10), &json!(40))
+    );
+    assert_eq!(
+        d["cache_write_tokens_details"],
+        json!({"ttl_30m_tokens": 7, "ttl_12h_tokens": 3})
+    );
+    assert_eq!(u["completion_tokens_details"]["audio_tokens"], 20);
+    let visible = o200k(doc["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(u["completion_tokens"], visible + 20);
+
+    // Streamed: every chunk names the tier; the usage chunk carries the same details.
+    let mut body = chat_body(true, Some(true));
+    body["service_tier"] = json!("flex");
+    let events = post(&h, "/v1/chat/completions", &headers, body)
+        .await
+        .events();
+    for (_, data) in events.iter().filter(|(_, d)| d.is_object()) {
+        assert_eq!(data["service_tier"], "flex");
+    }
+    let usage = events
+        .iter()
+        .find_map(|(_, d)| d.get("usage").filter(|u| u.is_object()))
+        .unwrap();
+    assert_eq!(usage["prompt_tokens_details"], *d);
+    // The header overrides what the request asked for (a downgrade), and writes are cut to
+    // what the prompt has left after the reads.
+    let doc = post(
+        &h,
+        "/v1/chat/completions",
+        &[
+            ("x-mock-service-tier", "default"),
+            ("x-mock-cached-tokens", "1000000"),
+            ("x-mock-cache-write-tokens", "9"),
+        ],
+        chat_body(false, None),
+    )
+    .await
+    .json();
+    assert_eq!(doc["service_tier"], "default");
+    let d = &doc["usage"]["prompt_tokens_details"];
+    assert_eq!(d["cached_tokens"], doc["usage"]["prompt_tokens"]);
+    assert_eq!(d["cache_write_tokens"], 0);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn responses_report_web_search_calls_in_both_shapes() {
+    let h = mock().await;
+    let body = |stream: bool| {
+        json!({"model": "gpt-6.1-sol", "input": "Find it", "stream": stream,
+               "service_tier": "priority", "tools": [{"type": "web_search"}]})
+    };
+    let headers = [
+        ("x-mock-web-searches", "2"),
+        ("x-mock-cache-write-tokens", "1"),
+    ];
+    let doc = post(&h, "/v1/responses", &headers, body(false))
+        .await
+        .json();
+    assert_eq!(doc["service_tier"], "priority");
+    let output = doc["output"].as_array().unwrap();
+    let kinds: Vec<&str> = output.iter().map(|i| i["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["web_search_call", "web_search_call", "message"]);
+    assert_eq!(output[0]["status"], "completed");
+    assert_eq!(output[0]["action"]["type"], "search");
+    assert_eq!(
+        doc["usage"]["input_tokens_details"]["cache_write_tokens"],
+        1
+    );
+
+    let events = post(&h, "/v1/responses", &headers, body(true))
+        .await
+        .events();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_deref().unwrap()).collect();
+    let searches = [
+        "response.output_item.added",
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+        "response.output_item.done",
+    ];
+    assert_eq!(names[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(names[2..7], searches);
+    assert_eq!(names[7..12], searches);
+    assert_eq!(names[12], "response.output_item.added");
+    // The request's tier while in progress, the served one at the end.
+    assert_eq!(events[0].1["response"]["service_tier"], "priority");
+    let (last, done) = events.last().unwrap();
+    assert_eq!(last.as_deref(), Some("response.completed"));
+    assert_eq!(done["response"]["output"].as_array().unwrap().len(), 3);
+    assert_eq!(done["response"]["service_tier"], "priority");
+    // The answer's events point at its place after the searches.
+    for (name, data) in &events {
+        if name.as_deref() == Some("response.output_text.delta") {
+            assert_eq!(data["output_index"], 2);
+        }
+    }
+    for (i, (_, data)) in events.iter().enumerate() {
+        assert_eq!(data["sequence_number"], i as u64);
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn anthropic_reports_write_lifetimes_searches_and_names() {
+    let h = mock().await;
+    let headers = [
+        ("x-mock-cached-tokens", "100"),
+        ("x-mock-cache-write-tokens", "30"),
+        ("x-mock-cache-write-1h-tokens", "20"),
+        ("x-mock-web-searches", "3"),
+    ];
+    let mut body = anthropic_body(false);
+    body["speed"] = json!("fast");
+    body["inference_geo"] = json!("us");
+    let doc = post(&h, "/v1/messages", &headers, body.clone())
+        .await
+        .json();
+    let u = &doc["usage"];
+    assert_eq!(u["cache_creation_input_tokens"], 50);
+    assert_eq!(
+        u["cache_creation"],
+        json!({"ephemeral_5m_input_tokens": 30, "ephemeral_1h_input_tokens": 20})
+    );
+    assert_eq!(u["server_tool_use"]["web_search_requests"], 3);
+    assert_eq!(
+        (&u["service_tier"], &u["speed"], &u["inference_geo"]),
+        (&json!("standard"), &json!("fast"), &json!("us"))
+    );
+
+    body["stream"] = json!(true);
+    let mut more = headers.to_vec();
+    more.push(("x-mock-service-tier", "priority"));
+    let events = post(&h, "/v1/messages", &more, body).await.events();
+    let start = &events[0].1["message"]["usage"];
+    // Searches run during the answer: none yet at the start, the total in message_delta.
+    assert_eq!(start["server_tool_use"]["web_search_requests"], 0);
+    assert_eq!(start["service_tier"], "priority");
+    assert_eq!(start["cache_creation"]["ephemeral_1h_input_tokens"], 20);
+    let delta = &events[events.len() - 2].1["usage"];
+    assert_eq!(delta["server_tool_use"]["web_search_requests"], 3);
+    assert_eq!(delta["cache_creation_input_tokens"], 50);
+    assert_eq!(delta["input_tokens"], start["input_tokens"]);
+    // No speed or region unless asked for.
+    let plain = post(&h, "/v1/messages", &[], anthropic_body(false))
+        .await
+        .json();
+    assert!(plain["usage"].get("speed").is_none());
+    assert!(plain["usage"].get("inference_geo").is_none());
+    assert!(plain["usage"].get("server_tool_use").is_none());
+    h.shutdown().await;
+}
