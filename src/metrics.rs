@@ -600,6 +600,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn unpriced_modifiers_are_counted_with_bounded_names() {
+        let m = Metrics::new().unwrap();
+        m.unpriced("gpt-6.1-sol", "service_tier", "scale");
+        m.unpriced("gpt-6.1-sol", "service_tier", "scale");
+        m.unpriced("claude-opus-5-5", "speed", "turbo");
+        for i in 0..MAX_UNPRICED_NAMES + 5 {
+            m.unpriced("m", "inference_geo", &format!("region-{i}"));
+        }
+        let t = m.render().unwrap();
+        let series = |s: &str| value(&t, &format!("tollgate_unpriced_modifiers_total{{{s}}}"));
+        assert_eq!(
+            series("kind=\"service_tier\",model=\"gpt-6.1-sol\",name=\"scale\""),
+            Some(2.0)
+        );
+        assert_eq!(
+            series("kind=\"speed\",model=\"claude-opus-5-5\",name=\"turbo\""),
+            Some(1.0)
+        );
+        // 2 names taken above; 48 regions get their own label, the other 7 share `other`.
+        assert_eq!(
+            series("kind=\"inference_geo\",model=\"m\",name=\"other\""),
+            Some(7.0)
+        );
+    }
+
     fn one_output() -> Settlement {
         Settlement {
             usage_source: "estimated",

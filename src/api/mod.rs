@@ -127,6 +127,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn requested_modifiers_are_named_as_responses_report_them() {
+        let asked = |format, body: serde_json::Value| Modifiers::requested(format, &body);
+        let tier = |t: serde_json::Value| {
+            asked(
+                ApiFormat::OpenAiChat,
+                serde_json::json!({"service_tier": t}),
+            )
+            .service_tier
+        };
+        assert_eq!(tier("fast".into()).as_deref(), Some("priority"));
+        assert_eq!(tier("priority".into()).as_deref(), Some("priority"));
+        assert_eq!(tier("flex".into()).as_deref(), Some("flex"));
+        assert_eq!(tier("ultrafast".into()).as_deref(), Some("ultrafast"));
+        assert_eq!(tier("auto".into()), None);
+        assert_eq!(tier("default".into()), None);
+        assert_eq!(tier(7.into()), None);
+        assert_eq!(tier("x".repeat(MAX_LABEL_LEN + 1).into()), None);
+        assert_eq!(
+            asked(ApiFormat::OpenAiResponses, serde_json::json!({})),
+            Modifiers::default()
+        );
+        // Anthropic: speed and region; its request tiers select no price.
+        let a = asked(
+            ApiFormat::AnthropicMessages,
+            serde_json::json!({"service_tier": "auto", "speed": "fast", "inference_geo": "us"}),
+        );
+        assert_eq!(
+            a,
+            Modifiers {
+                service_tier: None,
+                speed: Some("fast".into()),
+                inference_geo: Some("us".into()),
+            }
+        );
+        let standard = asked(
+            ApiFormat::AnthropicMessages,
+            serde_json::json!({"speed": "standard", "inference_geo": "global"}),
+        );
+        assert_eq!(standard, Modifiers::default());
+        // What the response reports wins; what it leaves out comes from the request.
+        let served = Modifiers {
+            service_tier: Some("standard".into()),
+            ..Modifiers::default()
+        };
+        assert_eq!(
+            served.or(&a),
+            Modifiers {
+                service_tier: Some("standard".into()),
+                ..a.clone()
+            }
+        );
+    }
+
+    #[test]
     fn format_from_path() {
         assert_eq!(
             ApiFormat::from_path("/v1/chat/completions"),
