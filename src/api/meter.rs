@@ -47,7 +47,7 @@ use std::borrow::Cow;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-use self::select::{Envelope, Nested, Sel, Select, TextSink, parse_with, store_label};
+use self::select::{Envelope, Nested, OnStr, Sel, Select, TextSink, parse_with, store_label};
 use super::sse::{SseEvent, SseParser};
 use super::{ApiFormat, Modifiers, Usage};
 
@@ -421,16 +421,12 @@ struct ServerToolUse {
 
 /// A reported name read leniently: a string, or nothing for any other JSON type (a provider
 /// retyping it must not cost us the usage numbers beside it).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct LabelText(Option<String>);
 
 impl<'de> Deserialize<'de> for LabelText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let value = serde_json::Value::deserialize(d)?;
-        Ok(LabelText(match value {
-            serde_json::Value::String(s) => Some(s),
-            _ => None,
-        }))
+        d.deserialize_any(OnStr(|v: &str| LabelText(Some(v.to_owned()))))
     }
 }
 

@@ -174,8 +174,8 @@ impl<'de> Visitor<'de> for Select<'_> {
                         sink: &mut *self.sink,
                     })?;
                 }
-                (Key::Type, Some(kind)) => is_call = map.next_value_seed(Equals(kind))?,
-                (Key::Status, Some(_)) => failed = map.next_value_seed(Equals("failed"))?,
+                (Key::Type, Some(kind)) => is_call = map.next_value_seed(equals(kind))?,
+                (Key::Status, Some(_)) => failed = map.next_value_seed(equals("failed"))?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -188,56 +188,62 @@ impl<'de> Visitor<'de> for Select<'_> {
     }
 }
 
-/// Whether a JSON value is the string `.0` (other types: false), read without allocating.
-struct Equals(&'static str);
+/// Applies `.0` to a JSON value when it is a string (borrowed or in serde_json's scratch
+/// buffer: nothing is allocated); any other value is skipped and gives `T::default()`.
+pub(crate) struct OnStr<F>(pub F);
 
-impl<'de> DeserializeSeed<'de> for Equals {
-    type Value = bool;
+impl<'de, T: Default, F: FnOnce(&str) -> T> DeserializeSeed<'de> for OnStr<F> {
+    type Value = T;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Equals {
-    type Value = bool;
+impl<'de, T: Default, F: FnOnce(&str) -> T> Visitor<'de> for OnStr<F> {
+    type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
-        Ok(v == self.0)
+    fn visit_str<E>(self, v: &str) -> Result<T, E> {
+        Ok((self.0)(v))
     }
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-        Ok(false)
+    fn visit_bool<E>(self, _: bool) -> Result<T, E> {
+        Ok(T::default())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-        Ok(false)
+    fn visit_i64<E>(self, _: i64) -> Result<T, E> {
+        Ok(T::default())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-        Ok(false)
+    fn visit_u64<E>(self, _: u64) -> Result<T, E> {
+        Ok(T::default())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-        Ok(false)
+    fn visit_f64<E>(self, _: f64) -> Result<T, E> {
+        Ok(T::default())
     }
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(false)
+    fn visit_unit<E>(self) -> Result<T, E> {
+        Ok(T::default())
     }
-    fn visit_none<E>(self) -> Result<bool, E> {
-        Ok(false)
+    fn visit_none<E>(self) -> Result<T, E> {
+        Ok(T::default())
     }
-    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
         d.deserialize_any(self)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<T, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(false)
+        Ok(T::default())
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(false)
+        Ok(T::default())
     }
+}
+
+/// Whether a JSON value is the string `expected`.
+fn equals(expected: &'static str) -> OnStr<impl FnOnce(&str) -> bool> {
+    OnStr(move |v: &str| v == expected)
 }
 
 /// A reported name (service tier, speed, region) stored in `slot`, copied only when it
@@ -251,59 +257,6 @@ pub(crate) fn store_label(slot: &mut Option<String>, value: &str) {
         && value != "auto";
     if valid && slot.as_deref() != Some(value) {
         *slot = Some(value.to_owned());
-    }
-}
-
-/// Reads a JSON value into a label slot with [`store_label`].
-struct Label<'s>(&'s mut Option<String>);
-
-impl<'de> DeserializeSeed<'de> for Label<'_> {
-    type Value = ();
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Label<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a name")
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        store_label(self.0, v);
-        Ok(())
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_none<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(())
     }
 }
 
@@ -449,7 +402,7 @@ impl<'de, U: Deserialize<'de>> Visitor<'de> for Envelope<'_, U> {
                     info.error = map.next_value::<Option<IgnoredAny>>()?.is_some();
                 }
                 EnvelopeKey::ServiceTier => match self.tier.as_deref_mut() {
-                    Some(slot) => map.next_value_seed(Label(slot))?,
+                    Some(slot) => map.next_value_seed(OnStr(|v: &str| store_label(slot, v)))?,
                     None => {
                         map.next_value::<IgnoredAny>()?;
                     }
