@@ -36,6 +36,12 @@ impl ApiFormat {
 /// not printable ASCII) is ignored, and a configured one is refused.
 pub const MAX_LABEL_LEN: usize = 64;
 
+/// Whether `s` can name a tier, speed or region: 1 to [`MAX_LABEL_LEN`] printable ASCII
+/// characters, no spaces.
+pub fn is_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_LABEL_LEN && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Token usage of one request, normalised to SPEC §4's semantics: every part is a subset of
 /// its total. `input_tokens` counts all input — cached reads, cache writes and audio included;
 /// `output_tokens` includes reasoning and audio tokens.
@@ -93,11 +99,7 @@ impl Modifiers {
         let name = |key: &str| {
             body.get(key)
                 .and_then(serde_json::Value::as_str)
-                .filter(|v| {
-                    !v.is_empty()
-                        && v.len() <= MAX_LABEL_LEN
-                        && v.bytes().all(|b| b.is_ascii_graphic())
-                })
+                .filter(|v| is_label(v))
         };
         match format {
             ApiFormat::AnthropicMessages => Modifiers {

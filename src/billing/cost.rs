@@ -33,10 +33,12 @@
 //! Everything is an integer: rates are nano-USD per 1M tokens, multipliers reduced fractions
 //! with denominators of at most 10⁹ and values of at most 1000. The sum is formed as one
 //! fraction and divided once, rounding up, so a bill is never below the exact rational cost
-//! and less than 1 µUSD above it. The numerator is below 2²⁵² for any `u64` counts and rates
-//! (products of two `u64` are below 2¹²⁸; eleven of them below 2¹³²; three multipliers'
-//! numerators below 2¹²⁰), so it is computed in 256-bit arithmetic ([`Wide`]) and never
-//! overflows; a result above `i64::MAX` µUSD saturates there.
+//! and less than 1 µUSD above it. The numerator is below 2²⁵² for any `u64` counts and rates:
+//! each token term (two `u64`) is below 2¹²⁸ and the seven of them below 2¹³¹; the three
+//! multipliers' numerators (each below 1000 × 10⁹ < 2⁴⁰) multiply to below 2¹²⁰; the fee term
+//! `calls × fee × 10⁶ × Π den` is below 2¹²⁸ · 2²⁰ · 2⁹⁰. So it is computed in 256-bit
+//! arithmetic ([`Wide`]) and never overflows; the divisor `10⁹ × Π den` fits a `u128`; a
+//! result above `i64::MAX` µUSD saturates there.
 //!
 //! # Hold
 //!

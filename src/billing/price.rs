@@ -24,6 +24,7 @@ use serde::ser::{SerializeMap, Serializer};
 use sha2::{Digest, Sha256};
 use toml_edit::{Item, Value};
 
+use crate::api::{MAX_LABEL_LEN, is_label};
 use crate::money::{self, DecimalError};
 
 /// Decimal places a rate, fee or decimal multiplier may have (its scale is `10^RATE_DECIMALS`).
@@ -38,9 +39,6 @@ pub const DEFAULT_WEB_SEARCH: u64 = RATE_SCALE / 100;
 /// Largest multiplier accepted. Keeps the exact cost arithmetic within 256 bits (see
 /// [`super::cost`]); real multipliers are between 0.5 and 6.
 pub const MAX_MULTIPLIER: u64 = 1000;
-
-/// Longest tier, speed or region name, in bytes (the meter ignores longer reported values).
-pub const MAX_LABEL_LEN: usize = 64;
 
 /// Keys of a `[prices."MODEL"]` table.
 pub const ENTRY_KEYS: &[&str] = &[
@@ -471,10 +469,7 @@ impl EntryReader {
         for (name, value) in table.iter() {
             let key_path = format!("{path}.{name}");
             let span = value.span();
-            if name.is_empty()
-                || name.len() > MAX_LABEL_LEN
-                || !name.bytes().all(|b| b.is_ascii_graphic())
-            {
+            if !is_label(name) {
                 self.issue(
                     &key_path,
                     span.clone(),

@@ -210,7 +210,7 @@ fn date_of(v: &Value) -> Option<NaiveDate> {
 }
 
 /// 1-based line of a byte offset.
-pub fn line_of(text: &str, offset: usize) -> usize {
+fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()
         .iter()
         .take(offset.min(text.len()))

@@ -19,7 +19,7 @@ use std::marker::PhantomData;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::api::MAX_LABEL_LEN;
+use crate::api::is_label;
 
 /// What to take from a JSON value.
 #[derive(Debug)]
@@ -247,15 +247,10 @@ fn equals(expected: &'static str) -> OnStr<impl FnOnce(&str) -> bool> {
 }
 
 /// A reported name (service tier, speed, region) stored in `slot`, copied only when it
-/// differs from the one held. Values that are not a string, empty, longer than
-/// [`MAX_LABEL_LEN`] bytes or not printable ASCII are left out; so is `auto`, which is what a
-/// request asks for, not a tier a response was served at.
+/// differs from the one held. Values that are not names ([`is_label`]) are left out; so is
+/// `auto`, which is what a request asks for, not a tier a response was served at.
 pub(crate) fn store_label(slot: &mut Option<String>, value: &str) {
-    let valid = !value.is_empty()
-        && value.len() <= MAX_LABEL_LEN
-        && value.bytes().all(|b| b.is_ascii_graphic())
-        && value != "auto";
-    if valid && slot.as_deref() != Some(value) {
+    if is_label(value) && value != "auto" && slot.as_deref() != Some(value) {
         *slot = Some(value.to_owned());
     }
 }
