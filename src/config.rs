@@ -68,6 +68,10 @@ pub const SERVER_KEYS: &[&str] = &[
     "threads",
     "instance_id",
     "grace_period",
+    "admin_hosts",
+    "header_timeout",
+    "body_timeout",
+    "max_connections",
 ];
 /// Keys of `[storage]`.
 pub const STORAGE_KEYS: &[&str] = &[
@@ -97,6 +101,7 @@ pub const UPSTREAM_KEYS: &[&str] = &[
     "connect_timeout",
     "first_byte_timeout",
     "idle_timeout",
+    "forward_headers",
 ];
 /// Keys of each `[plans.NAME]` table.
 pub const PLAN_KEYS: &[&str] = &["limits"];
@@ -108,6 +113,33 @@ pub const LONG_CONTEXT_KEYS: &[&str] = crate::billing::price::LONG_CONTEXT_KEYS;
 pub const ALERTS_KEYS: &[&str] = &["thresholds", "webhook"];
 /// Keys of `[log]`.
 pub const LOG_KEYS: &[&str] = &["level", "format"];
+
+/// Shortest accepted `server.admin_token` (an empty token disables the admin API).
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+/// Request headers that choose which account of the operator's provider key pays
+/// (`OpenAI-Organization`, `OpenAI-Project`). Callers' values are dropped unless the
+/// upstream lists the header in `forward_headers`. Anthropic has none: its workspace is
+/// fixed by the key, and `anthropic-beta` selects features, not an account.
+pub const ACCOUNT_HEADERS: &[&str] = &["openai-organization", "openai-project"];
+
+/// Request headers that carry a caller's credential; never forwarded upstream (tollgate
+/// sets the upstream's own key instead).
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "proxy-authorization",
+];
+
+/// Response headers that name the operator's provider account (or carry the provider's
+/// cookies for it); removed before the client sees the response.
+pub const ACCOUNT_RESPONSE_HEADERS: &[&str] = &[
+    "openai-organization",
+    "openai-project",
+    "anthropic-organization-id",
+    "set-cookie",
+];
 
 /// Every section with the keys it accepts, named as `docs/configuration.md` heads them
 /// (`plans.NAME`, `prices."MODEL"`). The parser reads the lists above, and a test keeps
@@ -194,6 +226,14 @@ pub struct ServerConfig {
     pub instance_id: String,
     /// How long a graceful shutdown waits for open requests to finish.
     pub grace_period: Duration,
+    /// Extra `Host` names the admin listener answers to (DNS-rebinding defence).
+    pub admin_hosts: Vec<String>,
+    /// Longest time a request's head may take to arrive, from its first byte (both listeners).
+    pub header_timeout: Duration,
+    /// Longest time a request body may take to arrive, whole (proxy listener).
+    pub body_timeout: Duration,
+    /// Most client connections the proxy listener holds open at once.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -234,6 +274,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Account-selecting request headers ([`ACCOUNT_HEADERS`]) callers may set for this
+    /// upstream, lower-cased; every other account header from a caller is dropped.
+    pub forward_headers: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -392,12 +435,16 @@ impl Config {
                 "threads": self.server.threads,
                 "instance_id": self.server.instance_id,
                 "grace_period": humantime::format_duration(self.server.grace_period).to_string(),
+                "admin_hosts": self.server.admin_hosts,
+                "header_timeout": humantime::format_duration(self.server.header_timeout).to_string(),
+                "body_timeout": humantime::format_duration(self.server.body_timeout).to_string(),
+                "max_connections": self.server.max_connections,
             },
             "storage": {
                 "mode": self.storage.mode,
                 "journal_path": self.storage.journal_path.display().to_string(),
-                "redis_url": self.storage.redis_url.as_ref().map(mask),
-                "postgres_url": self.storage.postgres_url.as_ref().map(mask),
+                "redis_url": self.storage.redis_url.as_ref().map(|u| redact_url(u.expose(), true)),
+                "postgres_url": self.storage.postgres_url.as_ref().map(|u| redact_url(u.expose(), true)),
                 "on_unavailable": self.storage.on_unavailable,
                 "durability": self.storage.durability,
                 "journal_retention": humantime::format_duration(self.storage.journal_retention).to_string(),
@@ -418,6 +465,7 @@ impl Config {
                 "connect_timeout": humantime::format_duration(u.connect_timeout).to_string(),
                 "first_byte_timeout": humantime::format_duration(u.first_byte_timeout).to_string(),
                 "idle_timeout": humantime::format_duration(u.idle_timeout).to_string(),
+                "forward_headers": u.forward_headers,
             })).collect::<Vec<_>>(),
             "plans": self.plans,
             "prices": self.prices.iter().map(|(k, p)| {
@@ -427,7 +475,7 @@ impl Config {
             }).collect::<serde_json::Map<_, _>>(),
             "alerts": {
                 "thresholds": self.alerts.thresholds,
-                "webhook": self.alerts.webhook.as_ref().map(mask),
+                "webhook": self.alerts.webhook.as_ref().map(|u| redact_url(u.expose(), false)),
             },
             "log": { "level": self.log.level, "format": self.log.format },
         })
@@ -727,10 +775,31 @@ impl Reader<'_> {
             SocketAddr::from(([127, 0, 0, 1], 9091)),
             addr,
         );
-        let admin_token = self
-            .string(t, p, "admin_token")
-            .map(|(s, _)| Secret(s))
-            .unwrap_or_default();
+        let admin_token = match self.string(t, p, "admin_token") {
+            Some((s, span)) => {
+                let chars = s.chars().count();
+                if chars > 0 && chars < MIN_ADMIN_TOKEN_LEN {
+                    // The message gives the length, never the token.
+                    self.issue(
+                        "server.admin_token",
+                        span.clone(),
+                        format!(
+                            "is {chars} characters long; use at least {MIN_ADMIN_TOKEN_LEN} \
+                             (e.g. `openssl rand -hex 32`), or leave it empty to close the admin API"
+                        ),
+                    );
+                }
+                if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                    self.issue(
+                        "server.admin_token",
+                        span,
+                        "must not contain whitespace or control characters",
+                    );
+                }
+                Secret(s)
+            }
+            None => Secret::default(),
+        };
         let max_request_body = self.parsed(t, p, "max_request_body", 10 << 20, |s| {
             let v = parse_size(s)?;
             if v == 0 {
@@ -752,6 +821,31 @@ impl Reader<'_> {
             Duration::from_secs(30),
             parse_duration,
         );
+        let admin_hosts = self
+            .string_array(t, p, "admin_hosts")
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, h)| match normalize_host(&h) {
+                Some(h) => Some(h),
+                None => {
+                    let span = t.get("admin_hosts").and_then(item_span);
+                    self.issue(
+                        &format!("server.admin_hosts[{i}]"),
+                        span,
+                        format!("`{h}` is not a host name like \"tollgate-admin.internal\""),
+                    );
+                    None
+                }
+            })
+            .collect();
+        let positive = |s: &str| match parse_duration(s)? {
+            d if d.is_zero() => Err("must be greater than 0".to_string()),
+            d => Ok(d),
+        };
+        let header_timeout = self.parsed(t, p, "header_timeout", Duration::from_secs(10), positive);
+        let body_timeout = self.parsed(t, p, "body_timeout", Duration::from_secs(60), positive);
+        let max_connections = self.integer(t, p, "max_connections", 4096, 1, 1_000_000) as usize;
         ServerConfig {
             listen,
             admin_listen,
@@ -760,6 +854,10 @@ impl Reader<'_> {
             threads,
             instance_id,
             grace_period,
+            admin_hosts,
+            header_timeout,
+            body_timeout,
+            max_connections,
         }
     }
 
@@ -971,6 +1069,35 @@ impl Reader<'_> {
                 Duration::from_secs(60),
                 parse_duration,
             );
+            let mut forward_headers = Vec::new();
+            for (hi, h) in self
+                .string_array(t, &p, "forward_headers")
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
+                let name = h.trim().to_ascii_lowercase();
+                let span = t.get("forward_headers").and_then(item_span);
+                let path = format!("{p}.forward_headers[{hi}]");
+                if CREDENTIAL_HEADERS.contains(&name.as_str()) {
+                    self.issue(
+                        &path,
+                        span,
+                        format!("`{h}` carries a credential and is never forwarded"),
+                    );
+                } else if !ACCOUNT_HEADERS.contains(&name.as_str()) {
+                    self.issue(
+                        &path,
+                        span,
+                        format!(
+                            "`{h}` is forwarded anyway; this list only re-admits the account headers tollgate drops ({})",
+                            ACCOUNT_HEADERS.join(", ")
+                        ),
+                    );
+                } else {
+                    forward_headers.push(name);
+                }
+            }
             out.push(UpstreamConfig {
                 name,
                 kind,
@@ -985,6 +1112,7 @@ impl Reader<'_> {
                 connect_timeout,
                 first_byte_timeout,
                 idle_timeout,
+                forward_headers,
             });
         }
         out
@@ -1223,28 +1351,93 @@ fn join(prefix: &str, key: &str) -> String {
 }
 
 /// `https://host[:port][/path]` → (tls, host, port, path without trailing slash).
+///
+/// Errors never repeat the value: a URL may carry a secret (`user:password@`, a token in
+/// the query), and `check-config` output ends up in terminals and CI logs.
 fn parse_base_url(s: &str) -> Result<(bool, String, u16, String), String> {
     let uri: http::Uri = s
         .parse()
-        .map_err(|_| format!("`{s}` is not a URL like \"https://api.openai.com\""))?;
+        .map_err(|_| "is not a URL like \"https://api.openai.com\"".to_string())?;
     let tls = match uri.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(format!("`{s}` must start with http:// or https://")),
+        _ => return Err("must start with http:// or https://".into()),
     };
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        // Credentials in the URL would be silently dropped from upstream requests (and
+        // printed wherever the URL is): the provider key belongs in `api_key`.
+        return Err(
+            "must not carry credentials (`user:password@`); put the provider key in `api_key`"
+                .into(),
+        );
+    }
     let host = uri
         .host()
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("`{s}` has no host"))?
+        .ok_or_else(|| "has no host".to_string())?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     if uri.query().is_some() {
-        return Err(format!("`{s}` must not have a query string"));
+        return Err("must not have a query string".into());
     }
     let path = uri.path().trim_end_matches('/').to_string();
     Ok((tls, host, port, path))
+}
+
+/// A host name for `server.admin_hosts`, lower-cased, without port; `None` when it is not
+/// one (so a typo is an error, not a silently dead entry).
+fn normalize_host(s: &str) -> Option<String> {
+    let h = s.trim().to_ascii_lowercase();
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':' | '[' | ']'));
+    ok.then_some(h)
+}
+
+/// A connection URL (`redis://`, `postgres://`, a webhook) as it may be shown: passwords
+/// and query strings masked; with `keep_path = false` (webhooks, whose token may be the
+/// path or the basic-auth user) the path and user name too. A value that is not
+/// `scheme://…` is masked whole.
+pub fn redact_url(url: &str, keep_path: bool) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return if url.is_empty() {
+            String::new()
+        } else {
+            "***".into()
+        };
+    };
+    let (authority, tail) = match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    // `redis+cluster://` lists several hosts; each may carry its own credentials.
+    let hosts: Vec<String> = authority
+        .split(',')
+        .map(|h| match h.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) if keep_path && !user.is_empty() => format!("{user}:***@{host}"),
+                _ => format!("***@{host}"),
+            },
+            None => h.to_string(),
+        })
+        .collect();
+    let mut out = format!("{scheme}://{}", hosts.join(","));
+    let (path, query) = match tail.split_once('?') {
+        Some((p, _)) => (p, true),
+        None => (tail.split('#').next().unwrap_or(""), false),
+    };
+    if keep_path {
+        out.push_str(path);
+    } else if !path.is_empty() && path != "/" {
+        out.push_str("/***");
+    }
+    if query {
+        out.push_str("?***");
+    }
+    out
 }
 
 fn hostname() -> String {
@@ -1263,7 +1456,7 @@ mod tests {
     fn env(k: &str) -> Option<String> {
         match k {
             "OPENAI_API_KEY" => Some("sk-test-secret".into()),
-            "ADMIN" => Some("adm-secret".into()),
+            "ADMIN" => Some("adm-secret-0123456789".into()),
             _ => None,
         }
     }
@@ -1313,7 +1506,7 @@ output = 0.60
         let c = Config::parse(GOOD, "config.toml", &env).unwrap();
         assert_eq!(c.server.threads, 4);
         assert_eq!(c.server.max_request_body, 1 << 20);
-        assert_eq!(c.server.admin_token.expose(), "adm-secret");
+        assert_eq!(c.server.admin_token.expose(), "adm-secret-0123456789");
         assert_eq!(c.quota.timezone, chrono_tz::Europe::Berlin);
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.upstreams[0].routes.len(), 4, "default openai routes");
@@ -1519,10 +1712,164 @@ passthrough = ["GET /v1/custom/{x}"]
         assert!(parse_size("1PiB").is_err());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("5h").unwrap(), Duration::from_secs(5 * 3600));
-        assert_eq!(expand_env("a${ADMIN}b", &env).unwrap(), "aadm-secretb");
+        assert_eq!(
+            expand_env("a${ADMIN}b", &env).unwrap(),
+            "aadm-secret-0123456789b"
+        );
         assert_eq!(expand_env("${NOPE:-dflt}", &env).unwrap(), "dflt");
         assert!(expand_env("${NOPE}", &env).is_err());
         assert!(expand_env("${bad name}", &env).is_err());
+    }
+
+    fn issues_of(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<ConfigIssue> {
+        match Config::parse(text, "c.toml", env) {
+            Err(ConfigError::Invalid { issues, .. }) => issues,
+            other => panic!("expected issues, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn credentials_in_a_base_url_are_refused_without_echoing_them() {
+        let cfg = "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://user:hunter2@10.0.0.1:8000/v1\"\n";
+        let issues = issues_of(cfg, &env);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].path, "upstreams[0].base_url");
+        assert_eq!(issues[0].line, Some(4));
+        assert!(issues[0].message.contains("api_key"), "{issues:?}");
+        let shown = format!("{issues:?} {}", render_issues("c.toml", &issues));
+        assert!(!shown.contains("hunter2"), "{shown}");
+        // A token-only userinfo, and one that comes from the environment, too.
+        let secret_env = |k: &str| (k == "UP").then(|| "http://sk-live-1@h".to_string());
+        let issues = issues_of(
+            "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"${UP}\"\n",
+            &secret_env,
+        );
+        assert_eq!(issues[0].path, "upstreams[0].base_url");
+        assert!(!format!("{issues:?}").contains("sk-live-1"));
+        // Other malformed URLs are not echoed either (they may hold a token in the query).
+        let issues = issues_of(
+            "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"https://h/?key=tok-123\"\n",
+            &env,
+        );
+        assert!(!format!("{issues:?}").contains("tok-123"));
+    }
+
+    #[test]
+    fn short_admin_tokens_are_refused_and_never_shown() {
+        let issues = issues_of("[server]\nadmin_token = \"short-s3cret\"\n", &env);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].path, "server.admin_token");
+        assert_eq!(issues[0].line, Some(2));
+        assert!(issues[0].message.contains("12 characters"), "{issues:?}");
+        assert!(!format!("{issues:?}").contains("short-s3cret"));
+        let long = "x".repeat(MIN_ADMIN_TOKEN_LEN);
+        assert!(Config::parse(&format!("[server]\nadmin_token = \"{long}\"\n"), "c", &env).is_ok());
+        assert!(
+            Config::parse("[server]\nadmin_token = \"\"\n", "c", &env).is_ok(),
+            "empty disables"
+        );
+        let spaced = format!("[server]\nadmin_token = \"{long} x\"\n");
+        assert_eq!(issues_of(&spaced, &env)[0].path, "server.admin_token");
+    }
+
+    #[test]
+    fn check_config_masks_every_url_secret() {
+        let cfg = r#"
+[server]
+admin_token = "adm-secret-0123456789"
+[storage]
+mode = "shared"
+redis_url = "redis://:redis-pw@10.0.0.2:6379/0"
+postgres_url = "postgres://tollgate:pg-pw@db.internal:5432/ledger?sslmode=disable&password=pg-pw2"
+[alerts]
+webhook = "https://hook-user:hook-pw@hooks.example/services/T0/B0/hook-token?sig=hook-sig"
+"#;
+        let c = Config::parse(cfg, "c", &env).unwrap();
+        let json = c.redacted_json();
+        let text = json.to_string();
+        for secret in [
+            "adm-secret",
+            "redis-pw",
+            "pg-pw",
+            "hook-pw",
+            "hook-token",
+            "hook-sig",
+            "hook-user",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert_eq!(json["storage"]["redis_url"], "redis://***@10.0.0.2:6379/0");
+        assert_eq!(
+            json["storage"]["postgres_url"],
+            "postgres://tollgate:***@db.internal:5432/ledger?***"
+        );
+        assert_eq!(
+            json["alerts"]["webhook"],
+            "https://***@hooks.example/***?***"
+        );
+        assert_eq!(
+            redact_url("redis+cluster://:a@h1:1,u:b@h2:2,h3:3", true),
+            "redis+cluster://***@h1:1,u:***@h2:2,h3:3"
+        );
+        assert_eq!(redact_url("host=db password=x", true), "***");
+        assert_eq!(
+            redact_url("https://hooks.example/", false),
+            "https://hooks.example"
+        );
+    }
+
+    #[test]
+    fn forward_headers_only_readmit_account_headers() {
+        let up = |list: &str| {
+            format!(
+                "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://h\"\nforward_headers = {list}\n"
+            )
+        };
+        let c = Config::parse(&up(r#"["OpenAI-Project"]"#), "c", &env).unwrap();
+        assert_eq!(c.upstreams[0].forward_headers, vec!["openai-project"]);
+        let issues = issues_of(
+            &up(r#"["Authorization", "x-custom", "openai-organization"]"#),
+            &env,
+        );
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "upstreams[0].forward_headers[0]",
+                "upstreams[0].forward_headers[1]"
+            ]
+        );
+    }
+
+    #[test]
+    fn listener_bounds_and_admin_hosts() {
+        let c = Config::parse("", "c", &env).unwrap();
+        assert_eq!(c.server.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.max_connections, 4096);
+        assert!(c.server.admin_hosts.is_empty());
+        let c = Config::parse(
+            "[server]\nadmin_hosts = [\"Admin.Internal\"]\nheader_timeout = \"2s\"\nmax_connections = 10\n",
+            "c",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.server.admin_hosts, vec!["admin.internal"]);
+        assert_eq!(c.server.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.server.max_connections, 10);
+        let issues = issues_of(
+            "[server]\nadmin_hosts = [\"bad host/\"]\nheader_timeout = \"0s\"\nmax_connections = 0\n",
+            &env,
+        );
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.admin_hosts[0]",
+                "server.header_timeout",
+                "server.max_connections"
+            ]
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     StoreUnavailable,
     UpstreamTimeout,
+    /// The client did not send its request body in time (`server.body_timeout`).
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -36,6 +38,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable => 502,
             ErrorCode::StoreUnavailable => 503,
             ErrorCode::UpstreamTimeout => 504,
+            ErrorCode::RequestTimeout => 408,
         }
     }
 
@@ -52,13 +55,17 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable => "upstream_unavailable",
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 
     /// The provider's error class for this status, so SDKs raise their usual exception.
     fn class(self, kind: UpstreamKind) -> &'static str {
         match (self, kind) {
-            (ErrorCode::InvalidRequest | ErrorCode::DuplicateRequest, _) => "invalid_request_error",
+            (
+                ErrorCode::InvalidRequest | ErrorCode::DuplicateRequest | ErrorCode::RequestTimeout,
+                _,
+            ) => "invalid_request_error",
             (ErrorCode::InvalidApiKey, _) => "authentication_error",
             (ErrorCode::QuotaDisabled, _) => "permission_error",
             (ErrorCode::NotFound, UpstreamKind::Anthropic) => "not_found_error",

@@ -510,6 +510,13 @@ fn usage_cmd(who: &Who, common: &Common) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `Authorization: Bearer <token>`, marked sensitive so no client log prints it.
+fn bearer(token: &str) -> Option<hyper::header::HeaderValue> {
+    let mut v = hyper::header::HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 async fn ask_admin(cfg: &Config, subject: &Subject) -> Option<serde_json::Value> {
     use http_body_util::{BodyExt, Empty};
     let token = cfg.server.admin_token.expose();
@@ -521,13 +528,18 @@ async fn ask_admin(cfg: &Config, subject: &Subject) -> Option<serde_json::Value>
         Subject::User(u) => ("user", u),
         Subject::Tenant(t) => ("tenant", t),
     };
-    let uri: hyper::Uri = format!("http://{}/admin/usage?{kind}={id}", cfg.server.admin_listen)
-        .parse()
-        .ok()?;
+    // Ids are the operator's own text: encoded, `&`, `#` or `/` in one stay part of it.
+    let uri: hyper::Uri = format!(
+        "http://{}/admin/usage?{kind}={}",
+        cfg.server.admin_listen,
+        tollgate::admin::encode_component(id)
+    )
+    .parse()
+    .ok()?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Empty<bytes::Bytes>>();
     let req = hyper::Request::get(uri)
-        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", bearer(token)?)
         .body(Empty::new())
         .ok()?;
     let resp = tokio::time::timeout(std::time::Duration::from_secs(2), client.request(req))
@@ -557,10 +569,12 @@ async fn admin_call(
         .ok()?;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Empty<bytes::Bytes>>();
+    // The admin API takes writes as JSON only.
     let req = hyper::Request::builder()
         .method(method)
         .uri(uri)
-        .header("authorization", format!("Bearer {token}"))
+        .header("authorization", bearer(token)?)
+        .header("content-type", "application/json")
         .body(Empty::new())
         .ok()?;
     let resp = tokio::time::timeout(std::time::Duration::from_secs(30), client.request(req))

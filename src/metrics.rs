@@ -89,7 +89,8 @@ impl Rejection {
             | ErrorCode::Internal
             | ErrorCode::UpstreamUnavailable
             | ErrorCode::StoreUnavailable
-            | ErrorCode::UpstreamTimeout => None,
+            | ErrorCode::UpstreamTimeout
+            | ErrorCode::RequestTimeout => None,
         }
     }
 }
@@ -147,6 +148,7 @@ pub struct Metrics {
     key_miss_reads: IntCounter,
     key_misses: IntCounterVec,
     unpriced: IntCounterVec,
+    connections_refused: IntCounterVec,
     models: Mutex<HashSet<String>>,
     unpriced_names: Mutex<HashSet<String>>,
 }
@@ -247,6 +249,16 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "connections_refused_total",
+                "Client connections closed at accept because the listener held its maximum, by listener.",
+            ),
+            &["listener"],
+        )?;
+        for l in ["proxy", "admin"] {
+            connections_refused.with_label_values(&[l]);
+        }
         for o in ["fired", "dropped", "delivered", "failed"] {
             alerts.with_label_values(&[o]);
         }
@@ -298,6 +310,7 @@ impl Metrics {
         registry.register(Box::new(key_miss_reads.clone()))?;
         registry.register(Box::new(key_misses.clone()))?;
         registry.register(Box::new(unpriced.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -318,6 +331,7 @@ impl Metrics {
             key_miss_reads,
             key_misses,
             unpriced,
+            connections_refused,
             models: Mutex::new(HashSet::new()),
             unpriced_names: Mutex::new(HashSet::new()),
         })
@@ -339,6 +353,13 @@ impl Metrics {
                 self.idempotent_hits.inc();
             }
         }
+    }
+
+    /// A listener (`proxy` or `admin`) closed a connection at accept: it held its maximum.
+    pub fn connection_refused(&self, listener: &'static str) {
+        self.connections_refused
+            .with_label_values(&[listener])
+            .inc();
     }
 
     pub fn admit_time(&self, d: Duration) {

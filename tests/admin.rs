@@ -494,7 +494,10 @@ async fn admin_routes_need_the_admin_token() {
     // Unknown admin paths do not reveal themselves without the token.
     let r = admin.raw("GET", "/admin/secret-stuff", &[], "").await;
     assert_eq!(r.status, 401);
-    let auth = [("authorization", right.as_str())];
+    let auth = [
+        ("authorization", right.as_str()),
+        ("content-type", "application/json"),
+    ];
     let r = admin.raw("GET", "/admin/secret-stuff", &auth, "").await;
     assert_eq!((r.status, error_code(&r)), (404, "not_found".into()));
     let r = admin.raw("PATCH", "/admin/keys", &auth, "").await;
@@ -974,5 +977,256 @@ async fn metrics_after_traffic_cover_the_dashboard() {
     assert!(
         missing.is_empty(),
         "dashboard queries unknown metrics: {missing:?}"
+    );
+}
+
+/// A raw request to the admin listener: `head_lines` after the request line, then `body`.
+fn raw_request(method: &str, path: &str, head_lines: &[String], body: &str) -> Vec<u8> {
+    let mut r = format!("{method} {path} HTTP/1.1\r\n");
+    for l in head_lines {
+        r.push_str(l);
+        r.push_str("\r\n");
+    }
+    r.push_str(&format!(
+        "content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    r.into_bytes()
+}
+
+#[tokio::test]
+async fn admin_paths_hosts_and_writes_are_checked_before_routing() {
+    let (_mock, proxy) = start("", ProxyOptions::default()).await;
+    let own_host = format!("host: {}", proxy.admin);
+    let token = format!("authorization: Bearer {ADMIN_TOKEN}");
+    let json_type = "content-type: application/json".to_string();
+    let keys = || {
+        let c = rusqlite::Connection::open(proxy.db_path()).unwrap();
+        c.query_row("SELECT count(*) FROM api_keys", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    assert_eq!(keys(), 0);
+
+    // The reported bypass: extra leading slashes once skipped the token check and routed.
+    for (method, path) in [
+        ("POST", "//admin/keys"),
+        ("GET", "//admin/keys"),
+        ("GET", "//admin/transactions"),
+        ("GET", "/admin//keys"),
+        ("GET", "/%61dmin/keys"),
+        ("GET", "/admin/./keys"),
+        ("GET", "/admin/x/../keys"),
+    ] {
+        let r = raw_http(
+            proxy.admin,
+            &raw_request(
+                method,
+                path,
+                &[own_host.clone(), json_type.clone()],
+                r#"{"name":"x"}"#,
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{method} {path}: {}", r.text());
+        assert!(r.text().contains("invalid_path"), "{}", r.text());
+        assert!(!r.text().contains("tg_"), "{method} {path} created a key");
+    }
+    assert_eq!(keys(), 0, "no key was created through a non-canonical path");
+
+    // DNS rebinding: a page served from evil.example that resolves to 127.0.0.1 sends
+    // `Host: evil.example`; even with the token (and on open routes) it is refused.
+    for path in ["/admin/keys", "/healthz", "/metrics"] {
+        let r = raw_http(
+            proxy.admin,
+            &raw_request(
+                "GET",
+                path,
+                &[
+                    format!("host: evil.example:{}", proxy.admin.port()),
+                    token.clone(),
+                ],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(r.text().contains("invalid_host"), "{}", r.text());
+    }
+    let r = raw_http(
+        proxy.admin,
+        &raw_request("GET", "/admin/keys", std::slice::from_ref(&token), ""),
+    )
+    .await;
+    assert_eq!(
+        r.status, 400,
+        "a request without Host is refused on loopback"
+    );
+    let r = raw_http(
+        proxy.admin,
+        &raw_request(
+            "GET",
+            "http://evil.example/admin/keys",
+            &[own_host.clone(), token.clone()],
+            "",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 400, "an absolute-form target names the host too");
+    for host in [
+        own_host.clone(),
+        format!("host: localhost:{}", proxy.admin.port()),
+        "host: LOCALHOST".to_string(),
+    ] {
+        let r = raw_http(
+            proxy.admin,
+            &raw_request("GET", "/admin/keys", &[host.clone(), token.clone()], ""),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+    }
+
+    // Writes take JSON only: a cross-site form post (or a simple `text/plain` request)
+    // cannot create a key even if it could carry the token.
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        let r = raw_http(
+            proxy.admin,
+            &raw_request(
+                "POST",
+                "/admin/keys",
+                &[
+                    own_host.clone(),
+                    token.clone(),
+                    format!("content-type: {ct}"),
+                ],
+                r#"{"name":"x"}"#,
+            ),
+        )
+        .await;
+        assert_eq!(r.status, 415, "{ct}: {}", r.text());
+    }
+    let r = raw_http(
+        proxy.admin,
+        &raw_request(
+            "POST",
+            "/admin/keys",
+            &[own_host.clone(), token.clone()],
+            r#"{"name":"x"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 415, "no content type");
+    assert_eq!(keys(), 0);
+
+    // Every answer is kept out of caches, the one with a key secret first of all.
+    let r = raw_http(
+        proxy.admin,
+        &raw_request(
+            "POST",
+            "/admin/keys",
+            &[own_host.clone(), token.clone(), json_type.clone()],
+            r#"{"name":"x"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(r.text().contains("\"key\":\"tg_"));
+    assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/admin/keys",
+        "/admin/nope",
+        "//x",
+    ] {
+        let r = raw_http(
+            proxy.admin,
+            &raw_request("GET", path, &[own_host.clone(), token.clone()], ""),
+        )
+        .await;
+        assert_eq!(
+            r.header("cache-control").as_deref(),
+            Some("no-store"),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn admin_listener_bounds_slow_heads_and_connections() {
+    // Slow heads: a client that never finishes its request head is cut off.
+    let (_mock, proxy) = start(
+        "",
+        ProxyOptions {
+            server_extra: "header_timeout = \"1s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    use tokio::io::AsyncWriteExt;
+    let mut slow = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_without_answer(&mut slow).await,
+        "an unfinished request head keeps its connection"
+    );
+
+    // The connection cap: with every slot held by idle clients, one more is closed at
+    // once; a freed slot is usable again.
+    let (_mock2, proxy) = start(
+        "",
+        ProxyOptions {
+            server_extra: "header_timeout = \"120s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..tollgate::admin::MAX_CONNECTIONS {
+        let mut s = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    let mut extra = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await;
+    assert!(
+        closed_without_answer(&mut extra).await,
+        "a connection past the cap is served"
+    );
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..200 {
+        let r = raw_http(
+            proxy.admin,
+            &raw_request("GET", "/healthz", &["host: localhost".into()], ""),
+        )
+        .await;
+        if r.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "a freed slot takes a new connection");
+    drop(held);
+    let metrics = send("GET", &format!("http://{}/metrics", proxy.admin), &[], "").await;
+    assert!(
+        series(
+            &metrics.text(),
+            "tollgate_connections_refused_total{listener=\"admin\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{}",
+        metrics.text()
     );
 }

@@ -2,12 +2,29 @@
 //! HTTP surface (SPEC §6) — keys, limits, usage, the ledger, the journal — plus health,
 //! readiness and Prometheus metrics.
 //!
-//! `/healthz`, `/readyz` and `/metrics` are open; every path under `/admin` needs
-//! `Authorization: Bearer <admin_token>`, checked before routing (so unknown admin paths do
-//! not reveal themselves) and compared in constant time over SHA-256 digests, which hides
-//! the token's length too. With no admin token configured every `/admin` route answers 401.
-//! The usage page at `/admin/` ([`page`]) also takes the token as `?token=`, since a
-//! browser cannot send the header when it navigates; no other route does.
+//! Every request passes, in order:
+//!
+//! 1. **Host** ([`AllowedHosts`]): on a loopback address (or with `server.admin_hosts`
+//!    set) only the listener's own address, `localhost` and the configured names are
+//!    answered — a web page cannot reach the API through DNS rebinding. 400 `invalid_host`.
+//! 2. **Canonical path** ([`Endpoint::parse`]): one leading slash, no empty, `.` or `..`
+//!    segment, no percent-escape of a character that needs none (`%61dmin`). Anything else
+//!    is 400 `invalid_path` and is never routed: authentication is decided on the parsed
+//!    endpoint, never on the raw string.
+//! 3. **Token**: every endpoint except `/healthz`, `/readyz` and `/metrics` — unknown paths
+//!    included, so they do not reveal themselves — needs `Authorization: Bearer
+//!    <admin_token>`, compared in constant time over SHA-256 digests (which hides the
+//!    token's length too). With no admin token configured those routes answer 401. The
+//!    usage page at `/admin/` ([`page`]) also takes the token as `?token=`, since a browser
+//!    cannot send the header when it navigates; no other route does.
+//! 4. **Content type**: `POST` and `PUT` need `Content-Type: application/json` (415
+//!    otherwise), so no cross-site form or simple request can write.
+//!
+//! Every answer carries `Cache-Control: no-store` (key secrets, usage and ledger data must
+//! not sit in a browser or proxy cache). The listener speaks HTTP/1.1 only, closes a
+//! connection whose request head does not arrive within `server.header_timeout`, and
+//! holds at most [`MAX_CONNECTIONS`] connections. It is plain HTTP: keep it on loopback or
+//! behind TLS (docs/operations.md, "Threat model").
 //!
 //! The routes are listed once in [`ROUTES`]; the OpenAPI document served at
 //! `/admin/openapi.json` ([`OPENAPI`]) must describe exactly those, which a unit test
@@ -29,9 +46,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{
+    ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderValue,
+};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -43,6 +62,10 @@ use crate::keys::Subject;
 
 /// Largest request body the admin API reads.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// Most connections the admin listener holds at once; more are closed at accept. Its
+/// clients are the CLI, a metrics scraper, probes and the odd browser tab.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// The OpenAPI 3 document of this listener, served at `/admin/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -72,6 +95,14 @@ type Resp = Response<Full<Bytes>>;
 pub enum AdminError {
     #[error("{0}")]
     BadRequest(String),
+    #[error(
+        "the path is not in canonical form (empty, `.` or `..` segments, or needless percent-escapes)"
+    )]
+    InvalidPath,
+    #[error("Host `{0}` is not a name of this listener; add it to server.admin_hosts")]
+    InvalidHost(String),
+    #[error("send `Content-Type: application/json`")]
+    UnsupportedMediaType,
     #[error("admin token required: send `Authorization: Bearer <server.admin_token>`")]
     Unauthorized,
     #[error("admin token required: open /admin/?token=<server.admin_token>")]
@@ -91,7 +122,10 @@ pub enum AdminError {
 impl AdminError {
     pub fn status(&self) -> StatusCode {
         match self {
-            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::BadRequest(_) | AdminError::InvalidPath | AdminError::InvalidHost(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            AdminError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AdminError::Unauthorized | AdminError::PageUnauthorized => StatusCode::UNAUTHORIZED,
             AdminError::NotFound(_) => StatusCode::NOT_FOUND,
             AdminError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -104,6 +138,9 @@ impl AdminError {
     pub fn code(&self) -> &'static str {
         match self {
             AdminError::BadRequest(_) => "invalid_request",
+            AdminError::InvalidPath => "invalid_path",
+            AdminError::InvalidHost(_) => "invalid_host",
+            AdminError::UnsupportedMediaType => "unsupported_media_type",
             AdminError::Unauthorized | AdminError::PageUnauthorized => "invalid_admin_token",
             AdminError::NotFound(_) => "not_found",
             AdminError::MethodNotAllowed(_) => "method_not_allowed",
@@ -164,12 +201,14 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    /// Match a request path; `Ok(None)` for no route. Path segments are percent-decoded.
+    /// Match a request path; `Ok(None)` for no route, [`AdminError::InvalidPath`] for a
+    /// path not in canonical form ([`canonical_segments`]). Id segments are
+    /// percent-decoded.
     fn parse(path: &str) -> Result<Option<Endpoint>, AdminError> {
-        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let segments = canonical_segments(path)?;
         let id = |s: &str| -> Result<String, AdminError> {
             match percent_decode(s, false) {
-                Some(id) if !id.is_empty() => Ok(id),
+                Some(id) if !id.is_empty() && !id.chars().any(char::is_control) => Ok(id),
                 _ => Err(AdminError::BadRequest(format!(
                     "`{s}` is not a valid percent-encoded id"
                 ))),
@@ -194,6 +233,14 @@ impl Endpoint {
         }))
     }
 
+    /// Whether the endpoint answers without the admin token.
+    fn is_open(&self) -> bool {
+        matches!(
+            self,
+            Endpoint::Healthz | Endpoint::Readyz | Endpoint::Metrics
+        )
+    }
+
     /// Methods the endpoint answers, as for an `Allow` header.
     fn allow(&self) -> &'static str {
         match self {
@@ -204,6 +251,124 @@ impl Endpoint {
             _ => "GET",
         }
     }
+}
+
+/// The segments of a path in canonical form: exactly one leading `/`, no empty segment
+/// (but a final one, as in `/admin/`), no `.` or `..`, and `%XX` escapes only for bytes
+/// that must be escaped (an escaped letter, digit or `-._~` is an attempt to look like
+/// something else). Fixed segments are then compared literally, so `/admin/%6beys` can
+/// never match `keys`.
+fn canonical_segments(path: &str) -> Result<Vec<&str>, AdminError> {
+    let rest = path.strip_prefix('/').ok_or(AdminError::InvalidPath)?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        if (seg.is_empty() && i != last) || *seg == "." || *seg == ".." {
+            return Err(AdminError::InvalidPath);
+        }
+        let b = seg.as_bytes();
+        let mut j = 0;
+        while j < b.len() {
+            if b[j] == b'%' {
+                let byte = b
+                    .get(j + 1..j + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(AdminError::InvalidPath)?;
+                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                    return Err(AdminError::InvalidPath);
+                }
+                j += 3;
+            } else {
+                j += 1;
+            }
+        }
+    }
+    // A lone `/` (or `//…`) has an empty first segment.
+    if segments[0].is_empty() {
+        return Err(AdminError::InvalidPath);
+    }
+    Ok(segments)
+}
+
+/// Percent-encode a path segment or query value (everything but `A-Z a-z 0-9 - . _ ~`),
+/// for clients building admin URLs from ids.
+pub fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `Host` names the admin listener answers to (DNS-rebinding defence); `None` means
+/// any (a non-loopback listener with no `server.admin_hosts`).
+#[derive(Debug, Clone)]
+pub struct AllowedHosts(Option<Vec<String>>);
+
+impl AllowedHosts {
+    /// For a listener bound to `local`: its own address, `localhost` and `configured`,
+    /// checked when `local` is loopback or names are configured.
+    pub fn new(local: std::net::SocketAddr, configured: &[String]) -> AllowedHosts {
+        if configured.is_empty() && !local.ip().is_loopback() {
+            return AllowedHosts(None);
+        }
+        let own = match local.ip() {
+            std::net::IpAddr::V4(ip) => ip.to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        };
+        let mut names = vec![own, "localhost".to_string()];
+        names.extend(configured.iter().map(|h| host_part(h).to_string()));
+        AllowedHosts(Some(names))
+    }
+
+    /// Check the request's `Host` header and, for an absolute-form target, its authority.
+    fn check(&self, req: &Request<Incoming>) -> Result<(), AdminError> {
+        let Some(names) = &self.0 else {
+            return Ok(());
+        };
+        let header = req
+            .headers()
+            .get(HOST)
+            .map(|h| h.to_str().unwrap_or("\u{fffd}"));
+        let authority = req.uri().authority().map(|a| a.as_str());
+        if header.is_none() && authority.is_none() {
+            return Err(AdminError::InvalidHost(String::new()));
+        }
+        for presented in header.into_iter().chain(authority) {
+            let host = host_part(presented).to_ascii_lowercase();
+            if !names.contains(&host) {
+                let shown: String = presented.chars().take(100).collect();
+                return Err(AdminError::InvalidHost(shown));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `host[:port]` or `[v6][:port]` → the host, brackets kept for IPv6.
+fn host_part(h: &str) -> &str {
+    let h = h.trim();
+    let h = h.rsplit_once('@').map_or(h, |(_, host)| host);
+    if h.starts_with('[') {
+        return h.find(']').map_or(h, |end| &h[..=end]);
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+/// Whether a `Content-Type` header says JSON (`application/json`, parameters allowed).
+fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Whether an `Authorization` header carries the configured admin token.
@@ -407,11 +572,18 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
     Ok(r)
 }
 
-async fn dispatch(engine: &Engine, req: Request<Incoming>) -> Result<Resp, AdminError> {
+async fn dispatch(
+    engine: &Engine,
+    hosts: &AllowedHosts,
+    req: Request<Incoming>,
+) -> Result<Resp, AdminError> {
+    hosts.check(&req)?;
     let path = req.uri().path().to_string();
-    if path == "/admin" || path.starts_with("/admin/") {
+    let endpoint = Endpoint::parse(&path)?;
+    // Authentication is decided on what the path names, never on the raw string.
+    if !endpoint.as_ref().is_some_and(Endpoint::is_open) {
         let configured = engine.config().server.admin_token.expose();
-        let is_page = path == "/admin/";
+        let is_page = endpoint == Some(Endpoint::Page);
         let allowed = authorized(configured, req.headers().get(AUTHORIZATION))
             || (is_page && page::query_token_ok(configured, req.uri().query()));
         if !allowed {
@@ -422,9 +594,14 @@ async fn dispatch(engine: &Engine, req: Request<Incoming>) -> Result<Resp, Admin
             });
         }
     }
-    let Some(endpoint) = Endpoint::parse(&path)? else {
+    let Some(endpoint) = endpoint else {
         return Err(AdminError::NotFound(format!("no route for {path}")));
     };
+    if matches!(*req.method(), Method::POST | Method::PUT)
+        && !is_json(req.headers().get(CONTENT_TYPE))
+    {
+        return Err(AdminError::UnsupportedMediaType);
+    }
     let query = Query::parse(req.uri().query())?;
     let method = req.method().clone();
     match (endpoint, method) {
@@ -473,10 +650,14 @@ async fn dispatch(engine: &Engine, req: Request<Incoming>) -> Result<Resp, Admin
     }
 }
 
-async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+async fn handle(
+    engine: Arc<Engine>,
+    hosts: Arc<AllowedHosts>,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match dispatch(&engine, req).await {
+    let mut resp = match dispatch(&engine, &hosts, req).await {
         Ok(r) => r,
         Err(e) => {
             if matches!(e, AdminError::Unavailable(_) | AdminError::Internal(_)) {
@@ -487,11 +668,25 @@ async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Result<Resp, Inf
             e.response()
         }
     };
+    // Key secrets, usage and ledger rows must not be kept by a browser or a proxy.
+    let h = resp.headers_mut();
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     Ok(resp)
 }
 
 /// Serve the admin API on `listener` until the task is aborted.
 pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
+    let server = &engine.config().server;
+    let header_timeout = server.header_timeout;
+    let hosts = Arc::new(match listener.local_addr() {
+        Ok(local) => AllowedHosts::new(local, &server.admin_hosts),
+        Err(_) => AllowedHosts::new(server.admin_listen, &server.admin_hosts),
+    });
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -502,12 +697,20 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
                 continue;
             }
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            engine.metrics().connection_refused("admin");
+            tracing::debug!("admin listener at its connection cap; connection closed");
+            continue;
+        };
         let e = engine.clone();
+        let hosts = hosts.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| handle(e.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _permit = permit;
+            let svc = hyper::service::service_fn(move |req| handle(e.clone(), hosts.clone(), req));
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -600,6 +803,101 @@ mod tests {
             Endpoint::parse("/admin/tenants/%ff/limits").is_err(),
             "not UTF-8"
         );
+    }
+
+    #[test]
+    fn only_canonical_paths_are_routed() {
+        // Each of these once reached (or could reach) a route by another spelling.
+        for bad in [
+            "//admin/keys",
+            "///admin/transactions",
+            "/admin//keys",
+            "/admin/keys//",
+            "/./admin/keys",
+            "/admin/./keys",
+            "/admin/keys/..",
+            "/admin/../healthz",
+            "/%61dmin/keys",
+            "/admin/%6beys",
+            "/admin/keys/%6B_1",
+            "/admin/keys/k%5f1",
+            "/admin/keys/%2e%2e",
+            "/admin/keys/%2",
+            "/admin/keys/%zz",
+            "//healthz",
+            "/",
+            "",
+            "admin/keys",
+        ] {
+            assert!(
+                matches!(Endpoint::parse(bad), Err(AdminError::InvalidPath)),
+                "{bad:?} must not be routed: {:?}",
+                Endpoint::parse(bad)
+            );
+        }
+        // Escapes of bytes that need escaping stay valid in ids.
+        assert_eq!(
+            Endpoint::parse("/admin/users/a%2Fb%20c%25/limits").unwrap(),
+            Some(Endpoint::Limits(Subject::User("a/b c%".into())))
+        );
+        assert!(
+            Endpoint::parse("/admin/users/a%0Ab/limits").is_err(),
+            "control characters"
+        );
+        assert_eq!(
+            Endpoint::parse("/healthz").unwrap(),
+            Some(Endpoint::Healthz)
+        );
+        assert_eq!(
+            Endpoint::parse("/healthz/").unwrap(),
+            None,
+            "no route, not open"
+        );
+        assert!(Endpoint::parse("/healthz").unwrap().unwrap().is_open());
+        assert!(!Endpoint::parse("/admin/keys").unwrap().unwrap().is_open());
+    }
+
+    #[test]
+    fn components_are_encoded_for_urls() {
+        assert_eq!(encode_component("k_1-a.b~"), "k_1-a.b~");
+        assert_eq!(encode_component("a&b=c#d/e f%"), "a%26b%3Dc%23d%2Fe%20f%25");
+        assert_eq!(encode_component("é"), "%C3%A9");
+        let id = "team/a&b";
+        let path = format!("/admin/users/{}/limits", encode_component(id));
+        assert_eq!(
+            Endpoint::parse(&path).unwrap(),
+            Some(Endpoint::Limits(Subject::User(id.into())))
+        );
+        let q = Query::parse(Some(&format!("user={}", encode_component(id)))).unwrap();
+        assert_eq!(q.get("user"), Some(id));
+    }
+
+    #[test]
+    fn hosts_and_content_types() {
+        assert_eq!(host_part("127.0.0.1:9091"), "127.0.0.1");
+        assert_eq!(host_part("[::1]:9091"), "[::1]");
+        assert_eq!(host_part("[::1]"), "[::1]");
+        assert_eq!(host_part("Evil.example"), "Evil.example");
+        assert_eq!(host_part("u@localhost:1"), "localhost");
+        let loopback = AllowedHosts::new("127.0.0.1:9091".parse().unwrap(), &[]);
+        let names = loopback.0.clone().unwrap();
+        assert_eq!(names, vec!["127.0.0.1", "localhost"]);
+        let v6 = AllowedHosts::new(
+            "[::1]:9091".parse().unwrap(),
+            &["admin.internal:9091".into()],
+        );
+        assert_eq!(v6.0.unwrap(), vec!["[::1]", "localhost", "admin.internal"]);
+        assert!(
+            AllowedHosts::new("0.0.0.0:9091".parse().unwrap(), &[])
+                .0
+                .is_none()
+        );
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(is_json(Some(&h("application/json"))));
+        assert!(is_json(Some(&h("Application/JSON; charset=utf-8"))));
+        assert!(!is_json(Some(&h("text/plain"))));
+        assert!(!is_json(Some(&h("application/x-www-form-urlencoded"))));
+        assert!(!is_json(None));
     }
 
     #[test]

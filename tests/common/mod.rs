@@ -531,3 +531,95 @@ pub fn http_response(content_type: &str, body: &[u8], chunked: bool) -> Vec<u8> 
     }
     out
 }
+
+/// A response read off a raw socket: status (0 when the server closed without answering),
+/// head text, body bytes.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Read one response (head, then a `content-length` body, else until close) off `s`.
+/// Status 0 when the server closed or reset the connection before a whole head.
+pub async fn read_raw_reply(s: &mut tokio::net::TcpStream) -> RawReply {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 16384];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let mut body = buf[end + 4..].to_vec();
+            let reply = RawReply {
+                status,
+                head,
+                body: Vec::new(),
+            };
+            let want = reply
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok());
+            while want.is_none_or(|n| body.len() < n) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, s.read(&mut tmp)).await {
+                    Ok(Ok(n)) if n > 0 => body.extend_from_slice(&tmp[..n]),
+                    _ => break,
+                }
+            }
+            return RawReply { body, ..reply };
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut tmp)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+            Ok(_) => {
+                return RawReply {
+                    status: 0,
+                    head: String::from_utf8_lossy(&buf).into_owned(),
+                    body: Vec::new(),
+                };
+            }
+            Err(_) => panic!(
+                "no response within 30 s; got {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+        }
+    }
+}
+
+/// Send `request` as raw bytes on a fresh connection and read the answer.
+pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> RawReply {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    read_raw_reply(&mut s).await
+}
+
+/// Whether the server closes `s` (EOF or reset) within 30 s without sending a response.
+pub async fn closed_without_answer(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut tmp = [0u8; 1024];
+    match tokio::time::timeout(Duration::from_secs(30), s.read(&mut tmp)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) | Err(_) => false,
+    }
+}
