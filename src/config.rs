@@ -1032,10 +1032,20 @@ impl Reader<'_> {
                     }
                 },
             };
-            let api_key = self
-                .string(t, &p, "api_key")
-                .map(|(s, _)| Secret(s))
-                .unwrap_or_default();
+            let api_key = match self.string(t, &p, "api_key") {
+                Some((s, span)) => {
+                    if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                        // Said without the key: it is a secret even when malformed.
+                        self.issue(
+                            &join(&p, "api_key"),
+                            span,
+                            "must not contain whitespace or control characters (it is sent as a header)",
+                        );
+                    }
+                    Secret(s)
+                }
+                None => Secret::default(),
+            };
             let routes = self.string_array(t, &p, "routes").unwrap_or(default_routes);
             for (ri, r) in routes.iter().enumerate() {
                 if !r.starts_with('/') {

@@ -15,6 +15,7 @@ use crate::engine::Engine;
 use crate::journal::Journal;
 use crate::ledger::SqliteLoader;
 use crate::proxy::Gateway;
+use crate::proxy::listener::Guarded;
 use crate::proxy::upstream::{Upstream, resolve_loop};
 use crate::quota::fallback::FallbackStore;
 use crate::quota::memory::{CounterLoader, MemoryStore};
@@ -255,8 +256,12 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(engine.clone()));
+    // pingora's HTTP proxy behind the connection cap and the request-head deadline.
+    let app = pingora::proxy::http_proxy(&server.configuration, Gateway::new(engine.clone()));
+    let mut proxy = pingora::services::listening::Service::new(
+        "tollgate proxy".to_string(),
+        Guarded::new(app, engine.clone()),
+    );
     proxy.add_tcp(&config.server.listen.to_string());
     server.add_service(proxy);
     server.add_service(background_service(

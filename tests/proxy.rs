@@ -413,7 +413,7 @@ async fn sigterm_lets_open_streams_finish_and_settle() {
             .success()
     );
     let r = stream.await.unwrap();
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 200, "{}", r.text());
     assert!(
         r.text().contains("data: [DONE]"),
         "the stream ran to its end"

@@ -3,31 +3,35 @@
 //! Only glue lives here — every decision is made by [`crate::engine`], which knows nothing
 //! of pingora. The phases, in order:
 //!
-//! 1. `request_filter`: route (404), auth (401; a key created since the last directory
+//! 1. `early_request_filter`: the head has arrived; its clock ([`listener`]) stops.
+//! 2. `request_filter`: route (404), auth (401; a key created since the last directory
 //!    refresh is looked up, see [`crate::auth`]), trace id, size (413 by
-//!    `Content-Length`). A passthrough route ([`crate::passthrough`]) is forwarded from
-//!    here as it comes, never admitted. A body
-//!    whose length is known and at most [`SMALL_BODY`] is read here in full and admitted
-//!    (400/409/403/429) *before any upstream connection*; pingora then replays it from its
-//!    retry buffer into `request_body_filter`, where it is swapped for the (possibly
-//!    rewritten) body.
-//! 2. Larger or chunked bodies exceed pingora's 64 KiB retry buffer, which it would not
-//!    replay (pingora #349/#688). They are collected in `request_body_filter` instead —
-//!    every chunk swallowed — and admitted when the last chunk arrives; the whole body is
-//!    then sent as one chunk with chunked transfer encoding. Such a request has already
-//!    opened an upstream connection and sent headers when it is refused; the refusal
-//!    aborts that upstream request.
-//! 3. `upstream_request_filter`: the client's tollgate key is replaced by the upstream's own
-//!    key, `accept-encoding` is dropped so the meter sees plain text.
-//! 4. `upstream_response_filter` / `response_body_filter`: headers (trace id, rate-limit
-//!    headers), then every chunk through the meter, which returns the bytes unchanged
+//!    `Content-Length`), then the whole body is read — at most `server.max_request_body`
+//!    bytes (413) within `server.body_timeout` (408) — and admitted (400/409/403/429),
+//!    all *before any upstream connection is opened or any header with the provider key
+//!    is sent*. A passthrough route ([`crate::passthrough`]) is read the same way but
+//!    never admitted. A refusal sent before the body was read lingers
+//!    ([`Gateway::linger`]) so the client hears it.
+//! 3. Forwarding the admitted body. A body that fits pingora's 64 KiB retry buffer is
+//!    replayed by pingora into `request_body_filter`, where it is swapped for the
+//!    (possibly rewritten) body. A larger one would not be replayed (pingora #349/#688),
+//!    so its exchange is handed to a pingora *subrequest* ([`Gateway::hand_off`]): the
+//!    same phases below run there, fed the body from memory, and the subrequest's
+//!    response is piped to the client unchanged.
+//! 4. `upstream_request_filter`: caller credentials and account-selecting headers are
+//!    dropped, the upstream's own key is set (a header value marked sensitive),
+//!    `accept-encoding` is dropped so the meter sees plain text.
+//! 5. `upstream_response_filter` / `response_filter` / `response_body_filter`: headers
+//!    naming the operator's provider account are removed, trace id and rate-limit headers
+//!    added, then every chunk goes through the meter, which returns the bytes unchanged
 //!    (or minus the usage chunk the client did not ask for). An answer whose length
 //!    tollgate removed (or the upstream never sent) goes out chunked, so an HTTP/1.1
 //!    client's connection is reused (`keep_alive_framing`).
-//! 5. `logging` runs after success, errors and disconnects alike: the one place the
+//! 6. `logging` runs after success, errors and disconnects alike: the one place the
 //!    request is finished (settled or released, in a task it spawns so the client's
 //!    connection is free at once) and logged.
 
+pub mod listener;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -37,18 +41,24 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
+use pingora::proxy::subrequest::pipe::{InputBody, InputBodyType, pipe_subrequest};
+use pingora::proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::api::meter::{Meter, failure_event};
-use crate::config::UpstreamKind;
+use crate::config::{ACCOUNT_HEADERS, ACCOUNT_RESPONSE_HEADERS, CREDENTIAL_HEADERS, UpstreamKind};
 use crate::engine::{Admission, Engine, RequestEnd, Route};
 use crate::errors::{ApiError, ErrorCode};
 
-/// Bodies up to this size (with a known length) are admitted before connecting upstream;
-/// it must not exceed pingora's retry buffer (64 KiB), which replays the body to upstream.
-pub const SMALL_BODY: usize = 64 * 1024;
+/// A refusal sent before the request body was read waits for the rest of the body — at
+/// most this long in all, and at most [`LINGER_GAP`] between two reads — before closing,
+/// as nginx's lingering close does: closing with unread bytes makes the kernel send a
+/// reset that can destroy the answer in the client's receive buffer.
+pub const LINGER_TIME: Duration = Duration::from_secs(30);
+/// Longest pause of a lingering client before the connection is closed anyway.
+pub const LINGER_GAP: Duration = Duration::from_secs(5);
 
 /// A 429 whose limit frees within this many seconds is left to the SDKs' own retries;
 /// a later (or never) one carries `x-should-retry: false`.
@@ -64,8 +74,9 @@ pub struct Ctx {
     route: Option<Route>,
     principal: Option<Arc<crate::auth::Principal>>,
     idempotency_key: Option<String>,
-    /// Body being collected in `request_body_filter` (large/chunked path).
-    collecting: Option<BytesMut>,
+    /// This request's exchange runs in a subrequest ([`Gateway::hand_off`]), which
+    /// finishes and logs it.
+    handed_off: bool,
     /// Set once admitted.
     admission: Option<Admission>,
     /// The body to send upstream in place of the client's, once.
@@ -78,17 +89,29 @@ pub struct Ctx {
     first_byte_at: Option<Instant>,
     response_done: bool,
     admit_time: Duration,
-    /// A refusal decided in `request_body_filter`, answered by `fail_to_proxy`.
-    refusal: Option<ApiError>,
     /// We answered with one of our own errors.
     refused: bool,
+    /// `100 Continue` was sent: the client is sending its body.
+    continued: bool,
+    /// The body was read whole in `request_filter`: what goes upstream is
+    /// `replacement`, once.
+    body_read: bool,
     /// The request carries `anthropic-version`: an Anthropic client (routing and the
     /// shape of errors answered before a route is known).
     anthropic_client: bool,
     /// Rate-limit headers of a passthrough answer (nothing is admitted for those).
     passthrough_headers: Vec<(&'static str, String)>,
-    /// Body bytes of a passthrough request forwarded so far (bounded like any body).
-    passthrough_bytes: u64,
+}
+
+/// A request's context handed to the subrequest that forwards its large body; taken by
+/// the subrequest's `request_filter`, or back by the request if the subrequest never ran.
+type Handoff = Arc<parking_lot::Mutex<Option<Ctx>>>;
+
+/// Why a request body could not be read whole.
+enum BodyError {
+    TooLarge,
+    TimedOut,
+    Read(Box<Error>),
 }
 
 /// The proxy service.
@@ -110,6 +133,11 @@ impl Gateway {
     }
 
     /// Answer with one of our errors and remember the status for logging.
+    ///
+    /// When the request body is still unread (a refusal decided from the head), the
+    /// connection is not reused, and the rest of the body is drained within bounds
+    /// ([`Gateway::linger`]) before it closes, so the client hears the answer. A client
+    /// that was too slow to send its body (408) is not waited for again.
     async fn refuse(&self, session: &mut Session, ctx: &mut Ctx, err: &ApiError) -> Result<bool> {
         let kind = self.kind(ctx);
         let body = err.body(kind);
@@ -136,12 +164,175 @@ impl Gateway {
         ctx.refused = true;
         self.engine.metrics().refused(err.code);
         // The connection stays open for the client's next request when the whole request
-        // body has been read (refusals decided from the body, or a request without one):
-        // pingora closes it by itself when a response is written before the body is done
-        // (`close_on_response_before_downstream_finish`, on by default).
+        // body has been read (refusals decided from the body, or a request without one).
+        let unread = !session.is_body_done();
+        if unread {
+            session.set_keepalive(None);
+        }
+        // A client that asked to be told before it sends its body (and was not) has
+        // nothing on its way.
+        let withheld = !ctx.continued
+            && header(session, "expect").is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue"));
         session.write_response_header(Box::new(h), false).await?;
         session.write_response_body(Some(body), true).await?;
+        if unread && !withheld && err.code != ErrorCode::RequestTimeout {
+            self.linger(session).await;
+        }
         Ok(true)
+    }
+
+    /// Lingering close: read and drop what is left of the request body — at most twice
+    /// `server.max_request_body` (1 MiB at least), for at most [`LINGER_TIME`], giving up
+    /// after a pause of [`LINGER_GAP`] — so that closing does not reset the connection
+    /// under an answer the client has not read yet.
+    async fn linger(&self, session: &mut Session) {
+        let budget = self
+            .engine
+            .config()
+            .server
+            .max_request_body
+            .saturating_mul(2)
+            .max(1 << 20);
+        let deadline = Instant::now() + LINGER_TIME;
+        let mut drained: u64 = 0;
+        while drained <= budget {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(LINGER_GAP);
+            if wait.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(wait, session.read_request_body()).await {
+                Ok(Ok(Some(chunk))) => drained += chunk.len() as u64,
+                // The end of the body, a broken connection, or a client gone quiet.
+                _ => break,
+            }
+        }
+    }
+
+    /// Read the whole request body: at most `max` bytes, within `server.body_timeout`.
+    async fn read_body(
+        &self,
+        session: &mut Session,
+        max: u64,
+    ) -> std::result::Result<Bytes, BodyError> {
+        let declared = header(session, "content-length")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        // Trust a declared length for the first allocation only up to the cap.
+        let mut buf = BytesMut::with_capacity(declared.min(max) as usize);
+        let deadline = tokio::time::Instant::now() + self.engine.config().server.body_timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, session.read_request_body()).await {
+                Err(_) => return Err(BodyError::TimedOut),
+                Ok(Err(e)) => return Err(BodyError::Read(e)),
+                Ok(Ok(None)) => return Ok(buf.freeze()),
+                Ok(Ok(Some(chunk))) => {
+                    if buf.len() as u64 + chunk.len() as u64 > max {
+                        return Err(BodyError::TooLarge);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+    }
+
+    /// Forward an admitted request whose body pingora cannot replay (above its 64 KiB retry
+    /// buffer) through a subrequest: the context (with its admission) moves to the
+    /// subrequest, which runs the usual upstream phases on the body from memory, finishes
+    /// and logs the request; its response is piped to the client as it comes.
+    async fn hand_off(&self, session: &mut Session, ctx: &mut Ctx, body: Bytes) -> Result<bool> {
+        let trace_id = ctx.trace_id.clone();
+        let mut handed = self.empty_ctx();
+        std::mem::swap(ctx, &mut handed);
+        ctx.trace_id = trace_id;
+        ctx.handed_off = true;
+        let handoff: Handoff = Arc::new(parking_lot::Mutex::new(Some(handed)));
+        let sub_ctx = SubrequestCtx::builder()
+            .body_mode(BodyMode::ExpectBody)
+            .user_ctx(Box::new(handoff.clone()))
+            .build();
+        let prepared = session
+            .subrequest_spawner
+            .as_ref()
+            .map(|spawner| spawner.create_subrequest(session.as_downstream(), sub_ctx));
+        let result = match prepared {
+            Some((sub, handle)) => Some(
+                pipe_subrequest(
+                    session,
+                    sub,
+                    handle,
+                    |task| Ok(Some(task)),
+                    InputBodyType::Preset(InputBody::Bytes(vec![body])),
+                )
+                .await,
+            ),
+            None => None,
+        };
+        let failed = match result {
+            Some(Ok(_)) => false,
+            Some(Err(e)) => {
+                if e.from_subreq {
+                    // The subrequest may have queued its own answer (a 502, say) just
+                    // before reporting its error: deliver it.
+                    if let Some(mut rx) = e.state.pipe_rx {
+                        let mut tasks = Vec::new();
+                        while let Ok(task) = rx.try_recv() {
+                            tasks.push(task);
+                        }
+                        if !tasks.is_empty() {
+                            let _ = session.write_response_tasks(tasks).await;
+                        }
+                    }
+                } else {
+                    tracing::debug!(trace_id = %ctx.trace_id, error = %e.error, "client gone while its response was piped");
+                }
+                true
+            }
+            None => true,
+        };
+        if failed {
+            session.set_keepalive(None);
+        }
+        // The subrequest never took the context (it did not start): finish it here.
+        let untaken = handoff.lock().take();
+        if let Some(mut orphan) = untaken {
+            tracing::error!(trace_id = %orphan.trace_id, "the forwarding subrequest did not start");
+            if session.response_written().is_none() {
+                let err = ApiError::new(ErrorCode::Internal, "internal error");
+                let _ = self.refuse(session, &mut orphan, &err).await;
+            }
+            orphan.handed_off = false;
+            *ctx = orphan;
+        }
+        Ok(true)
+    }
+
+    /// A fresh context, not yet counted as a request (see `new_ctx`).
+    fn empty_ctx(&self) -> Ctx {
+        Ctx {
+            trace_id: uuid::Uuid::now_v7().to_string(),
+            started: Instant::now(),
+            route: None,
+            principal: None,
+            idempotency_key: None,
+            handed_off: false,
+            admission: None,
+            replacement: None,
+            meter: None,
+            answered: None,
+            upstream_status: None,
+            upstream_sent_at: None,
+            first_byte_at: None,
+            response_done: false,
+            admit_time: Duration::ZERO,
+            refused: false,
+            continued: false,
+            body_read: false,
+            anthropic_client: false,
+            passthrough_headers: Vec::new(),
+        }
     }
 
     /// Admit a complete body; on refusal the error to answer.
@@ -178,42 +369,38 @@ fn header<'a>(session: &'a Session, name: &str) -> Option<&'a [u8]> {
     session.req_header().headers.get(name).map(|v| v.as_bytes())
 }
 
-fn to_pingora(err: ApiError) -> Box<Error> {
-    // Carried through pingora as an HTTP status; `fail_to_proxy` renders the shape.
-    Error::explain(ErrorType::HTTPStatus(err.status()), err.message)
-}
-
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
         self.engine.request_started();
-        Ctx {
-            trace_id: uuid::Uuid::now_v7().to_string(),
-            started: Instant::now(),
-            route: None,
-            principal: None,
-            idempotency_key: None,
-            collecting: None,
-            admission: None,
-            replacement: None,
-            meter: None,
-            answered: None,
-            upstream_status: None,
-            upstream_sent_at: None,
-            first_byte_at: None,
-            response_done: false,
-            admit_time: Duration::ZERO,
-            refusal: None,
-            refused: false,
-            anthropic_client: false,
-            passthrough_headers: Vec::new(),
-            passthrough_bytes: 0,
-        }
+        self.empty_ctx()
+    }
+
+    fn allow_spawning_subrequest(&self, _session: &Session, _ctx: &Ctx) -> bool {
+        // Large bodies are forwarded through a subrequest (see `hand_off`).
+        true
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        listener::head_done(session.as_downstream().stream());
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // A subrequest forwarding a large body: take over its request's context.
+        let handed = session
+            .subrequest_ctx
+            .as_mut()
+            .and_then(|c| c.user_ctx_mut())
+            .and_then(|u| u.downcast_mut::<Handoff>())
+            .and_then(|h| h.lock().take());
+        if let Some(handed) = handed {
+            *ctx = handed;
+            return Ok(false);
+        }
+
         let path = session.req_header().uri.path().to_string();
         let method = session.req_header().method.clone();
         ctx.anthropic_client = header(session, "anthropic-version").is_some();
@@ -239,6 +426,9 @@ impl ProxyHttp for Gateway {
             h.insert_header("content-length", body.len().to_string())?;
             h.insert_header("x-tollgate-trace-id", ctx.trace_id.as_str())?;
             ctx.answered = Some(200);
+            if !session.is_body_done() {
+                session.set_keepalive(None);
+            }
             session.write_response_header(Box::new(h), false).await?;
             session.write_response_body(Some(body), true).await?;
             return Ok(true);
@@ -262,62 +452,65 @@ impl ProxyHttp for Gateway {
         ctx.principal = Some(principal);
 
         let max = self.engine.config().server.max_request_body;
-        let content_length = header(session, "content-length")
+        let declared = header(session, "content-length")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|s| s.trim().parse::<u64>().ok());
-        if let Some(len) = content_length
+        let too_large = |len: Option<u64>| {
+            ApiError::new(
+                ErrorCode::RequestTooLarge,
+                match len {
+                    Some(len) => {
+                        format!("request body of {len} bytes exceeds the limit of {max} bytes")
+                    }
+                    None => format!("request body exceeds the limit of {max} bytes"),
+                },
+            )
+        };
+        if let Some(len) = declared
             && len > max
         {
-            return self
-                .refuse(
-                    session,
-                    ctx,
-                    &ApiError::new(
-                        ErrorCode::RequestTooLarge,
-                        format!("request body of {len} bytes exceeds the limit of {max} bytes"),
-                    ),
-                )
-                .await;
+            return self.refuse(session, ctx, &too_large(Some(len))).await;
         }
+        // The whole body, before any upstream connection exists. pingora keeps a copy of
+        // up to 64 KiB to replay it upstream; a larger body goes through `hand_off`.
+        if header(session, "expect").is_some_and(|v| v.eq_ignore_ascii_case(b"100-continue")) {
+            // The head passed every check: ask for the body now rather than let the
+            // client wait out its own timer (curl waits a second).
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await?;
+            ctx.continued = true;
+        }
+        session.enable_retry_buffering();
+        let body = match self.read_body(session, max).await {
+            Ok(b) => b,
+            Err(BodyError::TooLarge) => return self.refuse(session, ctx, &too_large(None)).await,
+            Err(BodyError::TimedOut) => {
+                let timeout = self.engine.config().server.body_timeout;
+                let e = ApiError::new(
+                    ErrorCode::RequestTimeout,
+                    format!(
+                        "request body not received within {}",
+                        humantime::format_duration(timeout)
+                    ),
+                );
+                return self.refuse(session, ctx, &e).await;
+            }
+            Err(BodyError::Read(e)) => return Err(e),
+        };
+        ctx.body_read = true;
         if ctx.route.as_ref().is_some_and(|r| r.passthrough) {
-            // Forwarded as it comes (body included), never admitted: no hold, no row.
+            // Forwarded as it came, never admitted: no hold, no row.
             if let (Some(p), Some(r)) = (ctx.principal.as_ref(), ctx.route.as_ref()) {
                 ctx.passthrough_headers = self.engine.passthrough_headers(p, r).await;
             }
-            return Ok(false);
+            ctx.replacement = Some(body.clone());
+        } else if let Err(e) = self.admit(ctx, body.clone()).await {
+            return self.refuse(session, ctx, &e).await;
         }
-        let chunked = header(session, "transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
-        match content_length {
-            Some(len) if !chunked && len as usize <= SMALL_BODY => {
-                // Small body: read it all now (pingora keeps a replay copy) and decide
-                // before any upstream connection exists.
-                session.enable_retry_buffering();
-                let mut buf = BytesMut::with_capacity(len as usize);
-                while let Some(chunk) = session.read_request_body().await? {
-                    buf.extend_from_slice(&chunk);
-                    if buf.len() as u64 > max {
-                        return self
-                            .refuse(
-                                session,
-                                ctx,
-                                &ApiError::new(
-                                    ErrorCode::RequestTooLarge,
-                                    "request body too large",
-                                ),
-                            )
-                            .await;
-                    }
-                }
-                if let Err(e) = self.admit(ctx, buf.freeze()).await {
-                    return self.refuse(session, ctx, &e).await;
-                }
-            }
-            _ => {
-                ctx.collecting = Some(BytesMut::with_capacity(
-                    content_length.unwrap_or(SMALL_BODY as u64).min(max) as usize,
-                ));
-            }
+        if session.as_downstream().retry_buffer_truncated() {
+            return self.hand_off(session, ctx, body).await;
         }
         Ok(false)
     }
@@ -329,50 +522,9 @@ impl ProxyHttp for Gateway {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if ctx.route.as_ref().is_some_and(|r| r.passthrough) {
-            // A passthrough body streams through untouched, within the same size bound.
-            ctx.passthrough_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
-            let max = self.engine.config().server.max_request_body;
-            if ctx.passthrough_bytes > max {
-                let e = ApiError::new(
-                    ErrorCode::RequestTooLarge,
-                    format!("request body exceeds the limit of {max} bytes"),
-                );
-                ctx.refusal = Some(e.clone());
-                return Err(to_pingora(e));
-            }
-            return Ok(());
-        }
-        if let Some(buf) = ctx.collecting.as_mut() {
-            if let Some(chunk) = body.take() {
-                buf.extend_from_slice(&chunk);
-                let max = self.engine.config().server.max_request_body;
-                if buf.len() as u64 > max {
-                    ctx.collecting = None;
-                    let e = ApiError::new(
-                        ErrorCode::RequestTooLarge,
-                        format!("request body exceeds the limit of {max} bytes"),
-                    );
-                    ctx.refusal = Some(e.clone());
-                    return Err(to_pingora(e));
-                }
-            }
-            if !end_of_stream {
-                // Swallow: an empty chunk is "nothing yet", `None` would mean end of body.
-                *body = Some(Bytes::new());
-                return Ok(());
-            }
-            let full = ctx
-                .collecting
-                .take()
-                .map(BytesMut::freeze)
-                .unwrap_or_default();
-            if let Err(e) = self.admit(ctx, full).await {
-                ctx.refusal = Some(e.clone());
-                return Err(to_pingora(e));
-            }
-        }
-        if ctx.admission.is_some() {
+        // The client's body was read (and admitted) in `request_filter`; pingora replays it
+        // (or the subrequest feeds it) here, and the admitted body goes out in its place.
+        if ctx.body_read {
             if let Some(replacement) = ctx.replacement.take() {
                 *body = Some(replacement);
             } else if body.is_some() {
@@ -428,20 +580,22 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         let up = self.engine.upstream(route.upstream);
-        req.remove_header("authorization");
-        req.remove_header("x-api-key");
+        // The caller's credentials never travel on, nor may it pick which account of the
+        // operator's provider key pays (unless the upstream lets callers set that).
+        for name in CREDENTIAL_HEADERS {
+            req.remove_header(*name);
+        }
+        for name in ACCOUNT_HEADERS {
+            if !up.cfg.forward_headers.iter().any(|f| f == name) {
+                req.remove_header(*name);
+            }
+        }
         req.remove_header("accept-encoding");
         req.remove_header("idempotency-key");
-        match up.cfg.kind {
-            UpstreamKind::Openai => {
-                req.insert_header(
-                    "authorization",
-                    format!("Bearer {}", up.cfg.api_key.expose()),
-                )?;
-            }
-            UpstreamKind::Anthropic => {
-                req.insert_header("x-api-key", up.cfg.api_key.expose())?;
-            }
+        // The body is already here: the upstream has nothing to agree to.
+        req.remove_header("expect");
+        if let Some((name, value)) = &up.credential {
+            req.insert_header(*name, value.clone())?;
         }
         req.insert_header("host", host_header(&up.cfg))?;
         if !up.cfg.base_path.is_empty() {
@@ -451,14 +605,15 @@ impl ProxyHttp for Gateway {
                 .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
             req.set_uri(uri);
         }
-        if let Some(body) = ctx.replacement.as_ref() {
-            // Small path: the body is known now (possibly rewritten).
-            req.remove_header("transfer-encoding");
-            req.insert_header("content-length", body.len().to_string())?;
-        } else if ctx.collecting.is_some() {
-            // Large path: the body is decided later and may change size.
-            req.remove_header("content-length");
-            req.insert_header("transfer-encoding", "chunked")?;
+        // The admitted body (possibly rewritten) is known whole by now.
+        req.remove_header("transfer-encoding");
+        match ctx.replacement.as_ref() {
+            Some(body) if !body.is_empty() => {
+                req.insert_header("content-length", body.len().to_string())?;
+            }
+            _ => {
+                req.remove_header("content-length");
+            }
         }
         Ok(())
     }
@@ -471,6 +626,11 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
         ctx.first_byte_at.get_or_insert_with(Instant::now);
+        // The operator's provider account (organization, project) is not the caller's
+        // business; nor are cookies the provider set for it.
+        for name in ACCOUNT_RESPONSE_HEADERS {
+            resp.remove_header(*name);
+        }
         Ok(())
     }
 
@@ -534,15 +694,13 @@ impl ProxyHttp for Gateway {
         let code = match e.etype() {
             ErrorType::HTTPStatus(c) => {
                 let c = *c;
-                let err = ctx.refusal.take().unwrap_or_else(|| {
-                    ApiError::new(
-                        code_for_status(c),
-                        e.context
-                            .as_ref()
-                            .map(|c| c.as_str().to_string())
-                            .unwrap_or_default(),
-                    )
-                });
+                let err = ApiError::new(
+                    code_for_status(c),
+                    e.context
+                        .as_ref()
+                        .map(|c| c.as_str().to_string())
+                        .unwrap_or_default(),
+                );
                 if session.response_written().is_none() {
                     let _ = self.refuse(session, ctx, &err).await;
                 }
@@ -596,6 +754,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        listener::request_done(session.as_downstream().stream());
+        if ctx.handed_off {
+            // The subrequest that forwarded the body finished and logged the request.
+            self.engine.request_ended();
+            return;
+        }
         let client_status = ctx
             .answered
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))

@@ -12,13 +12,16 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use crate::config::UpstreamConfig;
+use crate::config::{UpstreamConfig, UpstreamKind};
 
 pub const REFRESH_EVERY: Duration = Duration::from_secs(30);
 
 /// One configured upstream with its current addresses.
 pub struct Upstream {
     pub cfg: UpstreamConfig,
+    /// The header carrying the upstream's own key, built once and marked sensitive, so
+    /// no `Debug` of a request (pingora logs one at debug level) can print the key.
+    pub credential: Option<(&'static str, http::HeaderValue)>,
     addrs: RwLock<Arc<Vec<SocketAddr>>>,
     next: AtomicUsize,
 }
@@ -31,8 +34,25 @@ impl Upstream {
             .parse::<std::net::IpAddr>()
             .map(|ip| vec![SocketAddr::new(ip, cfg.port)])
             .unwrap_or_default();
+        let key = cfg.api_key.expose();
+        let credential = match cfg.kind {
+            UpstreamKind::Openai => ("authorization", format!("Bearer {key}")),
+            UpstreamKind::Anthropic => ("x-api-key", key.to_string()),
+        };
+        // A key that is not a valid header value cannot be sent at all; the upstream
+        // then answers its own 401.
+        let credential = http::HeaderValue::from_str(&credential.1)
+            .ok()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                (credential.0, v)
+            });
+        if credential.is_none() {
+            tracing::error!(upstream = %cfg.name, "api_key is not a valid HTTP header value; requests go without a key");
+        }
         Upstream {
             cfg,
+            credential,
             addrs: RwLock::new(Arc::new(literal)),
             next: AtomicUsize::new(0),
         }

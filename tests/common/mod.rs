@@ -65,6 +65,8 @@ pub struct ProxyOptions {
     pub upstream_extra: String,
     pub max_request_body: String,
     pub first_byte_timeout: String,
+    /// `[log] level`.
+    pub log_level: String,
 }
 
 impl Default for ProxyOptions {
@@ -75,6 +77,7 @@ impl Default for ProxyOptions {
             upstream_extra: String::new(),
             max_request_body: "10MiB".into(),
             first_byte_timeout: "10s".into(),
+            log_level: "info".into(),
         }
     }
 }
@@ -128,7 +131,7 @@ first_byte_timeout = "{first_byte}"
 idle_timeout = "2s"
 
 [log]
-level = "info"
+level = "{log_level}"
 format = "json"
 
 {extra}
@@ -138,6 +141,7 @@ format = "json"
         db = db.display(),
         server_extra = opts.server_extra,
         upstream_extra = opts.upstream_extra,
+        log_level = opts.log_level,
         extra = opts.extra,
     );
     let path = dir.join("config.toml");
@@ -576,9 +580,14 @@ pub async fn read_raw_reply(s: &mut tokio::net::TcpStream) -> RawReply {
                 head,
                 body: Vec::new(),
             };
-            let want = reply
-                .header("content-length")
-                .and_then(|v| v.parse::<usize>().ok());
+            // An interim (1xx) answer has no body.
+            let want = if (100..200).contains(&status) {
+                Some(0)
+            } else {
+                reply
+                    .header("content-length")
+                    .and_then(|v| v.parse::<usize>().ok())
+            };
             while want.is_none_or(|n| body.len() < n) {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(left, s.read(&mut tmp)).await {

@@ -12,12 +12,26 @@ pub struct RedisServer {
     pub port: u16,
     pub dir: tempfile::TempDir,
     extra: Vec<String>,
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// A standalone server.
     pub fn start() -> RedisServer {
         Self::start_with(Vec::new())
+    }
+
+    /// A standalone server that wants `password` (`requirepass`).
+    pub fn start_with_password(password: &str) -> RedisServer {
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: vec!["--requirepass".into(), password.into()],
+            password: Some(password.into()),
+        };
+        s.spawn();
+        s
     }
 
     fn start_with(extra: Vec<String>) -> RedisServer {
@@ -27,6 +41,7 @@ impl RedisServer {
             port: free_port(),
             dir,
             extra,
+            password: None,
         };
         s.spawn();
         s
@@ -59,16 +74,20 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Run `redis-cli` against this server and return its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli");
+        let mut c = Command::new("redis-cli");
+        c.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(p) = &self.password {
+            c.args(["--no-auth-warning", "-a", p]);
+        }
+        let out = c.args(args).output().expect("redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 

@@ -1,0 +1,292 @@
+//! The proxy listener's connection guard: a cap on open client connections and an overall
+//! deadline for every request head (slowloris).
+//!
+//! pingora bounds each *read* of a request head (60 s), not the whole head: a client that
+//! sends one byte every 59 s keeps a connection, and its task, forever. [`Guarded`] wraps
+//! pingora's HTTP app; every accepted connection must take one of
+//! `server.max_connections` permits (else it is closed at once and counted) and is
+//! wrapped in a [`GuardedStream`], whose reads fail with `TimedOut` once the head of the
+//! current request has taken longer than `server.header_timeout`:
+//!
+//! - a new connection's first head is timed from the accept;
+//! - [`head_done`] (called from `early_request_filter`, i.e. once pingora has parsed the
+//!   head) stops the clock: bodies have their own bound (`server.body_timeout`), and
+//!   responses may stream for minutes;
+//! - [`request_done`] (from `logging`) marks the connection idle; the next head is timed
+//!   from its first byte (the wait before it is bounded by pingora's 60 s keep-alive).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    Stream, TimingDigest, UniqueID, UniqueIDType, raw_connect::ProxyDigest,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::engine::Engine;
+
+/// Clock states kept in one atomic (anything else is a deadline, see [`GuardedStream`]).
+const HEAD_DONE: u64 = 0;
+const IDLE: u64 = 1;
+const DEADLINE_BASE: u64 = 2;
+
+/// A pingora server app (the HTTP proxy) behind the connection cap and head deadline.
+pub struct Guarded<A> {
+    app: Arc<A>,
+    permits: Arc<Semaphore>,
+    header_timeout: Duration,
+    engine: Arc<Engine>,
+}
+
+impl<A> Guarded<A> {
+    /// `app` behind `server.max_connections` and `server.header_timeout` of `engine`'s config.
+    pub fn new(app: A, engine: Arc<Engine>) -> Guarded<A> {
+        let server = &engine.config().server;
+        Guarded {
+            app: Arc::new(app),
+            permits: Arc::new(Semaphore::new(server.max_connections)),
+            header_timeout: server.header_timeout,
+            engine,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if stream.as_any().is::<GuardedStream>() {
+            // A connection handed back for reuse already holds its permit.
+            return self.app.process_new(stream, shutdown).await;
+        }
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            // Closing at once is the cheapest answer; a client retries on a fresh socket.
+            self.engine.metrics().connection_refused("proxy");
+            tracing::debug!("proxy listener at server.max_connections; connection closed");
+            return None;
+        };
+        let guarded = GuardedStream::new(stream, permit, self.header_timeout);
+        self.app.process_new(Box::new(guarded), shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.app.cleanup().await;
+    }
+}
+
+/// A client connection with its permit and its request-head clock.
+pub struct GuardedStream {
+    inner: Stream,
+    _permit: OwnedSemaphorePermit,
+    header_timeout: Duration,
+    epoch: Instant,
+    /// [`HEAD_DONE`], [`IDLE`], or `DEADLINE_BASE + ms since epoch` of the head deadline.
+    clock: AtomicU64,
+    /// Wakes a read that waits past the deadline.
+    timer: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl std::fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedStream")
+            .field("inner", &self.inner)
+            .field("clock", &self.clock.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardedStream {
+    fn new(inner: Stream, permit: OwnedSemaphorePermit, header_timeout: Duration) -> Self {
+        let s = GuardedStream {
+            inner,
+            _permit: permit,
+            header_timeout,
+            epoch: Instant::now(),
+            clock: AtomicU64::new(IDLE),
+            timer: None,
+        };
+        s.arm();
+        s
+    }
+
+    fn arm(&self) {
+        self.clock
+            .store(self.deadline_from_now(), Ordering::Relaxed);
+    }
+
+    /// The clock value of a head deadline `header_timeout` from now.
+    fn deadline_from_now(&self) -> u64 {
+        let at = self.epoch.elapsed() + self.header_timeout;
+        DEADLINE_BASE + u64::try_from(at.as_millis()).unwrap_or(u64::MAX - DEADLINE_BASE)
+    }
+
+    /// `Err(TimedOut)` once the head deadline has passed; otherwise registers a wake-up for it.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let clock = self.clock.load(Ordering::Relaxed);
+        if clock < DEADLINE_BASE {
+            return Ok(());
+        }
+        let at = self.epoch + Duration::from_millis(clock - DEADLINE_BASE);
+        if Instant::now() >= at {
+            return Err(timed_out());
+        }
+        let timer = match &mut self.timer {
+            Some((armed, t)) if *armed == clock => t,
+            slot => {
+                let t = Box::pin(tokio::time::sleep_until(at.into()));
+                &mut slot.insert((clock, t)).1
+            }
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(timed_out()),
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+fn timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "request head not received within server.header_timeout",
+    )
+}
+
+/// The request head of `stream`'s current request has been read: stop its clock.
+pub fn head_done(stream: Option<&Stream>) {
+    if let Some(g) = stream.and_then(|s| s.as_any().downcast_ref::<GuardedStream>()) {
+        g.clock.store(HEAD_DONE, Ordering::Relaxed);
+    }
+}
+
+/// The current request of `stream` is over: time the next head from its first byte.
+pub fn request_done(stream: Option<&Stream>) {
+    if let Some(g) = stream.and_then(|s| s.as_any().downcast_ref::<GuardedStream>()) {
+        g.clock.store(IDLE, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Err(e) = this.check_deadline(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            // The first byte of the next request starts its clock.
+            let deadline = this.deadline_from_now();
+            let _ =
+                this.clock
+                    .compare_exchange(IDLE, deadline, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}

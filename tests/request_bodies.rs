@@ -1,0 +1,513 @@
+//! Request bodies end to end: every size is read whole and admitted *before* tollgate
+//! opens an upstream connection or sends the provider key, and every admitted body reaches
+//! the upstream exactly (rewritten only where usage reporting is injected), whatever its
+//! size, framing (`Content-Length` or chunked) and pace. Refusals decided before the body
+//! was read still reach a client that keeps sending (lingering close), and slow heads,
+//! slow bodies and too many connections are cut off.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+
+const CHAT: &str = "/v1/chat/completions";
+
+/// A TCP relay in front of `target` that counts the connections made through it: the
+/// upstream connections tollgate opens.
+async fn counting_relay(target: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// The raw bytes of a POST: the head, then `body` written in `piece`-byte pieces (as
+/// chunks with `chunked`), yielding between pieces so they leave as separate writes.
+/// Write errors are ignored: a server may answer and stop reading early.
+async fn post_raw(
+    addr: SocketAddr,
+    key: &str,
+    body: &[u8],
+    chunked: bool,
+    piece: usize,
+) -> RawReply {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let framing = if chunked {
+        "transfer-encoding: chunked".to_string()
+    } else {
+        format!("content-length: {}", body.len())
+    };
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\nconnection: close\r\n{framing}\r\n\r\n"
+    );
+    let mut ok = s.write_all(head.as_bytes()).await.is_ok();
+    for p in body.chunks(piece.max(1)) {
+        if !ok {
+            break;
+        }
+        ok = if chunked {
+            let mut framed = format!("{:x}\r\n", p.len()).into_bytes();
+            framed.extend_from_slice(p);
+            framed.extend_from_slice(b"\r\n");
+            s.write_all(&framed).await.is_ok()
+        } else {
+            s.write_all(p).await.is_ok()
+        };
+        tokio::task::yield_now().await;
+    }
+    if ok && chunked {
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    }
+    read_raw_reply(&mut s).await
+}
+
+/// A chat request whose serialized body is about `size` bytes.
+fn chat_of_size(size: usize, stream: bool) -> Value {
+    let text: String = "lorem ipsum dolor sit amet ".repeat(size / 27 + 1);
+    json!({
+        "model": "gpt-4o-mini",
+        "stream": stream,
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": &text[..size.saturating_sub(120)]}],
+    })
+}
+
+/// What the upstream must receive for `body`: the same bytes, or for a chat stream the
+/// same JSON with `stream_options.include_usage` added.
+fn expected_upstream_len(body: &Value, sent: &[u8]) -> usize {
+    if body["stream"] == true {
+        let mut v = body.clone();
+        v["stream_options"] = json!({"include_usage": true});
+        serde_json::to_vec(&v).unwrap().len()
+    } else {
+        sent.len()
+    }
+}
+
+#[tokio::test]
+async fn bodies_of_every_size_are_admitted_before_any_upstream_connection() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (relay, upstream_connections) = counting_relay(mock.addr).await;
+    let proxy = Proxy::start(relay, ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let (_, disabled) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
+
+    for size in [1_000usize, 100_000, 5_000_000] {
+        for chunked in [false, true] {
+            for stream in [false, true] {
+                let what = format!("{size} bytes, chunked={chunked}, stream={stream}");
+                let body = chat_of_size(size, stream);
+                let bytes = serde_json::to_vec(&body).unwrap();
+
+                // Refused after the whole body was read (quota disabled): no upstream
+                // connection was opened and no header (with the provider key) was sent.
+                let before = upstream_connections.load(Ordering::SeqCst);
+                let recorded = mock.recorded().len();
+                let r = post_raw(proxy.addr, &disabled, &bytes, chunked, 16 * 1024).await;
+                assert_eq!(r.status, 403, "{what}: {}", r.text());
+                assert!(r.text().contains("quota_disabled"), "{what}: {}", r.text());
+                assert_eq!(
+                    upstream_connections.load(Ordering::SeqCst),
+                    before,
+                    "{what}: a refused request opened an upstream connection"
+                );
+                assert_eq!(mock.recorded().len(), recorded, "{what}");
+
+                // Admitted: the upstream gets the whole body, once.
+                let r = post_raw(proxy.addr, &key, &bytes, chunked, 16 * 1024).await;
+                assert_eq!(r.status, 200, "{what}: {}", r.text());
+                if stream {
+                    assert!(r.text().contains("data: [DONE]"), "{what}");
+                } else {
+                    assert!(r.text().contains("\"chat.completion\""), "{what}");
+                }
+                let rec = mock.recorded();
+                assert_eq!(rec.len(), recorded + 1, "{what}");
+                let got = rec.last().unwrap();
+                assert_eq!(
+                    got.body_len,
+                    expected_upstream_len(&body, &bytes),
+                    "{what}: the upstream got another body"
+                );
+                assert_eq!(got.stream, Some(stream), "{what}");
+                assert_eq!(
+                    got.header("authorization"),
+                    Some(format!("Bearer {OPENAI_UPSTREAM_KEY}").as_str()),
+                    "{what}"
+                );
+                assert_eq!(got.header("transfer-encoding"), None, "{what}");
+                if size <= 16 * 1024 {
+                    let v: Value = serde_json::from_str(got.body.as_deref().unwrap()).unwrap();
+                    assert_eq!(v["messages"], body["messages"], "{what}");
+                }
+            }
+        }
+    }
+    proxy.wait_settled().await;
+    let rows = proxy.ledger();
+    assert_eq!(
+        rows.len(),
+        12,
+        "one row per admitted request, none for refusals"
+    );
+    assert!(rows.iter().all(|r| r["status"] == "settled"), "{rows:?}");
+    assert!(rows.iter().all(|r| r["http_status"] == 200), "{rows:?}");
+}
+
+#[tokio::test]
+async fn a_large_body_refused_or_failed_upstream_is_finished_once() {
+    // Large bodies go through a subrequest: its refusals, upstream failures and the
+    // client leaving must still end in exactly one final ledger row.
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (key_id, key) = proxy.create_live_key(&[]).await;
+    let big = |stream: bool| serde_json::to_vec(&chat_of_size(300_000, stream)).unwrap();
+
+    // The upstream answers an error: passed through, released, nothing billed.
+    let r = send(
+        "POST",
+        &proxy.url(CHAT),
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            ("content-type", "application/json"),
+            ("x-mock-status", "500"),
+        ],
+        big(false),
+    )
+    .await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.header("x-tollgate-trace-id").is_some());
+
+    // The upstream cuts a stream: the client gets the stream's end, the partial is billed.
+    let r = send(
+        "POST",
+        &proxy.url(CHAT),
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            ("content-type", "application/json"),
+            ("x-mock-drop-after", "2"),
+            ("x-mock-chunks", "6"),
+        ],
+        big(true),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    // The client leaves mid-stream.
+    let req = request(
+        "POST",
+        &proxy.url(CHAT),
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            ("content-type", "application/json"),
+            ("x-mock-chunks", "50"),
+            ("x-mock-delay-ms", "50"),
+        ],
+        big(true),
+    );
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    use http_body_util::BodyExt;
+    let _ = body.frame().await;
+    drop(body);
+
+    // A stream that completes.
+    let r = send(
+        "POST",
+        &proxy.url(CHAT),
+        &[
+            ("authorization", &format!("Bearer {key}")),
+            ("content-type", "application/json"),
+        ],
+        big(true),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("[DONE]"));
+
+    eventually("four final rows", || {
+        let rows: Vec<_> = proxy
+            .ledger()
+            .into_iter()
+            .filter(|r| r["key_id"] == key_id.as_str())
+            .collect();
+        rows.len() == 4 && rows.iter().all(|r| r["status"] != "reserved")
+    })
+    .await;
+    let rows: Vec<_> = proxy.ledger();
+    let statuses: Vec<(&str, i64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap(),
+                r["http_status"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(statuses[0], ("released", 500), "{rows:?}");
+    assert_eq!(statuses[1].0, "settled", "{rows:?}");
+    assert_eq!(
+        statuses[2].0, "settled",
+        "the client's leaving bills the partial: {rows:?}"
+    );
+    assert_eq!(statuses[3], ("settled", 200), "{rows:?}");
+    // An upstream that cannot be reached: 502 in the provider's shape, released.
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let down = Proxy::start(dead, ProxyOptions::default()).await;
+    let (_, key) = down.create_live_key(&[]).await;
+    let r = post_json(&down.url(CHAT), &key, &chat_of_size(300_000, false), &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_unavailable");
+    down.wait_settled().await;
+    let rows = down.ledger();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0]["status"].as_str(), rows[0]["http_status"].as_i64()),
+        (Some("released"), Some(502))
+    );
+
+    // Every hold is gone: nothing left in flight.
+    let ready = format!("http://{}/readyz", proxy.admin);
+    let mut open = Value::Null;
+    for _ in 0..500 {
+        open = send("GET", &ready, &[], "").await.json()["open_reservations"].clone();
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open, 0);
+}
+
+#[tokio::test]
+async fn an_early_refusal_reaches_a_client_that_keeps_sending() {
+    // 413 is decided from Content-Length before any byte of the body is read. The client
+    // writes all 11 MiB (slowly, in pieces) before it reads: closing at once would reset
+    // the connection under the answer.
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let body = vec![b'x'; 11 << 20];
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for piece in body.chunks(64 * 1024) {
+        s.write_all(piece)
+            .await
+            .expect("the server stopped reading the body it refused");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let r = read_raw_reply(&mut s).await;
+    assert_eq!(r.status, 413, "{r:?}");
+    assert!(r.text().contains("request_too_large"), "{}", r.text());
+
+    // The same for a refusal from the head alone (401) with a body on its way.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer tg_wrong\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        2 << 20
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for piece in vec![b'x'; 2 << 20].chunks(64 * 1024) {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let r = read_raw_reply(&mut s).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(mock.recorded().is_empty());
+
+    // A chunked body over the limit is refused while it is read, and heard too.
+    let r = post_raw(
+        proxy.addr,
+        &key,
+        &vec![b'y'; (10 << 20) + 1000],
+        true,
+        64 * 1024,
+    )
+    .await;
+    assert_eq!(r.status, 413, "{r:?}");
+    assert!(mock.recorded().is_empty());
+}
+
+#[tokio::test]
+async fn slow_heads_slow_bodies_and_connection_floods_are_cut_off() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            server_extra: "header_timeout = \"1s\"\nbody_timeout = \"1s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+
+    // A head that trickles in (one byte at a time, far below pingora's per-read timeout)
+    // is cut off as a whole.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!("POST {CHAT} HTTP/1.1\r\nhost: tollgate\r\nx-padding: ");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut cut = false;
+    for _ in 0..600 {
+        if s.write_all(b"a").await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cut || closed_without_answer(&mut s).await,
+        "a head trickling for 30 s keeps its connection"
+    );
+
+    // A body that does not arrive in time: 408, nothing forwarded.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let r = read_raw_reply(&mut s).await;
+    assert_eq!(r.status, 408, "{r:?}");
+    assert!(r.text().contains("request_timeout"), "{}", r.text());
+    assert!(mock.recorded().is_empty());
+
+    // A head that is complete in time is served as usual.
+    let r = post_json(
+        &proxy.url(CHAT),
+        &key,
+        &chat_body("gpt-4o-mini", false, "hi"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(proxy.ledger().len() == 1);
+
+    // The connection cap.
+    let proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            server_extra: "max_connections = 4\nheader_timeout = \"120s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, key) = proxy.create_key(&[]);
+    // Hold connections that were served (a 401 keeps its connection alive) until one is
+    // closed unanswered: at most `max_connections` are held at once.
+    let mut held = Vec::new();
+    let mut refused = false;
+    for _ in 0..8 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = s
+            .write_all(b"GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await;
+        let r = read_raw_reply(&mut s).await;
+        if r.status == 0 {
+            refused = true;
+            break;
+        }
+        assert_eq!(r.status, 401, "{r:?}");
+        held.push(s);
+    }
+    assert!(
+        refused,
+        "more than max_connections connections were served at once"
+    );
+    assert!(held.len() <= 4, "{} connections held", held.len());
+    drop(held.pop());
+    let usage = proxy.url("/v1/tollgate/usage");
+    let auth = format!("Bearer {key}");
+    let mut served = false;
+    for _ in 0..200 {
+        let s = raw_http(
+            proxy.addr,
+            format!("GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: {auth}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        if s.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "a freed slot takes a new connection ({usage})");
+    let metrics = send("GET", &format!("http://{}/metrics", proxy.admin), &[], "").await;
+    let line = metrics
+        .text()
+        .lines()
+        .find(|l| l.starts_with("tollgate_connections_refused_total{listener=\"proxy\"}"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    let n: f64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(n >= 1.0, "{line}");
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_once_the_head_passed() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let body = serde_json::to_vec(&chat_of_size(200_000, false)).unwrap();
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The body is sent only after the interim answer, as curl does.
+    let interim = read_raw_reply(&mut s).await;
+    assert_eq!(interim.status, 100, "{interim:?}");
+    s.write_all(&body).await.unwrap();
+    let r = read_raw_reply(&mut s).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let rec = mock.recorded();
+    assert_eq!(rec.last().unwrap().body_len, body.len());
+    assert_eq!(rec.last().unwrap().header("expect"), None);
+
+    // A head that is refused gets its answer instead of the interim one.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let head = format!(
+        "POST {CHAT} HTTP/1.1\r\nhost: t\r\nauthorization: Bearer tg_wrong\r\ncontent-length: {}\r\nexpect: 100-continue\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let r = read_raw_reply(&mut s).await;
+    assert_eq!(r.status, 401, "{r:?}");
+}
