@@ -55,18 +55,21 @@ pub struct Route {
 
 /// What was parsed from a request body.
 #[derive(Debug, Clone)]
-struct Parsed {
-    model: String,
-    stream: bool,
+pub struct Parsed {
+    pub model: String,
+    pub stream: bool,
     /// The body to forward (rewritten when usage reporting was injected).
-    body: Bytes,
-    hide_usage: bool,
-    input_tokens: u64,
-    max_output_tokens: u64,
-    encoding: Encoding,
+    pub body: Bytes,
+    pub hide_usage: bool,
+    pub input_tokens: u64,
+    pub max_output_tokens: u64,
+    pub encoding: Encoding,
     /// The service tier, speed and region the request asks for.
     asked: Modifiers,
 }
+
+/// Longest `model` accepted (SPEC §4.2): it is written to the ledger, logs and metrics.
+pub const MAX_MODEL_LEN: usize = 256;
 
 /// The hold of an admitted request. Must be handed to [`Engine::finish`].
 #[must_use = "an admission must be settled or released with Engine::finish"]
@@ -812,7 +815,8 @@ fn bad(msg: impl Into<String>) -> ApiError {
 
 /// Parse a request body of `format`: model, stream, max output, input estimate, and the
 /// body to forward (with `stream_options.include_usage` injected for OpenAI chat streams).
-fn parse_request(
+/// Reads untrusted bytes: any input gives `Ok` or a 400, never a panic (tests/untrusted_input.rs).
+pub fn parse_request(
     format: ApiFormat,
     body: Bytes,
     default_max_output: u64,
@@ -826,6 +830,11 @@ fn parse_request(
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         _ => return Err(bad("`model` is required")),
     };
+    if model.len() > MAX_MODEL_LEN || model.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "`model` must be at most {MAX_MODEL_LEN} bytes without control characters"
+        )));
+    }
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -985,6 +994,22 @@ mod tests {
         assert!(p("[]").is_err());
         assert!(p(r#"{"messages":[]}"#).is_err());
         assert!(p(r#"{"model":"gpt-4o","stream":"yes"}"#).is_err());
+        // SPEC §4.2: a model name is bounded and printable (it reaches logs and metrics).
+        assert!(
+            p(&format!(
+                r#"{{"model":"{}"}}"#,
+                "m".repeat(MAX_MODEL_LEN + 1)
+            ))
+            .is_err()
+        );
+        assert!(p(r#"{"model":"gpt-4o\u0007\n{\"forged\":1}"}"#).is_err());
+        assert!(
+            p(&format!(
+                r#"{{"model":"{}","messages":[]}}"#,
+                "m".repeat(MAX_MODEL_LEN)
+            ))
+            .is_ok()
+        );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert!(
             p(&format!(r#"{{"model":"gpt-4o","x":{deep}}}"#)).is_err(),

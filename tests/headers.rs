@@ -169,3 +169,61 @@ async fn an_upstream_may_let_callers_pick_the_project() {
     // The account ids of the response are removed all the same.
     assert!(r.header("openai-project").is_none());
 }
+
+#[tokio::test]
+async fn hostile_idempotency_keys_are_refused_or_kept_exactly() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (key_id, key) = proxy.create_live_key(&[]).await;
+    let body = serde_json::to_vec(&chat_body("gpt-4o-mini", false, "hi")).unwrap();
+    let post = |idem: &[u8]| {
+        let mut r = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nidempotency-key: ",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(idem);
+        r.extend_from_slice(b"\r\n\r\n");
+        r.extend_from_slice(&body);
+        r
+    };
+    let longest = "k".repeat(255);
+    for (idem, status) in [
+        (longest.as_bytes(), 200),
+        ("k".repeat(256).as_bytes(), 400),
+        (b"\xff\xfe not utf-8".as_slice(), 400),
+        (b"tab\tinside".as_slice(), 400),
+        ("cl\u{e9}-\u{43a}\u{43b}\u{44e}\u{447}".as_bytes(), 400),
+        (b"order-17 / retry".as_slice(), 200),
+    ] {
+        let r = raw_http(proxy.addr, &post(idem)).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{:?}: {}",
+            String::from_utf8_lossy(idem),
+            r.text()
+        );
+        if status == 200 {
+            let expected = format!("{key_id}:{}", String::from_utf8_lossy(idem));
+            let trace = r.head.lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .starts_with("x-tollgate-trace-id:")
+                    .then(|| l.split_once(':').unwrap().1.trim().to_string())
+            });
+            // The header carries the key's UTF-8 bytes as they came.
+            assert_eq!(
+                trace.map(|t| t.into_bytes()),
+                Some(expected.into_bytes()),
+                "{}",
+                r.head
+            );
+        } else {
+            assert!(r.text().contains("Idempotency-Key"), "{}", r.text());
+        }
+    }
+    proxy.wait_settled().await;
+    assert_eq!(proxy.ledger().len(), 2, "refused keys leave no row");
+}

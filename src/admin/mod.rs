@@ -900,6 +900,45 @@ mod tests {
         assert!(!is_json(None));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, failure_persistence: None, ..Default::default() })]
+
+        /// Any request path is answered without a panic, and one that is routed is in
+        /// canonical form: nothing reaches a route by a second spelling.
+        #[test]
+        fn any_path_is_routed_only_when_canonical(
+            path in proptest::prop_oneof![
+                ".{0,40}",
+                "(/{1,3}(admin|keys|users|tenants|limits|usage|healthz|\\.|\\.\\.|%[0-9a-fA-F]{2}|%..?|[a-z_]{0,4})){0,6}/?",
+            ]
+        ) {
+            if let Ok(Some(endpoint)) = Endpoint::parse(&path) {
+                proptest::prop_assert!(path.starts_with('/') && !path.starts_with("//"), "{}", path);
+                proptest::prop_assert!(!path[1..].split('/').rev().skip(1).any(str::is_empty), "{}", path);
+                proptest::prop_assert!(!path.split('/').any(|s| s == "." || s == ".."), "{}", path);
+                if endpoint.is_open() {
+                    proptest::prop_assert!(["/healthz", "/readyz", "/metrics"].contains(&path.as_str()), "{}", path);
+                }
+            }
+        }
+
+        /// Every id the CLI encodes comes back as itself; queries of any text parse or
+        /// answer 400.
+        #[test]
+        fn encoded_ids_round_trip_and_queries_never_panic(id in "\\PC{1,20}", query in ".{0,60}") {
+            // `.` and `..` are path syntax, not names a path can carry.
+            proptest::prop_assume!(id != "." && id != "..");
+            let path = format!("/admin/tenants/{}/limits", encode_component(&id));
+            proptest::prop_assert_eq!(
+                Endpoint::parse(&path).ok().flatten(),
+                Some(Endpoint::Limits(Subject::Tenant(id.clone())))
+            );
+            let q = Query::parse(Some(&format!("user={}", encode_component(&id)))).ok();
+            proptest::prop_assert_eq!(q.as_ref().and_then(|q| q.get("user")), Some(id.as_str()).filter(|s| !s.is_empty()));
+            let _ = Query::parse(Some(&query));
+        }
+    }
+
     #[test]
     fn queries_decode_and_reject_unknown_names() {
         let q = Query::parse(Some("user=a+b%2Bc&limit=&key=k_1&key=k_2")).unwrap();

@@ -448,6 +448,14 @@ impl ProxyHttp for Gateway {
             Ok(p) => p,
             Err(e) => return self.refuse(session, ctx, &e).await,
         };
+        if header(session, "idempotency-key").is_some_and(|v| std::str::from_utf8(v).is_err()) {
+            // Ignoring it would forward a retry the client meant to deduplicate.
+            let e = ApiError::new(
+                ErrorCode::InvalidRequest,
+                "Idempotency-Key must be 1 to 255 printable ASCII characters",
+            );
+            return self.refuse(session, ctx, &e).await;
+        }
         self.name_trace(session, ctx, &principal);
         ctx.principal = Some(principal);
 
