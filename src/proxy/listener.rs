@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
@@ -32,6 +32,7 @@ use pingora::protocols::{
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::engine::Engine;
 
@@ -143,10 +144,17 @@ impl GuardedStream {
         if Instant::now() >= at {
             return Err(timed_out());
         }
+        // One timer per connection, moved to each new deadline.
         let timer = match &mut self.timer {
-            Some((armed, t)) if *armed == clock => t,
+            Some((armed, t)) => {
+                if *armed != clock {
+                    t.as_mut().reset(at);
+                    *armed = clock;
+                }
+                t
+            }
             slot => {
-                let t = Box::pin(tokio::time::sleep_until(at.into()));
+                let t = Box::pin(tokio::time::sleep_until(at));
                 &mut slot.insert((clock, t)).1
             }
         };
@@ -288,5 +296,55 @@ impl GetSocketDigest for GuardedStream {
 impl Peek for GuardedStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn guarded(timeout: Duration) -> (GuardedStream, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        (GuardedStream::new(Box::new(ours), permit, timeout), theirs)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_must_arrive_within_the_deadline_of_each_request() {
+        let (mut g, mut client) = guarded(Duration::from_secs(10));
+        let mut buf = [0u8; 64];
+        // First head: timed from the accept, however the bytes trickle.
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert!(g.read(&mut buf).await.is_ok());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        client.write_all(b"x").await.unwrap();
+        assert!(g.read(&mut buf).await.is_ok(), "within the deadline");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        client.write_all(b"y").await.unwrap();
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+
+        // A read waiting for bytes that never come ends at the deadline too.
+        let (mut g, _client) = guarded(Duration::from_secs(10));
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+
+        // Once the head is in, the clock stops: a body or a long stream takes its time.
+        let (mut g, mut client) = guarded(Duration::from_secs(10));
+        g.clock.store(HEAD_DONE, Ordering::Relaxed);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        client.write_all(b"body").await.unwrap();
+        assert!(g.read(&mut buf).await.is_ok());
+
+        // Between keep-alive requests the clock waits for the next head's first byte.
+        g.clock.store(IDLE, Ordering::Relaxed);
+        tokio::time::advance(Duration::from_secs(50)).await;
+        client.write_all(b"G").await.unwrap();
+        assert!(g.read(&mut buf).await.is_ok(), "idle time does not count");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        client.write_all(b"ET").await.unwrap();
+        let e = g.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "the next head is timed");
     }
 }
