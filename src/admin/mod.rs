@@ -1,6 +1,6 @@
 //! The admin listener (hyper, `server.admin_listen`, localhost by default): the operator's
-//! HTTP surface (SPEC §6) — keys, limits, usage, the ledger, the journal — plus health,
-//! readiness and Prometheus metrics.
+//! HTTP surface (SPEC §6) — keys, limits, usage, the ledger, spend reports, the journal —
+//! plus health, readiness and Prometheus metrics.
 //!
 //! Every request passes, in order:
 //!
@@ -28,7 +28,7 @@
 //!
 //! The routes are listed once in [`ROUTES`]; the OpenAPI document served at
 //! `/admin/openapi.json` ([`OPENAPI`]) must describe exactly those, which a unit test
-//! checks. Handlers live in [`keys`] (keys and limits), [`usage`] (usage, ledger) and
+//! checks. Handlers live in [`keys`] (keys and limits), [`usage`] (usage, ledger, spend) and
 //! [`page`] (the usage page).
 //! Bodies are JSON of at most [`MAX_BODY`] bytes; errors are
 //! `{"error": {"message", "code"}}`. Neither the admin token nor a key secret is ever
@@ -59,6 +59,7 @@ use subtle::ConstantTimeEq;
 use crate::db::DbError;
 use crate::engine::Engine;
 use crate::keys::Subject;
+use crate::spend::SpendStore;
 
 /// Largest request body the admin API reads.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -82,6 +83,7 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/admin/tenants/{id}/limits", &["PUT"]),
     ("/admin/usage", &["GET"]),
     ("/admin/transactions", &["GET"]),
+    ("/admin/spend", &["GET"]),
     ("/admin/journal", &["GET"]),
     ("/admin/reconcile", &["GET", "POST"]),
     ("/admin/openapi.json", &["GET"]),
@@ -194,6 +196,7 @@ enum Endpoint {
     Limits(Subject),
     Usage,
     Transactions,
+    Spend,
     Journal,
     Reconcile,
     OpenApi,
@@ -225,6 +228,7 @@ impl Endpoint {
             ["admin", "tenants", t, "limits"] => Endpoint::Limits(Subject::Tenant(id(t)?)),
             ["admin", "usage"] => Endpoint::Usage,
             ["admin", "transactions"] => Endpoint::Transactions,
+            ["admin", "spend"] => Endpoint::Spend,
             ["admin", "journal"] => Endpoint::Journal,
             ["admin", "reconcile"] => Endpoint::Reconcile,
             ["admin", "openapi.json"] => Endpoint::OpenApi,
@@ -575,6 +579,7 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
 async fn dispatch(
     engine: &Engine,
     hosts: &AllowedHosts,
+    spend: &dyn SpendStore,
     req: Request<Incoming>,
 ) -> Result<Resp, AdminError> {
     hosts.check(&req)?;
@@ -619,6 +624,7 @@ async fn dispatch(
         }
         (Endpoint::Usage, Method::GET) => usage::usage(engine, &query).await,
         (Endpoint::Transactions, Method::GET) => usage::transactions(engine, &query).await,
+        (Endpoint::Spend, Method::GET) => usage::spend(engine, spend, &query).await,
         (Endpoint::Journal, Method::GET) => {
             Ok(json(StatusCode::OK, &journal_status(engine).to_json()))
         }
@@ -653,11 +659,12 @@ async fn dispatch(
 async fn handle(
     engine: Arc<Engine>,
     hosts: Arc<AllowedHosts>,
+    spend: Arc<dyn SpendStore>,
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let mut resp = match dispatch(&engine, &hosts, req).await {
+    let mut resp = match dispatch(&engine, &hosts, &*spend, req).await {
         Ok(r) => r,
         Err(e) => {
             if matches!(e, AdminError::Unavailable(_) | AdminError::Internal(_)) {
@@ -686,6 +693,9 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
         Ok(local) => AllowedHosts::new(local, &server.admin_hosts),
         Err(_) => AllowedHosts::new(server.admin_listen, &server.admin_hosts),
     });
+    // Reports read the ledger of record on their own connection (or pool), never the
+    // writer's.
+    let spend = crate::spend::open(engine.config(), engine.db().path());
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
@@ -704,9 +714,12 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
         };
         let e = engine.clone();
         let hosts = hosts.clone();
+        let spend = spend.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let svc = hyper::service::service_fn(move |req| handle(e.clone(), hosts.clone(), req));
+            let svc = hyper::service::service_fn(move |req| {
+                handle(e.clone(), hosts.clone(), spend.clone(), req)
+            });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);

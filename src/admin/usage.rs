@@ -1,5 +1,6 @@
-//! `/admin/usage` (live usage of a key, user or tenant, SPEC §2 shape) and
-//! `/admin/transactions` (ledger rows, newest first, paged).
+//! `/admin/usage` (live usage of a key, user or tenant, SPEC §2 shape),
+//! `/admin/transactions` (ledger rows, newest first, paged) and `/admin/spend` (sums over
+//! the ledger of record, [`crate::spend`]).
 //!
 //! Paging: rows are ordered by `started_at` then `trace_id`, both descending. `next_cursor`
 //! encodes the last row's `(started_at, trace_id)`, so the next page starts exactly after
@@ -20,6 +21,7 @@ use crate::engine::Engine;
 use crate::keys::Subject;
 use crate::ledger::{self, Transaction, TxFilter};
 use crate::quota::store::AppliedLimit;
+use crate::spend::{SpendError, SpendParams, SpendStore};
 
 /// Rows per page unless `limit` says otherwise.
 pub const DEFAULT_PAGE: usize = 100;
@@ -200,6 +202,21 @@ pub(super) async fn transactions(engine: &Engine, q: &Query) -> Result<Resp, Adm
         StatusCode::OK,
         &serde_json::json!({"transactions": rows, "next_cursor": next}),
     ))
+}
+
+pub(super) async fn spend(
+    engine: &Engine,
+    store: &dyn SpendStore,
+    q: &Query,
+) -> Result<Resp, AdminError> {
+    q.only(&SpendParams::NAMES)?;
+    let params = SpendParams::from_lookup(|n| q.get(n));
+    let tz = engine.config().quota.timezone;
+    match crate::spend::report(store, &params, chrono::Utc::now(), tz).await {
+        Ok(v) => Ok(json(StatusCode::OK, &v)),
+        Err(SpendError::Invalid(m)) => Err(AdminError::BadRequest(m)),
+        Err(e @ SpendError::Unavailable(_)) => Err(AdminError::Unavailable(e.to_string())),
+    }
 }
 
 #[cfg(test)]

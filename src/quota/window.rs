@@ -282,6 +282,13 @@ pub fn calendar_bounds(
     }
 }
 
+/// The first instant of the local date `date` in `tz`: its midnight, or the end of the gap
+/// when midnight is skipped, the earlier one in a fold — exactly where that date's `day`
+/// window starts. `None` only at the edges of chrono's range.
+pub fn local_day_start(date: chrono::NaiveDate, tz: Tz) -> Option<DateTime<Utc>> {
+    first_instant_at_or_after(tz, date.and_time(NaiveTime::MIN))
+}
+
 /// The local time `local` truncated to the start of its `unit`.
 fn floor_local(unit: CalendarUnit, local: NaiveDateTime) -> Option<NaiveDateTime> {
     let date = local.date();
@@ -965,6 +972,34 @@ mod tests {
         // The month of September 2024 in Santiago starts at a normal midnight.
         let (s, _) = calendar_bounds(CalendarUnit::Month, utc("2024-09-08T15:00:00Z"), santiago);
         assert_eq!(local(s, santiago).to_string(), "2024-09-01 00:00:00");
+    }
+
+    #[test]
+    fn a_local_date_starts_where_its_day_window_starts() {
+        for name in ZONES {
+            let tz = zone(name);
+            for date in [
+                "2024-09-08",
+                "2024-03-10",
+                "2024-04-07",
+                "2024-10-06",
+                "2025-01-01",
+            ] {
+                let d: chrono::NaiveDate = date.parse().unwrap();
+                let start = local_day_start(d, tz).unwrap();
+                assert_eq!(
+                    calendar_bounds(CalendarUnit::Day, start, tz).0,
+                    start,
+                    "{name} {date}"
+                );
+                assert_eq!(local(start, tz).date(), d, "{name} {date}");
+            }
+        }
+        let santiago = zone("America/Santiago");
+        assert_eq!(
+            local_day_start("2024-09-08".parse().unwrap(), santiago),
+            Some(utc("2024-09-08T04:00:00Z"))
+        );
     }
 
     #[test]

@@ -118,7 +118,7 @@ impl PgLedger {
         Ok(PgLedger { pool })
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
         Ok(self.pool.get().await?)
     }
 
