@@ -70,6 +70,9 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Spend over a period from the ledger of record, by day, model, key… (a table with a
+    /// totals row; `--json` or `--csv` for machines).
+    Report(ReportArgs),
     /// Journal backlog (`status`) or ship it now (`replay`).
     Journal {
         #[command(subcommand)]
@@ -119,6 +122,37 @@ enum KeysCmd {
         #[command(flatten)]
         common: Common,
     },
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// Start: RFC 3339 time, a date (local midnight in [quota].timezone) or 36h / 7d / 2w ago.
+    #[arg(long, default_value = "7d")]
+    since: String,
+    /// End (exclusive), same forms; default now.
+    #[arg(long)]
+    until: Option<String>,
+    /// One or two of hour, day, week, month, model, upstream, key, user, tenant.
+    #[arg(long, default_value = "day")]
+    by: String,
+    #[arg(long)]
+    key: Option<String>,
+    #[arg(long)]
+    user: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    model: Option<String>,
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Most rows (1-10000, default 1000).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// CSV rows (header line, no totals row).
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Subcommand)]
@@ -285,6 +319,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Report(args) => report_cmd(&args),
         Command::Journal { cmd } => journal_cmd(cmd),
         Command::Reconcile { fix, common } => reconcile_cmd(fix, &common),
         Command::Keys { cmd } => keys_cmd(cmd),
@@ -587,6 +622,54 @@ async fn admin_call(
     }
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     Some((status, serde_json::from_slice(&body).ok()?))
+}
+
+/// `tollgate report`: the running instance's `GET /admin/spend` when it answers, else the
+/// same report computed here from the ledger of record.
+fn report_cmd(args: &ReportArgs) -> Result<ExitCode> {
+    let cfg = load(&args.common)?;
+    let params = tollgate::spend::SpendParams {
+        since: Some(args.since.clone()),
+        until: args.until.clone(),
+        group_by: Some(args.by.clone()),
+        key: args.key.clone(),
+        user: args.user.clone(),
+        tenant: args.tenant.clone(),
+        model: args.model.clone(),
+        upstream: args.upstream.clone(),
+        limit: args.limit.map(|n| n.to_string()),
+    };
+    let rt = runtime()?;
+    let path = format!("/admin/spend?{}", params.to_query());
+    let v = match rt.block_on(admin_call(&cfg, "GET", &path)) {
+        Some((200, v)) => v,
+        Some((_, v)) => bail!(
+            "{}",
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or("the running instance refused the report")
+        ),
+        None => {
+            let store = tollgate::spend::open(&cfg, &cfg.storage.journal_path);
+            rt.block_on(tollgate::spend::report(
+                &*store,
+                &params,
+                chrono::Utc::now(),
+                cfg.quota.timezone,
+            ))?
+        }
+    };
+    if args.common.json {
+        print_json(&v);
+    } else if args.csv {
+        use std::io::Write;
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(tollgate::spend::csv(&v).as_bytes());
+    } else {
+        print_line(&tollgate::spend::table(&v));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn journal_cmd(cmd: JournalCmd) -> Result<ExitCode> {
