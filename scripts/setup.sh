@@ -2,7 +2,8 @@
 # Install what building tollgate needs on Debian/Ubuntu: a C toolchain and cmake
 # (pingora's zlib-ng), plus Rust if absent. With --test also redis-server and PostgreSQL,
 # which the test suite starts privately (and uses the local services if running),
-# Chromium, which renders the admin usage page headless (tests/usage_page.rs), and the
+# Chromium, which renders the admin usage page headless (tests/usage_page.rs), promtool
+# (Debian's prometheus package) for the alerting rules (tests/alert_rules.rs), and the
 # official OpenAI and Anthropic SDKs for Python and Node.js at the pinned versions of
 # tests/sdk/ (tests/sdk.rs), with python3-venv and nodejs/npm when absent.
 set -euo pipefail
@@ -18,6 +19,8 @@ if [[ "${1:-}" == "--test" ]]; then
     need+=(postgresql)
   fi
   command -v chromium >/dev/null || need+=(chromium)
+  # promtool checks and unit-tests docs/prometheus-rules.yml (tests/alert_rules.rs).
+  command -v promtool >/dev/null || need+=(prometheus)
   command -v python3 >/dev/null || need+=(python3)
   python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
   command -v node >/dev/null || need+=(nodejs)

@@ -149,6 +149,8 @@ pub struct Metrics {
     key_misses: IntCounterVec,
     unpriced: IntCounterVec,
     connections_refused: IntCounterVec,
+    journal_oldest_unshipped: IntGauge,
+    reconcile_differences: IntGauge,
     models: Mutex<HashSet<String>>,
     unpriced_names: Mutex<HashSet<String>>,
 }
@@ -259,6 +261,14 @@ impl Metrics {
         for l in ["proxy", "admin"] {
             connections_refused.with_label_values(&[l]);
         }
+        let journal_oldest_unshipped = IntGauge::new(
+            "journal_oldest_unshipped_seconds",
+            "Age of the oldest journaled event not yet shipped to the ledger of record (0 when none waits; always 0 in embedded mode).",
+        )?;
+        let reconcile_differences = IntGauge::new(
+            "reconcile_differences",
+            "Counters that differed from the ledger at the last reconcile this instance ran (0 before the first).",
+        )?;
         for o in ["fired", "dropped", "delivered", "failed"] {
             alerts.with_label_values(&[o]);
         }
@@ -311,6 +321,8 @@ impl Metrics {
         registry.register(Box::new(key_misses.clone()))?;
         registry.register(Box::new(unpriced.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
+        registry.register(Box::new(journal_oldest_unshipped.clone()))?;
+        registry.register(Box::new(reconcile_differences.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -332,6 +344,8 @@ impl Metrics {
             key_misses,
             unpriced,
             connections_refused,
+            journal_oldest_unshipped,
+            reconcile_differences,
             models: Mutex::new(HashSet::new()),
             unpriced_names: Mutex::new(HashSet::new()),
         })
@@ -451,6 +465,18 @@ impl Metrics {
     pub fn set_journal_backlog(&self, target: &str, n: u64) {
         self.journal_backlog
             .with_label_values(&[target])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Age in seconds of the oldest event waiting to ship (`None`: nothing waits).
+    pub fn set_journal_oldest_unshipped(&self, age: Option<Duration>) {
+        let secs = age.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.journal_oldest_unshipped.set(secs);
+    }
+
+    /// What the last reconcile found: the number of counters that differed from the ledger.
+    pub fn set_reconcile_differences(&self, n: usize) {
+        self.reconcile_differences
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 

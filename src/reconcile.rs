@@ -100,6 +100,10 @@ pub async fn reconcile(engine: &Engine, fix: bool) -> Result<Report, QuotaError>
             });
         }
     }
+    // Drift is what an operator must hear about, whether or not this run fixes it.
+    engine
+        .metrics()
+        .set_reconcile_differences(report.differences.len());
     if fix && !report.differences.is_empty() {
         let targets: Vec<AppliedLimit> =
             report.differences.iter().map(|d| d.limit.clone()).collect();

@@ -654,4 +654,28 @@ async fn shared_mode_reports_the_postgres_ledger() {
     let r = admin_get(&proxy, "/admin/spend?since=1d").await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "store_unavailable");
+    // What waits to ship ages in the metric the shipping-stalled alert reads.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &secret,
+        &chat_body("gpt-4o-mini", false, "while postgres is down"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let metrics = format!("http://{}/metrics", proxy.admin);
+    let mut age = 0;
+    for _ in 0..200 {
+        let text = send("GET", &metrics, &[], "").await.text();
+        age = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_journal_oldest_unshipped_seconds "))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        if age >= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(age >= 1, "the oldest unshipped event's age never showed");
 }

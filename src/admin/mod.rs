@@ -565,6 +565,12 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
     for (target, n) in &journal.backlog {
         m.set_journal_backlog(target, *n);
     }
+    let oldest = journal
+        .oldest_unshipped_at
+        .as_deref()
+        .and_then(crate::time::from_text)
+        .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default());
+    m.set_journal_oldest_unshipped(oldest);
     let text = m
         .render()
         .map_err(|e| AdminError::Internal(e.to_string()))?;
