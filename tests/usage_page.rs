@@ -363,3 +363,236 @@ async fn usage_page_shows_keys_limits_usage_and_transactions() {
     assert!(bytes.len() > 20_000, "screenshot is {} bytes", bytes.len());
     eprintln!("usage page screenshot: {}", png.display());
 }
+
+/// Integer micro-dollars as the page shows them: `$` + the exact decimal without zeros
+/// past the cents.
+fn usd_shown(micros: i64) -> String {
+    shown("usd", &json!(tollgate::money::format_usd(micros)))
+}
+
+/// The text of the first element that starts with `open` in `dom`, up to `close`.
+fn element<'a>(dom: &'a str, open: &str, close: &str) -> &'a str {
+    let start = dom
+        .find(open)
+        .unwrap_or_else(|| panic!("no `{open}` in the page:\n{dom}"));
+    let len = dom[start..].find(close).unwrap();
+    &dom[start..start + len]
+}
+
+#[tokio::test]
+async fn spend_charts_show_the_numbers_of_the_spend_api() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (a, _) = create_key(
+        &proxy,
+        json!({"name": "search-backend", "user": "alice", "tenant": "acme"}),
+    )
+    .await;
+    let (b, _) = create_key(&proxy, json!({"name": "nightly-batch", "user": "bob"})).await;
+    let (c, _) = create_key(&proxy, json!({"name": "idle-key"})).await;
+
+    // A week of ledger rows written straight into the ledger (reports read settled rows,
+    // whoever wrote them): three models on two upstreams, a few released and estimated.
+    let now = chrono::Utc::now();
+    let db = rusqlite::Connection::open(proxy.db_path()).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let models = [
+        ("gpt-4o-mini", "openai", 1_200),
+        ("gpt-4o", "openai", 41_000),
+        ("claude-sonnet-4-5", "anthropic", 93_000),
+    ];
+    let mut n = 0;
+    for hour in (2..6 * 24).step_by(7) {
+        for (i, (model, upstream, cost)) in models.iter().enumerate() {
+            if (hour + i) % 3 == 0 {
+                continue;
+            }
+            n += 1;
+            let key = if n % 3 == 0 { &b } else { &a };
+            let status = if n % 11 == 0 { "released" } else { "settled" };
+            let cost = if status == "settled" {
+                cost * (1 + (hour % 5) as i64)
+            } else {
+                0
+            };
+            db.execute(
+                "INSERT INTO billing_transactions (trace_id, key_id, user_id, tenant_id, upstream, model, status,
+                    input_tokens, output_tokens, cost_micros, usage_source, started_at, settled_at, instance_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 900, 120, ?8, ?9, ?10, ?10, 'seed')",
+                rusqlite::params![
+                    format!("seed-{n}"),
+                    key,
+                    if key == &a { "alice" } else { "bob" },
+                    if key == &a { Some("acme") } else { None },
+                    upstream,
+                    model,
+                    status,
+                    cost,
+                    if n % 7 == 0 { "estimated" } else { "upstream" },
+                    tollgate::time::to_text(now - chrono::Duration::hours(hour as i64)),
+                ],
+            )
+            .unwrap();
+        }
+    }
+    drop(db);
+
+    let api = |q: String| {
+        let proxy = &proxy;
+        async move {
+            let r = admin(proxy, "GET", &format!("/admin/spend?since=7d&{q}"), None).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()
+        }
+    };
+    let url = format!("http://{}/admin/?token={ADMIN_TOKEN}", proxy.admin);
+    let mut attempt = 0;
+    let (dom, by_model, top_keys, by_key) = loop {
+        attempt += 1;
+        let before = api("group_by=day,model&limit=10000".into()).await;
+        let dom = run_chromium(
+            url.clone(),
+            vec!["--dump-dom".into(), "--window-size=1280,1400".into()],
+        )
+        .await;
+        let after = api("group_by=day,model&limit=10000".into()).await;
+        // The page asks for the 7 days before its own clock: the same days unless a day
+        // boundary passed while it rendered (then render again).
+        if before["periods"] == after["periods"] || attempt == 3 {
+            assert_eq!(before["periods"], after["periods"]);
+            break (
+                dom,
+                before,
+                api("group_by=key&limit=5".into()).await,
+                api("group_by=key".into()).await,
+            );
+        }
+    };
+    assert!(
+        dom.contains(r#"<body data-state="ready">"#),
+        "the page did not finish loading:\n{dom}"
+    );
+
+    // Every (day, model) point of the chart is the API's, to the micro-dollar.
+    let rows = by_model["rows"].as_array().unwrap();
+    assert!(rows.len() >= 12, "{by_model}");
+    let mut per_day: std::collections::BTreeMap<String, i64> = Default::default();
+    for r in rows {
+        let day = r["period_start"].as_str().unwrap();
+        let micros = r["cost_micros"].as_i64().unwrap();
+        *per_day.entry(day.to_string()).or_default() += micros;
+        let bar = element(
+            &dom,
+            &format!(r#"<g class="bar" data-period="{day}""#),
+            "</g>",
+        );
+        let seg = format!(
+            r#"data-series="{}" data-micros="{micros}""#,
+            r["model"].as_str().unwrap()
+        );
+        assert!(bar.contains(&seg), "{seg} not in {bar}");
+    }
+    // One bar per period, empty ones included, each as tall as its day's total.
+    let periods = by_model["periods"].as_array().unwrap();
+    assert_eq!(dom.matches(r#"<g class="bar""#).count(), periods.len());
+    for p in periods {
+        let day = p["start"].as_str().unwrap();
+        let total = per_day.get(day).copied().unwrap_or(0);
+        assert!(
+            dom.contains(&format!(
+                r#"<g class="bar" data-period="{day}" data-micros="{total}">"#
+            )),
+            "{day}: {total}"
+        );
+    }
+    // The totals line.
+    let totals = &by_model["totals"];
+    let cost = totals["cost_micros"].as_i64().unwrap();
+    assert_eq!(cost, per_day.values().sum::<i64>());
+    assert!(
+        dom.contains(&format!(
+            r#"<b data-micros="{cost}">{}</b>"#,
+            usd_shown(cost)
+        )),
+        "total {cost} missing"
+    );
+    assert!(by_model["released_requests"].as_i64().unwrap() > 0);
+    assert!(dom.contains(&format!(
+        "{} released",
+        by_model["released_requests"].as_i64().unwrap()
+    )));
+    // The legend names each model with its spend.
+    for (model, _, _) in models {
+        let sum: i64 = rows
+            .iter()
+            .filter(|r| r["model"] == model)
+            .map(|r| r["cost_micros"].as_i64().unwrap())
+            .sum();
+        let item = element(
+            &dom,
+            &format!(r#"data-series="{model}"><i"#),
+            "</span></span>",
+        );
+        assert!(item.contains(&usd_shown(sum)), "{item}");
+    }
+    // Top keys, in the API's order and amounts.
+    let top = element(&dom, r#"<div id="top-key">"#, "<h3>Top users");
+    let mut last = 0;
+    for r in top_keys["rows"].as_array().unwrap() {
+        let marker = format!(
+            r#"data-who="{}" data-micros="{}""#,
+            r["key"].as_str().unwrap(),
+            r["cost_micros"]
+        );
+        let at = top
+            .find(&marker)
+            .unwrap_or_else(|| panic!("{marker} not in {top}"));
+        assert!(at >= last, "top keys out of order");
+        last = at;
+    }
+    assert!(top.contains("search-backend"), "{top}");
+    assert!(dom.contains(r#"data-who="acme""#), "top tenants");
+    // Each key's sparkline totals its spend; a key that spent nothing shows zero.
+    for k in [&a, &b] {
+        let micros = by_key["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["key"] == k.as_str())
+            .unwrap()["cost_micros"]
+            .clone();
+        assert!(
+            dom.contains(&format!(r#"data-key="{k}" data-micros="{micros}">"#)),
+            "sparkline of {k}"
+        );
+    }
+    assert!(dom.contains(&format!(r#"data-key="{c}" data-micros="0">"#)));
+    assert!(!dom.contains(ADMIN_TOKEN));
+
+    // Screenshots for people: light and dark, desktop and phone widths.
+    let dir = artifacts_dir();
+    for (name, width, dark) in [
+        ("spend-light-1280", 1280, false),
+        ("spend-dark-1280", 1280, true),
+        ("spend-light-390", 390, false),
+        ("spend-dark-390", 390, true),
+    ] {
+        let png = dir.join(format!("{name}.png"));
+        let _ = std::fs::remove_file(&png);
+        let mut flags = vec![
+            format!("--screenshot={}", png.display()),
+            format!("--window-size={width},1500"),
+        ];
+        if dark {
+            flags.push("--force-dark-mode".into());
+            flags.push("--blink-settings=preferredColorScheme=0".into());
+        }
+        run_chromium(url.clone(), flags).await;
+        let bytes = std::fs::read(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
+        assert!(bytes.len() > 20_000, "{name} is {} bytes", bytes.len());
+        eprintln!("spend page screenshot: {}", png.display());
+    }
+}

@@ -551,7 +551,13 @@ pub fn to_json(plan: &Plan, data: &SpendData) -> Value {
         .collect();
     let mut totals = Map::new();
     data.totals.write(&mut totals);
-    json!({
+    // Every bucket of the period, empty ones included, so a chart can draw its zeros.
+    let periods: Vec<Value> = plan
+        .bounds
+        .windows(2)
+        .map(|w| json!({"start": local_text(w[0], plan.tz), "end": local_text(w[1], plan.tz)}))
+        .collect();
+    let mut v = json!({
         "since": crate::time::to_text(plan.since),
         "until": crate::time::to_text(plan.until),
         "timezone": plan.tz.name(),
@@ -560,7 +566,11 @@ pub fn to_json(plan: &Plan, data: &SpendData) -> Value {
         "totals": totals,
         "released_requests": data.released,
         "truncated": data.truncated,
-    })
+    });
+    if plan.time_dim().is_some() {
+        v["periods"] = periods.into();
+    }
+    v
 }
 
 /// Validate `params`, ask `store`, and answer the report's JSON.

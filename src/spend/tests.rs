@@ -231,6 +231,13 @@ fn json_rows_carry_local_periods_and_exact_usd() {
     assert_eq!(r["cost_usd"], "1.234567");
     assert_eq!(v["totals"]["cost_usd"], "1.234572");
     assert_eq!(v["released_requests"], 2);
+    assert_eq!(
+        v["periods"],
+        json!([
+            {"start": "2026-03-01T00:00:00+01:00", "end": "2026-03-02T00:00:00+01:00"},
+            {"start": "2026-03-02T00:00:00+01:00", "end": "2026-03-03T00:00:00+01:00"}
+        ])
+    );
 }
 
 #[test]
