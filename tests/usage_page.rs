@@ -571,6 +571,41 @@ async fn spend_charts_show_the_numbers_of_the_spend_api() {
     assert!(dom.contains(&format!(r#"data-key="{c}" data-micros="0">"#)));
     assert!(!dom.contains(ADMIN_TOKEN));
 
+    // Another view from the address's fragment: 30 days by day, stacked by upstream.
+    let r = admin(
+        &proxy,
+        "GET",
+        "/admin/spend?since=30d&group_by=day,upstream&limit=10000",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let by_upstream = r.json();
+    let dom = run_chromium(
+        format!("{url}#period=30d&stack=upstream"),
+        vec!["--dump-dom".into(), "--window-size=1280,1400".into()],
+    )
+    .await;
+    assert!(dom.contains(r#"id="stack-upstream" aria-pressed="true""#));
+    assert_eq!(
+        dom.matches(r#"<g class="bar""#).count(),
+        by_upstream["periods"].as_array().unwrap().len()
+    );
+    for r in by_upstream["rows"].as_array().unwrap() {
+        let day = r["period_start"].as_str().unwrap();
+        let bar = element(
+            &dom,
+            &format!(r#"<g class="bar" data-period="{day}""#),
+            "</g>",
+        );
+        let seg = format!(
+            r#"data-series="{}" data-micros="{}""#,
+            r["upstream"].as_str().unwrap(),
+            r["cost_micros"]
+        );
+        assert!(bar.contains(&seg), "{seg} not in {bar}");
+    }
+
     // Screenshots for people: light and dark, desktop and phone widths.
     let dir = artifacts_dir();
     for (name, width, dark) in [
