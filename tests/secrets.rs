@@ -238,6 +238,7 @@ async fn exercise(proxy: &Proxy, hits: &AtomicUsize) -> (Seen, Vec<String>) {
         format!("/admin/keys/{id}"),
         format!("/admin/usage?key={capped_id}"),
         "/admin/transactions?limit=100".to_string(),
+        "/admin/spend?since=1d&group_by=key,model".to_string(),
         "/admin/journal".to_string(),
         "/admin/reconcile".to_string(),
         "/admin/openapi.json".to_string(),
