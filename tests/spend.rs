@@ -165,6 +165,9 @@ fn ask_strategy() -> impl Strategy<Value = Ask> {
         })
 }
 
+/// A group of the recomputed report: its bucket start and dimension values.
+type GroupKey = (Option<DateTime<Utc>>, Vec<Option<String>>);
+
 /// The report recomputed from the rows alone: (rows, totals, released, truncated) as JSON.
 fn expected(rows: &[Row], ask: &Ask) -> Value {
     let tz: Tz = ask.tz.parse().unwrap();
@@ -196,8 +199,7 @@ fn expected(rows: &[Row], ask: &Ask) -> Value {
             && p.model.as_deref().is_none_or(|m| m == r.model)
     };
     // Group key: (bucket start, dimension values) → sums [requests, 5 tokens, cost, estimated].
-    let mut groups: BTreeMap<(Option<DateTime<Utc>>, Vec<Option<String>>), [i64; 8]> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, [i64; 8]> = BTreeMap::new();
     let mut totals = [0i64; 8];
     let mut released = 0;
     for r in rows.iter().filter(|r| matches(r)) {

@@ -536,11 +536,11 @@ pub fn to_json(plan: &Plan, data: &SpendData) -> Value {
         .iter()
         .map(|r| {
             let mut m = Map::new();
-            if let Some(i) = r.bucket {
-                if let (Some(s), Some(e)) = (plan.bounds.get(i), plan.bounds.get(i + 1)) {
-                    m.insert("period_start".into(), local_text(*s, plan.tz).into());
-                    m.insert("period_end".into(), local_text(*e, plan.tz).into());
-                }
+            if let Some(i) = r.bucket
+                && let (Some(s), Some(e)) = (plan.bounds.get(i), plan.bounds.get(i + 1))
+            {
+                m.insert("period_start".into(), local_text(*s, plan.tz).into());
+                m.insert("period_end".into(), local_text(*e, plan.tz).into());
             }
             for (d, v) in others.iter().zip(&r.dims) {
                 m.insert(d.as_str().into(), v.clone().into());
