@@ -640,7 +640,12 @@ fn report_cmd(args: &ReportArgs) -> Result<ExitCode> {
         limit: args.limit.map(|n| n.to_string()),
     };
     let rt = runtime()?;
-    let path = format!("/admin/spend?{}", params.to_query());
+    let query: Vec<String> = params
+        .pairs()
+        .into_iter()
+        .map(|(name, v)| format!("{name}={}", tollgate::admin::encode_component(v)))
+        .collect();
+    let path = format!("/admin/spend?{}", query.join("&"));
     let v = match rt.block_on(admin_call(&cfg, "GET", &path)) {
         Some((200, v)) => v,
         Some((_, v)) => bail!(

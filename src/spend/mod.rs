@@ -162,20 +162,6 @@ impl SpendParams {
         "since", "until", "group_by", "key", "user", "tenant", "model", "upstream", "limit",
     ];
 
-    fn fields(&self) -> [(&'static str, &Option<String>); 9] {
-        [
-            ("since", &self.since),
-            ("until", &self.until),
-            ("group_by", &self.group_by),
-            ("key", &self.key),
-            ("user", &self.user),
-            ("tenant", &self.tenant),
-            ("model", &self.model),
-            ("upstream", &self.upstream),
-            ("limit", &self.limit),
-        ]
-    }
-
     /// Read the parameters from `get(name)` (a query string's first value of `name`).
     pub fn from_lookup<'a>(get: impl Fn(&str) -> Option<&'a str>) -> SpendParams {
         let v = |n: &str| get(n).map(str::to_string);
@@ -192,17 +178,22 @@ impl SpendParams {
         }
     }
 
-    /// The query string of `GET /admin/spend` for these parameters (values
-    /// percent-encoded; absent ones left out).
-    pub fn to_query(&self) -> String {
-        self.fields()
-            .iter()
-            .filter_map(|(name, v)| {
-                v.as_ref()
-                    .map(|v| format!("{name}={}", crate::admin::encode_component(v)))
-            })
-            .collect::<Vec<_>>()
-            .join("&")
+    /// The parameters that are set, by name, in [`SpendParams::NAMES`] order.
+    pub fn pairs(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("since", &self.since),
+            ("until", &self.until),
+            ("group_by", &self.group_by),
+            ("key", &self.key),
+            ("user", &self.user),
+            ("tenant", &self.tenant),
+            ("model", &self.model),
+            ("upstream", &self.upstream),
+            ("limit", &self.limit),
+        ]
+        .into_iter()
+        .filter_map(|(name, v)| v.as_deref().map(|v| (name, v)))
+        .collect()
     }
 }
 

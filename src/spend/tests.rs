@@ -363,3 +363,24 @@ async fn sqlite_sums_match_the_rows_and_skip_other_statuses() {
         Err(SpendError::Unavailable(_))
     ));
 }
+
+#[test]
+fn params_round_trip_through_their_pairs() {
+    let p = params(&[
+        ("since", "7d"),
+        ("group_by", "day,model"),
+        ("model", "a&b c"),
+    ]);
+    let pairs = p.pairs();
+    assert_eq!(
+        pairs,
+        [
+            ("since", "7d"),
+            ("group_by", "day,model"),
+            ("model", "a&b c")
+        ]
+    );
+    let back = SpendParams::from_lookup(|n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| *v));
+    assert_eq!(back, p);
+    assert!(pairs.iter().all(|(k, _)| SpendParams::NAMES.contains(k)));
+}
