@@ -364,6 +364,24 @@ async fn every_documented_route_works() {
     assert_eq!(page["transactions"][0]["key_id"], id.as_str());
     assert!(page["next_cursor"].is_string());
 
+    // Spend: the settled rows of the ledger, summed (details in tests/spend.rs).
+    let r = admin
+        .call(
+            "GET",
+            "/admin/spend",
+            None,
+            &format!("?since=1d&group_by=key&key={id}"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let spend = r.json();
+    assert_eq!(spend["rows"][0]["key"], id.as_str());
+    assert!(
+        spend["totals"]["requests"].as_i64().unwrap() >= 1,
+        "{spend}"
+    );
+
     let r = admin.call("GET", "/admin/journal", None, "", None).await;
     assert_eq!((r.status, r.json()), (200, json!({"backlog": {}})));
 
@@ -478,6 +496,7 @@ async fn admin_routes_need_the_admin_token() {
         "/admin/keys",
         "/admin/usage",
         "/admin/transactions",
+        "/admin/spend",
         "/admin/openapi.json",
         "/admin",
     ] {
