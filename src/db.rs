@@ -50,6 +50,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../migrations/sqlite/0002_journal.sql")),
     (3, include_str!("../migrations/sqlite/0003_alert_marks.sql")),
+    (
+        4,
+        include_str!("../migrations/sqlite/0004_price_fields.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -373,6 +377,37 @@ mod tests {
         // A second open applies no migration twice.
         let conn = open_connection(&dir.path().join("t.db"), Durability::Normal).unwrap();
         assert!(migrate(&conn).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rows_settled_before_the_price_columns_read_zero_and_null() {
+        // A ledger at version 3 with a settled row, upgraded: the row keeps every figure
+        // and reads 0 / NULL in the columns of what priced it (docs/architecture.md).
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("old.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .unwrap();
+        for (version, sql) in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 'x')",
+                [version],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO billing_transactions (trace_id, key_id, upstream, model, status, cache_write_tokens, cost_micros, started_at, instance_id)
+             VALUES ('old', 'k_1', 'anthropic', 'claude-opus-4-8', 'settled', 700, 4321, '2026-11-01T00:00:00.000000Z', 'i')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(migrate(&conn).unwrap(), vec![4]);
+        let row = crate::ledger::get(&conn, "old").unwrap().unwrap();
+        assert_eq!((row.cache_write_tokens, row.cost_micros), (700, 4321));
+        assert_eq!((row.cache_write_1h_tokens, row.tool_calls), (0, 0));
+        assert_eq!((row.service_tier, row.price_version), (None, None));
     }
 
     #[tokio::test]

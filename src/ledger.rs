@@ -42,9 +42,22 @@ pub struct Transaction {
     pub started_at: String,
     pub settled_at: Option<String>,
     pub instance_id: String,
+    /// The 1-hour part of `cache_write_tokens` (0 on rows written before it was recorded).
+    #[serde(default)]
+    pub cache_write_1h_tokens: i64,
+    /// Server tool calls billed per call (web searches).
+    #[serde(default)]
+    pub tool_calls: i64,
+    /// The tier the row was priced at; `None` = standard rates.
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    /// Digest of the price entry that priced the row; `None` when no entry did (or unknown:
+    /// a row settled before it was recorded).
+    #[serde(default)]
+    pub price_version: Option<String>,
 }
 
-const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id";
+const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id, cache_write_1h_tokens, tool_calls, service_tier, price_version";
 
 fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
     Ok(Transaction {
@@ -68,6 +81,10 @@ fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
         started_at: r.get(17)?,
         settled_at: r.get(18)?,
         instance_id: r.get(19)?,
+        cache_write_1h_tokens: r.get(20)?,
+        tool_calls: r.get(21)?,
+        service_tier: r.get(22)?,
+        price_version: r.get(23)?,
     })
 }
 
@@ -84,7 +101,7 @@ pub fn open_reservation(c: &Connection, t: &Transaction) -> Result<Opened, DbErr
     // Cached: parsing this statement cost more than running it (every request runs it).
     let n = c.prepare_cached(
         &format!(
-            "INSERT INTO billing_transactions ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,'reserved',?7,0,0,?8,0,?9,0,NULL,?10,NULL,?11,NULL,?12)
+            "INSERT INTO billing_transactions ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,'reserved',?7,0,0,?8,0,?9,0,NULL,?10,NULL,?11,NULL,?12,0,0,NULL,NULL)
              ON CONFLICT(trace_id) DO UPDATE SET
                key_id=excluded.key_id, user_id=excluded.user_id, tenant_id=excluded.tenant_id,
                upstream=excluded.upstream, model=excluded.model, status='reserved',
@@ -92,7 +109,8 @@ pub fn open_reservation(c: &Connection, t: &Transaction) -> Result<Opened, DbErr
                output_tokens=excluded.output_tokens, reasoning_tokens=0,
                reserved_micros=excluded.reserved_micros, cost_micros=0, usage_source=NULL,
                stream=excluded.stream, http_status=NULL, started_at=excluded.started_at,
-               settled_at=NULL, instance_id=excluded.instance_id
+               settled_at=NULL, instance_id=excluded.instance_id, cache_write_1h_tokens=0,
+               tool_calls=0, service_tier=NULL, price_version=NULL
              WHERE billing_transactions.status = 'released'"
         ),
     )?
@@ -137,14 +155,14 @@ pub struct Settlement {
     pub cache_write_tokens: i64,
     pub output_tokens: i64,
     pub reasoning_tokens: i64,
-    /// The long-lifetime part of `cache_write_tokens` (SPEC §7; not stored yet).
+    /// The long-lifetime part of `cache_write_tokens`.
     pub cache_write_1h_tokens: i64,
-    /// Server tool calls billed per call (SPEC §7; not stored yet).
+    /// Server tool calls billed per call.
     pub tool_calls: i64,
-    /// The service tier the request was priced at (SPEC §7; not stored yet).
+    /// The service tier the request was priced at.
     pub service_tier: Option<String>,
     /// [`crate::billing::price::Price::version`] of the entry that priced it; `None` when no
-    /// entry did (SPEC §7; not stored yet).
+    /// entry did.
     pub price_version: Option<String>,
     pub cost_micros: i64,
     pub usage_source: &'static str,
@@ -158,7 +176,8 @@ pub fn settle_row(c: &Connection, trace_id: &str, s: &Settlement) -> Result<bool
         .prepare_cached(
             "UPDATE billing_transactions SET status='settled', input_tokens=?2, cached_input_tokens=?3,
            cache_write_tokens=?4, output_tokens=?5, reasoning_tokens=?6, cost_micros=?7,
-           usage_source=?8, http_status=?9, settled_at=?10
+           usage_source=?8, http_status=?9, settled_at=?10, cache_write_1h_tokens=?11,
+           tool_calls=?12, service_tier=?13, price_version=?14
          WHERE trace_id=?1 AND status='reserved'",
         )?
         .execute(params![
@@ -171,7 +190,11 @@ pub fn settle_row(c: &Connection, trace_id: &str, s: &Settlement) -> Result<bool
             s.cost_micros,
             s.usage_source,
             s.http_status,
-            crate::time::now_text()
+            crate::time::now_text(),
+            s.cache_write_1h_tokens,
+            s.tool_calls,
+            s.service_tier,
+            s.price_version
         ])?;
     Ok(n == 1)
 }
@@ -182,6 +205,7 @@ pub fn release_row(c: &Connection, trace_id: &str, http_status: i64) -> Result<b
         .prepare_cached(
             "UPDATE billing_transactions SET status='released', input_tokens=0, cached_input_tokens=0,
            cache_write_tokens=0, output_tokens=0, reasoning_tokens=0, cost_micros=0,
+           cache_write_1h_tokens=0, tool_calls=0, service_tier=NULL, price_version=NULL,
            http_status=?2, settled_at=?3
          WHERE trace_id=?1 AND status='reserved'",
         )?

@@ -688,3 +688,134 @@ fn the_price_examples_in_the_configuration_reference_are_valid() {
     }
     assert!(blocks >= 1);
 }
+
+/// The price entry versions `tollgate prices` shows, by model.
+fn versions(proxy: &Proxy) -> std::collections::HashMap<String, String> {
+    let (code, out, err) = proxy.cli(&["prices", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["model"].as_str().unwrap().to_owned(),
+                e["version"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn settled_rows_record_what_priced_them() {
+    // SPEC §7: cache_write_1h_tokens, tool_calls, service_tier and price_version are ledger
+    // columns with the exact values the settle priced, stream and non-stream.
+    let (_mock, proxy, key) = setup("").await;
+    let versions = versions(&proxy);
+    for stream in [false, true] {
+        // claude-opus-4-8: input 5, cache read 0.50, 5-minute write 6.25, 1-hour write 10,
+        // output 25; $0.01 per web search.
+        let body = json!({"model": "claude-opus-4-8", "max_tokens": 300, "stream": stream,
+                          "messages": [{"role": "user", "content": "Search and tell me"}]});
+        let headers = [
+            ("x-mock-cached-tokens", "1000"),
+            ("x-mock-cache-write-tokens", "300"),
+            ("x-mock-cache-write-1h-tokens", "700"),
+            ("x-mock-web-searches", "3"),
+        ];
+        let r = post_json(&proxy.url("/v1/messages"), &key, &body, &headers).await;
+        let u = seen_usage("/v1/messages", stream, &r);
+        let (uncached, out) = (int(&u["input_tokens"]), int(&u["output_tokens"]));
+        let row = row_of(&proxy, &r).await;
+        let expect = bill(
+            &[
+                (uncached, "5"),
+                (1000, "0.50"),
+                (300, "6.25"),
+                (700, "10"),
+                (out, "25"),
+            ],
+            ONE,
+            3,
+        );
+        assert_eq!(row["cost_micros"], expect, "stream={stream}");
+        assert_eq!(row["cache_write_tokens"], 1000);
+        assert_eq!(row["cache_write_1h_tokens"], 700, "stream={stream}");
+        assert_eq!(row["tool_calls"], 3, "stream={stream}");
+        assert_eq!(row["service_tier"], "standard", "stream={stream}");
+        assert_eq!(
+            row["price_version"].as_str(),
+            Some(versions["claude-opus-4-8"].as_str())
+        );
+
+        // gpt-6.1-sol served at priority (×2): the row names the tier it was priced at.
+        let mut body = chat("gpt-6.1-sol", stream, "Tell me a story");
+        body["service_tier"] = json!("priority");
+        let r = post_json(&proxy.url("/v1/chat/completions"), &key, &body, &[]).await;
+        let u = seen_usage("/v1/chat/completions", stream, &r);
+        let row = row_of(&proxy, &r).await;
+        let expect = bill(
+            &[
+                (int(&u["prompt_tokens"]), "2"),
+                (int(&u["completion_tokens"]), "10"),
+            ],
+            (2, 1),
+            0,
+        );
+        assert_eq!(row["cost_micros"], expect, "stream={stream}");
+        assert_eq!(row["service_tier"], "priority");
+        assert_eq!(
+            (
+                row["tool_calls"].as_i64(),
+                row["cache_write_1h_tokens"].as_i64()
+            ),
+            (Some(0), Some(0))
+        );
+        assert_eq!(
+            row["price_version"].as_str(),
+            Some(versions["gpt-6.1-sol"].as_str())
+        );
+    }
+    // A released row carries none of them.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &chat("gpt-6.1-sol", false, "hi"),
+        &[("x-mock-status", "500")],
+    )
+    .await;
+    assert_eq!(r.status, 500);
+    proxy.wait_settled().await;
+    let trace = r.header("x-tollgate-trace-id").unwrap();
+    let row = proxy
+        .ledger()
+        .into_iter()
+        .find(|r| r["trace_id"] == trace)
+        .unwrap();
+    assert_eq!(row["status"], "released");
+    assert_eq!(row["service_tier"], Value::Null);
+    assert_eq!(row["price_version"], Value::Null);
+    // The admin API's transactions carry the same fields.
+    let listed = send(
+        "GET",
+        &format!("http://{}/admin/transactions?limit=10", proxy.admin),
+        &[("authorization", &format!("Bearer {}", ADMIN_TOKEN))],
+        "",
+    )
+    .await
+    .json();
+    let tx = listed["transactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["model"] == "claude-opus-4-8")
+        .unwrap()
+        .clone();
+    assert_eq!(tx["cache_write_1h_tokens"], 700);
+    assert_eq!(tx["tool_calls"], 3);
+    assert_eq!(
+        tx["price_version"].as_str(),
+        Some(versions["claude-opus-4-8"].as_str())
+    );
+}

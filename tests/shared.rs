@@ -453,13 +453,20 @@ fn row(trace: &str, status: &str, started: &str, cost: i64) -> Transaction {
 async fn ledger_upserts_only_move_rows_forward() {
     let pg = TestPg::start();
     let ledger = PgLedger::new(&pg.url()).unwrap();
-    assert_eq!(ledger.migrate().await.unwrap(), vec![1]);
+    assert_eq!(ledger.migrate().await.unwrap(), vec![1, 2]);
     assert!(ledger.migrate().await.unwrap().is_empty(), "applied once");
     let (t1, t2) = ("2026-01-01T00:00:00.000001Z", "2026-01-01T00:00:05.000000Z");
     let reserve1 = row("a", "reserved", t1, 0);
     let release1 = row("a", "released", t1, 0);
     let reserve2 = row("a", "reserved", t2, 0);
-    let settle2 = row("a", "settled", t2, 42);
+    let settle2 = Transaction {
+        cache_write_tokens: 9,
+        cache_write_1h_tokens: 7,
+        tool_calls: 2,
+        service_tier: Some("flex".into()),
+        price_version: Some("00ff00ff00ff00ff".into()),
+        ..row("a", "settled", t2, 42)
+    };
     // In order, one event per batch.
     for r in [&reserve1, &release1, &reserve2, &settle2] {
         assert_eq!(
@@ -506,4 +513,86 @@ async fn ledger_upserts_only_move_rows_forward() {
     let err = ledger.upsert_rows(&many[..1]).await.unwrap_err();
     assert!(err.is_transient(), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn price_fields_reach_the_ledger_of_record_through_an_outage() {
+    // SPEC §7: the columns of what priced a row travel in the journal events and arrive
+    // in Postgres with the exact values the settle wrote, also when they waited in the
+    // journal while Postgres was down.
+    let (pg, _mock, proxy) = setup().await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let (code, out, err) = proxy.cli(&["prices", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let table: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let version = |m: &str| {
+        table["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["model"] == m)
+            .unwrap()["version"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    pg.stop();
+    let mut sent = Vec::new();
+    for stream in [false, true] {
+        let body = serde_json::json!({"model": "claude-opus-4-8", "max_tokens": 300, "stream": stream,
+                                      "messages": [{"role": "user", "content": "Search and tell me"}]});
+        let r = post_json(
+            &proxy.url("/v1/messages"),
+            &key,
+            &body,
+            &[
+                ("x-mock-cache-write-tokens", "300"),
+                ("x-mock-cache-write-1h-tokens", "700"),
+                ("x-mock-web-searches", "3"),
+            ],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        sent.push((
+            r.header("x-tollgate-trace-id").unwrap().to_owned(),
+            "claude",
+        ));
+        let mut body = chat_body("gpt-6.1-sol", stream, "hello there");
+        body["service_tier"] = serde_json::json!("flex");
+        let r = post_json(&proxy.url("/v1/chat/completions"), &key, &body, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        sent.push((r.header("x-tollgate-trace-id").unwrap().to_owned(), "gpt"));
+    }
+    eventually("backlog of 8", || backlog(&proxy) == 8).await;
+    pg.start_again();
+    let rows = pg
+        .wait_ledger("4 settled rows", |rows| {
+            rows.len() == 4 && rows.iter().all(|r| r["status"] == "settled")
+        })
+        .await;
+    let local = journal_rows(&proxy);
+    for (trace, kind) in &sent {
+        let r = rows
+            .iter()
+            .find(|r| r["trace_id"] == trace.as_str())
+            .unwrap();
+        let l = local.iter().find(|l| &l.trace_id == trace).unwrap();
+        assert_eq!(r["cost_micros"], l.cost_micros);
+        if *kind == "claude" {
+            assert_eq!(r["cache_write_tokens"], 1000);
+            assert_eq!(r["cache_write_1h_tokens"], 700);
+            assert_eq!(r["tool_calls"], 3);
+            assert_eq!(r["service_tier"], "standard");
+            assert_eq!(r["price_version"], version("claude-opus-4-8").as_str());
+        } else {
+            assert_eq!(r["cache_write_1h_tokens"], 0);
+            assert_eq!(r["tool_calls"], 0);
+            assert_eq!(r["service_tier"], "flex");
+            assert_eq!(r["price_version"], version("gpt-6.1-sol").as_str());
+        }
+        assert_eq!(r["cache_write_1h_tokens"], l.cache_write_1h_tokens);
+        assert_eq!(r["tool_calls"], l.tool_calls);
+        assert_eq!(r["service_tier"].as_str(), l.service_tier.as_deref());
+        assert_eq!(r["price_version"].as_str(), l.price_version.as_deref());
+    }
 }

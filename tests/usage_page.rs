@@ -262,6 +262,10 @@ async fn usage_page_shows_keys_limits_usage_and_transactions() {
         .map(|t| t["trace_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(traces.len(), 5);
+    let version = r.json()["transactions"][0]["price_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     // Nothing is in flight, so usage only moves if a window rolls over while the page
     // renders (`tokens:day` at midnight UTC); then render again.
@@ -341,6 +345,12 @@ async fn usage_page_shows_keys_limits_usage_and_transactions() {
     for t in &traces {
         assert!(dom.contains(t.as_str()), "trace id {t} missing:\n{dom}");
     }
+    // Each row shows the version of the price entry that priced it.
+    assert_eq!(
+        dom.matches(&format!(r#"<span class="mono muted version" title="price entry version (tollgate prices)">{version}</span>"#)).count(),
+        5,
+        "{dom}"
+    );
     assert!(
         !dom.contains(ADMIN_TOKEN),
         "the token never reaches the page"

@@ -123,6 +123,10 @@ pub fn settle_sync(
     row.cache_write_tokens = s.cache_write_tokens;
     row.output_tokens = s.output_tokens;
     row.reasoning_tokens = s.reasoning_tokens;
+    row.cache_write_1h_tokens = s.cache_write_1h_tokens;
+    row.tool_calls = s.tool_calls;
+    row.service_tier = s.service_tier.clone();
+    row.price_version = s.price_version.clone();
     row.cost_micros = s.cost_micros;
     row.usage_source = Some(s.usage_source.to_string());
     row.http_status = s.http_status;
@@ -146,6 +150,10 @@ pub fn release_sync(
     row.cache_write_tokens = 0;
     row.output_tokens = 0;
     row.reasoning_tokens = 0;
+    row.cache_write_1h_tokens = 0;
+    row.tool_calls = 0;
+    row.service_tier = None;
+    row.price_version = None;
     row.cost_micros = 0;
     row.http_status = Some(http_status);
     row.settled_at = Some(crate::time::now_text());
@@ -580,6 +588,55 @@ mod tests {
         assert!(
             !ob.is_taken("a").await.unwrap(),
             "forgotten after retention"
+        );
+    }
+
+    #[test]
+    fn events_carry_what_priced_a_row_and_older_events_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn =
+            crate::db::open_connection(&dir.path().join("j.db"), Durability::Normal).unwrap();
+        crate::db::migrate(&conn).unwrap();
+        open_reservation_sync(&conn, &row("a")).unwrap();
+        let s = Settlement {
+            cache_write_tokens: 1000,
+            cache_write_1h_tokens: 700,
+            tool_calls: 3,
+            service_tier: Some("priority".into()),
+            price_version: Some("0123456789abcdef".into()),
+            ..settlement()
+        };
+        settle_sync(&conn, "a", &s).unwrap().unwrap();
+        let events = events_after(&conn, 0, 10, false).unwrap();
+        let settled = from_json(&events[1].payload).unwrap();
+        assert_eq!(
+            (
+                settled.cache_write_1h_tokens,
+                settled.tool_calls,
+                settled.service_tier.as_deref(),
+                settled.price_version.as_deref()
+            ),
+            (700, 3, Some("priority"), Some("0123456789abcdef"))
+        );
+        // A release clears them (nothing was priced).
+        open_reservation_sync(&conn, &row("b")).unwrap();
+        let released = release_sync(&conn, "b", 500).unwrap().unwrap();
+        assert_eq!((released.tool_calls, released.price_version), (0, None));
+        // An event journaled before these fields existed (an upgrade with a backlog)
+        // still reads, with 0 / null.
+        let mut old: serde_json::Value = serde_json::from_str(&events[1].payload).unwrap();
+        for f in [
+            "cache_write_1h_tokens",
+            "tool_calls",
+            "service_tier",
+            "price_version",
+        ] {
+            old.as_object_mut().unwrap().remove(f);
+        }
+        let back = from_json(&old.to_string()).unwrap();
+        assert_eq!(
+            (back.cost_micros, back.tool_calls, back.price_version),
+            (77, 0, None)
         );
     }
 

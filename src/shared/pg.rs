@@ -26,8 +26,13 @@ use crate::quota::limit::Metric;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Numbered migrations of the Postgres schema, applied in order by [`PgLedger::migrate`].
-pub const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_init.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_price_fields.sql"),
+    ),
+];
 
 /// Advisory lock key held while migrating (ASCII "tollgate" folded into an i64), so that
 /// instances starting together apply each migration once.
@@ -250,7 +255,8 @@ impl PgLedger {
                     cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
                     reserved_micros, cost_micros, usage_source, stream, http_status::bigint,
                     to_char(started_at AT TIME ZONE 'UTC', {TS_TEXT}),
-                    to_char(settled_at AT TIME ZONE 'UTC', {TS_TEXT}), instance_id
+                    to_char(settled_at AT TIME ZONE 'UTC', {TS_TEXT}), instance_id,
+                    cache_write_1h_tokens, tool_calls, service_tier, price_version
              FROM billing_transactions ORDER BY started_at, trace_id"
         );
         let rows = client.query(&sql, &[]).await?;
@@ -277,6 +283,10 @@ impl PgLedger {
                 started_at: r.get(17),
                 settled_at: r.get(18),
                 instance_id: r.get(19),
+                cache_write_1h_tokens: r.get(20),
+                tool_calls: r.get(21),
+                service_tier: r.get(22),
+                price_version: r.get(23),
             })
             .collect())
     }
@@ -473,17 +483,21 @@ fn same_counter(stored: &str, spec: &LimitSpec) -> bool {
 
 const UPSERT: &str = "INSERT INTO billing_transactions (trace_id, key_id, user_id, tenant_id, upstream, model, status,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-        reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id)
+        reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id,
+        cache_write_1h_tokens, tool_calls, service_tier, price_version)
     SELECT t.trace_id, t.key_id, t.user_id, t.tenant_id, t.upstream, t.model, t.status,
         t.input_tokens, t.cached_input_tokens, t.cache_write_tokens, t.output_tokens, t.reasoning_tokens,
         t.reserved_micros, t.cost_micros, t.usage_source, t.stream, t.http_status::integer,
-        t.started_at::timestamptz, t.settled_at::timestamptz, t.instance_id
+        t.started_at::timestamptz, t.settled_at::timestamptz, t.instance_id,
+        t.cache_write_1h_tokens, t.tool_calls, t.service_tier, t.price_version
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[],
-        $15::text[], $16::bool[], $17::int8[], $18::text[], $19::text[], $20::text[])
+        $15::text[], $16::bool[], $17::int8[], $18::text[], $19::text[], $20::text[],
+        $21::int8[], $22::int8[], $23::text[], $24::text[])
       AS t(trace_id, key_id, user_id, tenant_id, upstream, model, status,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-        reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id)
+        reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id,
+        cache_write_1h_tokens, tool_calls, service_tier, price_version)
     ON CONFLICT (trace_id) DO UPDATE SET
         key_id = EXCLUDED.key_id, user_id = EXCLUDED.user_id, tenant_id = EXCLUDED.tenant_id,
         upstream = EXCLUDED.upstream, model = EXCLUDED.model, status = EXCLUDED.status,
@@ -493,7 +507,9 @@ const UPSERT: &str = "INSERT INTO billing_transactions (trace_id, key_id, user_i
         cost_micros = EXCLUDED.cost_micros, usage_source = EXCLUDED.usage_source,
         stream = EXCLUDED.stream, http_status = EXCLUDED.http_status,
         started_at = EXCLUDED.started_at, settled_at = EXCLUDED.settled_at,
-        instance_id = EXCLUDED.instance_id
+        instance_id = EXCLUDED.instance_id, cache_write_1h_tokens = EXCLUDED.cache_write_1h_tokens,
+        tool_calls = EXCLUDED.tool_calls, service_tier = EXCLUDED.service_tier,
+        price_version = EXCLUDED.price_version
     WHERE (EXCLUDED.started_at > billing_transactions.started_at
            AND billing_transactions.status <> 'settled')
        OR (EXCLUDED.started_at = billing_transactions.started_at
@@ -527,6 +543,10 @@ async fn upsert_in(
     let started_at = col(|t| t.started_at.clone());
     let settled_at = opt(|t| t.settled_at.clone());
     let instance_id = col(|t| t.instance_id.clone());
+    let cache_write_1h = int(|t| t.cache_write_1h_tokens);
+    let tool_calls = int(|t| t.tool_calls);
+    let service_tier = opt(|t| t.service_tier.clone());
+    let price_version = opt(|t| t.price_version.clone());
     let st = tx.prepare_cached(UPSERT).await?;
     Ok(tx
         .execute(
@@ -552,6 +572,10 @@ async fn upsert_in(
                 &started_at,
                 &settled_at,
                 &instance_id,
+                &cache_write_1h,
+                &tool_calls,
+                &service_tier,
+                &price_version,
             ],
         )
         .await?)

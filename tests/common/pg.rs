@@ -145,7 +145,8 @@ impl TestPg {
             .query(
                 "SELECT trace_id, key_id, status, input_tokens, cached_input_tokens, cache_write_tokens,
                         output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream,
-                        http_status, upstream, model, instance_id, settled_at IS NOT NULL
+                        http_status, upstream, model, instance_id, settled_at IS NOT NULL,
+                        cache_write_1h_tokens, tool_calls, service_tier, price_version
                  FROM billing_transactions ORDER BY started_at, trace_id",
                 &[],
             )
@@ -171,6 +172,10 @@ impl TestPg {
                     "model": r.get::<_, String>(14),
                     "instance_id": r.get::<_, String>(15),
                     "final_at_set": r.get::<_, bool>(16),
+                    "cache_write_1h_tokens": r.get::<_, i64>(17),
+                    "tool_calls": r.get::<_, i64>(18),
+                    "service_tier": r.get::<_, Option<String>>(19),
+                    "price_version": r.get::<_, Option<String>>(20),
                 })
             })
             .collect()
