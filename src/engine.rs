@@ -62,14 +62,37 @@ pub struct Parsed {
     pub body: Bytes,
     pub hide_usage: bool,
     pub input_tokens: u64,
+    /// The output bound of the whole request: the stated (or default) max output times the
+    /// completions the upstream will produce, at most [`MAX_TOKEN_COUNT`].
     pub max_output_tokens: u64,
     pub encoding: Encoding,
     /// The service tier, speed and region the request asks for.
     asked: Modifiers,
+    /// The request asks the model to reason (output the meter may never see).
+    pub reasoning: bool,
+    /// Per-call tool uses (web searches) the request allows, held at the entry's fee.
+    pub tool_calls: u64,
 }
 
 /// Longest `model` accepted (SPEC §4.2): it is written to the ledger, logs and metrics.
 pub const MAX_MODEL_LEN: usize = 256;
+
+/// Most completions one request may ask for (`n`, `best_of`); a larger value is a 400.
+pub const MAX_COMPLETIONS: u64 = 128;
+
+/// Largest token count held or billed for one request: 2⁴⁰, far above any model's output
+/// limit. A larger stated max output (`max_tokens: 1e30`, `18446744073709551615`) is held as
+/// this, and a larger count in a response is billed as this (the row is `estimated`):
+/// clamped, never wrapped, and every sum of such counts stays far inside `i64`.
+pub const MAX_TOKEN_COUNT: u64 = 1 << 40;
+
+/// Web searches held for a request whose web search tool states no bound (Anthropic
+/// `max_uses`, Responses `max_tool_calls`).
+pub const DEFAULT_HELD_SEARCHES: u64 = 10;
+
+/// Largest number of searches held for one request (a stated bound above it is held as
+/// this: 10 000 searches at $0.01 hold $100).
+pub const MAX_HELD_SEARCHES: u64 = 10_000;
 
 /// The hold of an admitted request. Must be handed to [`Engine::finish`].
 #[must_use = "an admission must be settled or released with Engine::finish"]
@@ -87,6 +110,8 @@ pub struct Admission {
     encoding: Encoding,
     /// What the request asked for: prices a settle whose response did not say.
     asked: Modifiers,
+    /// The request asked the model to reason: output the meter did not see is not zero.
+    reasoning: bool,
     estimate: Amounts,
     limits: Vec<AppliedLimit>,
     started_at: DateTime<Utc>,
@@ -375,6 +400,8 @@ impl Engine {
                 max_output_tokens: 0,
                 encoding: Encoding::O200k,
                 asked: Modifiers::default(),
+                reasoning: false,
+                tool_calls: 0,
             }
         };
         let entry = if route.format.is_some() {
@@ -392,11 +419,33 @@ impl Engine {
         } else {
             None
         };
+        // A tier, speed or region the request names that its entry cannot price is refused:
+        // holding and billing it at 1× could be a fraction of the invoice.
+        if let Some(e) = entry
+            && let Some((kind, name)) = e.price.unpriced_request(&parsed.asked)
+        {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "`{kind}` \"{name}\" has no price for model \"{}\"; add it to the model's [prices] entry ({}) or send a priced one",
+                    parsed.model,
+                    match kind {
+                        "service_tier" => "tiers",
+                        other => other,
+                    }
+                ),
+            ));
+        }
         // The hold is the worst case (billing::cost): the dearest input-side and output-side
-        // rates, the long-context band of the estimate, the multipliers asked for.
+        // rates, the long-context band of the estimate, the multipliers asked for, and the
+        // per-call fees of the tool uses the request allows.
         let estimate_cost = entry.map_or(0, |e| {
-            e.price
-                .hold(parsed.input_tokens, parsed.max_output_tokens, &parsed.asked)
+            e.price.hold(
+                parsed.input_tokens,
+                parsed.max_output_tokens,
+                parsed.tool_calls,
+                &parsed.asked,
+            )
         });
         let estimate = Amounts {
             requests: 1,
@@ -511,6 +560,7 @@ impl Engine {
             model: parsed.model,
             encoding: parsed.encoding,
             asked: parsed.asked,
+            reasoning: parsed.reasoning,
             estimate,
             limits,
             started_at,
@@ -628,15 +678,18 @@ impl Engine {
         client_status: u16,
     ) -> Settlement {
         let est_in = adm.estimate.input_tokens;
-        let (usage, in_rep, out_rep, text) = match report {
+        let (mut usage, in_rep, out_rep, text, reasoning_seen) = match report {
             Some(r) => (
                 r.usage.clone(),
                 r.input_reported,
                 r.output_reported,
                 r.output_text.clone(),
+                r.reasoning_seen,
             ),
-            None => (Usage::default(), false, false, String::new()),
+            None => (Usage::default(), false, false, String::new(), false),
         };
+        // Counts past any real response are clamped, and the row is then an estimate.
+        let clamped = clamp_usage(&mut usage);
         let input = if in_rep {
             usage.input_tokens as i64
         } else {
@@ -648,12 +701,19 @@ impl Engine {
             0
         } else {
             let enc = adm.encoding;
-            if text.len() > BLOCKING_PARSE_ABOVE {
+            let seen = if text.len() > BLOCKING_PARSE_ABOVE {
                 tokio::task::spawn_blocking(move || tokens::count(enc, &text) as i64)
                     .await
                     .unwrap_or(0)
             } else {
                 tokens::count(enc, &text) as i64
+            };
+            // SPEC §4.6: a reasoning model's output the meter could not see (a stream cut
+            // before its usage event) is never billed as zero: the held output estimate.
+            if adm.reasoning || reasoning_seen {
+                seen.max(adm.estimate.output_tokens)
+            } else {
+                seen
             }
         };
         let cached = if in_rep {
@@ -713,7 +773,7 @@ impl Engine {
             service_tier: billed.served.service_tier,
             price_version,
             cost_micros: cost,
-            usage_source: if in_rep && out_rep {
+            usage_source: if in_rep && out_rep && !clamped {
                 "upstream"
             } else {
                 "estimated"
@@ -844,7 +904,7 @@ pub fn parse_request(
     for field in ["max_completion_tokens", "max_tokens", "max_output_tokens"] {
         match obj.get(field) {
             None | Some(Value::Null) => {}
-            Some(x) => match x.as_u64() {
+            Some(x) => match token_bound(x) {
                 Some(n) => {
                     max_output = Some(n);
                     break;
@@ -853,6 +913,21 @@ pub fn parse_request(
             },
         }
     }
+    // Responses `background: true` answers at once and the upstream bills work done after
+    // this request ended, which no meter sees: refused (docs/configuration.md).
+    if format == ApiFormat::OpenAiResponses {
+        match obj.get("background") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(_) => {
+                return Err(bad(
+                    "`background: true` is not supported: the upstream would bill work done after this response, which tollgate cannot meter; send the request in the foreground",
+                ));
+            }
+        }
+    }
+    let completions = completions(format, obj)?;
+    let tool_calls = held_tool_calls(format, obj)?;
+    let reasoning = asks_for_reasoning(format, obj);
     let asked = Modifiers::requested(format, &v);
     let (encoding, accuracy) = tokens::encoding_for_model(&model);
     let counted = match format {
@@ -867,11 +942,17 @@ pub fn parse_request(
     let input_tokens = accuracy.reservation_tokens(counted);
     let max_output_tokens = match format {
         ApiFormat::OpenAiEmbeddings => 0,
-        _ => max_output.unwrap_or(default_max_output),
+        _ => max_output
+            .unwrap_or(default_max_output)
+            .min(MAX_TOKEN_COUNT)
+            .saturating_mul(completions)
+            .min(MAX_TOKEN_COUNT),
     };
     let mut hide_usage = false;
     let mut out = body;
-    if format == ApiFormat::OpenAiChat && stream {
+    // Chat and legacy completions streams report usage only when asked to (both APIs take
+    // `stream_options.include_usage`); ask, and hide the extra event from a client that did not.
+    if matches!(format, ApiFormat::OpenAiChat | ApiFormat::OpenAiCompletions) && stream {
         let asked = v
             .get("stream_options")
             .and_then(|o| o.get("include_usage"))
@@ -902,7 +983,150 @@ pub fn parse_request(
         max_output_tokens,
         encoding,
         asked,
+        reasoning,
+        tool_calls,
     })
+}
+
+/// A stated output bound: a non-negative integer (also written as an integral number such as
+/// `1e30`), at most [`MAX_TOKEN_COUNT`]; `None` for anything else.
+fn token_bound(x: &Value) -> Option<u64> {
+    if let Some(n) = x.as_u64() {
+        return Some(n.min(MAX_TOKEN_COUNT));
+    }
+    let f = x.as_f64()?;
+    if !(f.is_finite() && f >= 0.0 && f.fract() == 0.0) {
+        return None;
+    }
+    // `as` saturates; the bound is checked first so nothing is lost.
+    Some(if f >= MAX_TOKEN_COUNT as f64 {
+        MAX_TOKEN_COUNT
+    } else {
+        f as u64
+    })
+}
+
+/// A count the request states (`n`, `best_of`): absent or null is 1; otherwise an integer
+/// from 1 to [`MAX_COMPLETIONS`], else a 400.
+fn completion_count(obj: &serde_json::Map<String, Value>, field: &str) -> Result<u64, ApiError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(1),
+        Some(x) => x
+            .as_u64()
+            .filter(|n| (1..=MAX_COMPLETIONS).contains(n))
+            .ok_or_else(|| {
+                bad(format!(
+                    "`{field}` must be an integer from 1 to {MAX_COMPLETIONS}"
+                ))
+            }),
+    }
+}
+
+/// How many completions of its max output the upstream will generate for a request
+/// (SPEC §4.2): chat `n`; legacy completions `max(n, best_of)` for each prompt of a prompt
+/// array. The other formats produce one.
+fn completions(format: ApiFormat, obj: &serde_json::Map<String, Value>) -> Result<u64, ApiError> {
+    Ok(match format {
+        ApiFormat::OpenAiChat => completion_count(obj, "n")?,
+        ApiFormat::OpenAiCompletions => {
+            let per_prompt = completion_count(obj, "n")?.max(completion_count(obj, "best_of")?);
+            // `prompt`: a string, an array of tokens (one prompt), or an array of strings or
+            // of token arrays (one completion set each).
+            let prompts = match obj.get("prompt") {
+                Some(Value::Array(items)) if items.iter().any(|i| !i.is_number()) => {
+                    items.len().max(1) as u64
+                }
+                _ => 1,
+            };
+            per_prompt.saturating_mul(prompts)
+        }
+        _ => 1,
+    })
+}
+
+/// Web searches a request allows, to hold their fees: Anthropic web search tools
+/// (`"type": "web_search_…"`) each up to its `max_uses`; a Responses `web_search` tool up to
+/// `max_tool_calls`. A tool without a bound holds [`DEFAULT_HELD_SEARCHES`]; every count is
+/// capped at [`MAX_HELD_SEARCHES`].
+fn held_tool_calls(
+    format: ApiFormat,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<u64, ApiError> {
+    let Some(Value::Array(tools)) = obj.get("tools") else {
+        return Ok(0);
+    };
+    let is_search = |t: &Value| {
+        t.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|ty| ty.starts_with("web_search"))
+    };
+    let bound = |v: Option<&Value>, field: &str| -> Result<u64, ApiError> {
+        match v {
+            None | Some(Value::Null) => Ok(DEFAULT_HELD_SEARCHES),
+            Some(x) => x
+                .as_u64()
+                .map(|n| n.min(MAX_HELD_SEARCHES))
+                .ok_or_else(|| bad(format!("`{field}` must be a non-negative integer"))),
+        }
+    };
+    let held = match format {
+        ApiFormat::AnthropicMessages => {
+            let mut total = 0u64;
+            for t in tools.iter().filter(|t| is_search(t)) {
+                total = total.saturating_add(bound(t.get("max_uses"), "max_uses")?);
+            }
+            total
+        }
+        ApiFormat::OpenAiResponses if tools.iter().any(is_search) => {
+            bound(obj.get("max_tool_calls"), "max_tool_calls")?
+        }
+        _ => 0,
+    };
+    Ok(held.min(MAX_HELD_SEARCHES))
+}
+
+/// Whether the request asks the model to reason (chat `reasoning_effort`, Responses
+/// `reasoning`, Anthropic `thinking`), other than explicitly not at all.
+fn asks_for_reasoning(format: ApiFormat, obj: &serde_json::Map<String, Value>) -> bool {
+    match format {
+        ApiFormat::OpenAiChat => obj
+            .get("reasoning_effort")
+            .and_then(Value::as_str)
+            .is_some_and(|e| e != "none"),
+        ApiFormat::OpenAiResponses => match obj.get("reasoning") {
+            Some(Value::Object(r)) => r.get("effort").and_then(Value::as_str) != Some("none"),
+            _ => false,
+        },
+        ApiFormat::AnthropicMessages => obj
+            .get("thinking")
+            .and_then(|t| t.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "disabled"),
+        _ => false,
+    }
+}
+
+/// Clamp every count of a usage report to [`MAX_TOKEN_COUNT`]; true when one was above it
+/// (a hostile or broken upstream: the row is then `estimated`).
+fn clamp_usage(u: &mut Usage) -> bool {
+    let mut clamped = false;
+    for n in [
+        &mut u.input_tokens,
+        &mut u.cached_input_tokens,
+        &mut u.cache_write_tokens,
+        &mut u.cache_write_1h_tokens,
+        &mut u.audio_input_tokens,
+        &mut u.output_tokens,
+        &mut u.reasoning_tokens,
+        &mut u.audio_output_tokens,
+        &mut u.tool_calls,
+    ] {
+        if *n > MAX_TOKEN_COUNT {
+            *n = MAX_TOKEN_COUNT;
+            clamped = true;
+        }
+    }
+    clamped
 }
 
 /// `x-ratelimit-*` headers for the request and token limits with the smallest remaining

@@ -841,3 +841,447 @@ async fn limits_set_and_clear_from_the_cli_apply_to_users_and_tenants() {
     assert_eq!(code, 1);
     assert!(err.contains("fortnight"), "{err}");
 }
+
+/// The ledger row of a response's trace id, once it is final.
+async fn final_row(proxy: &Proxy, r: &Reply) -> serde_json::Value {
+    let trace = r.header("x-tollgate-trace-id").unwrap().to_owned();
+    let mut found = None;
+    eventually("final row", || {
+        found = proxy
+            .ledger()
+            .into_iter()
+            .find(|row| row["trace_id"] == trace.as_str() && row["status"] != "reserved");
+        found.is_some()
+    })
+    .await;
+    found.unwrap()
+}
+
+#[tokio::test]
+async fn the_hold_counts_every_completion_the_upstream_produces() {
+    // SPEC §4.2: the output estimate is max output × completions (`n`, `best_of`, prompts).
+    let (_mock, proxy) = setup("").await;
+    let (_, key) = proxy.create_live_key(&["--limit", "tokens:day=500"]).await;
+    let chat = |extra: serde_json::Value| {
+        let mut body = json!({"model": "gpt-4o-mini", "max_tokens": 100,
+                              "messages": [{"role": "user", "content": "hi"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    // 8 completions of up to 100 tokens cannot fit 500 tokens a day.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &chat(json!({"n": 8})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.text().contains("tokens:day=500"), "{}", r.text());
+    // Legacy completions: best_of completions are generated (and billed) whatever `n` is,
+    // for each prompt of a prompt array.
+    for body in [
+        json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "max_tokens": 100, "best_of": 6, "n": 1}),
+        json!({"model": "gpt-3.5-turbo-instruct", "prompt": ["a", "b", "c"], "max_tokens": 100, "n": 2}),
+    ] {
+        let r = post_json(&proxy.url("/v1/completions"), &key, &body, &[]).await;
+        assert_eq!(r.status, 429, "{body}: {}", r.text());
+    }
+    assert!(proxy.ledger().is_empty(), "refusals leave no row");
+    // 4 × 100 fits: held as 400 output tokens, then billed what the upstream reports.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &chat(json!({"n": 4})),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let row = final_row(&proxy, &r).await;
+    assert_eq!(row["status"], "settled");
+    // The hold grew by 3 × 100 output tokens at gpt-4o-mini's 0.60 per 1M: 180 µUSD
+    // (each hold rounds up once).
+    let (_, free) = proxy.create_live_key(&[]).await;
+    let mut held = Vec::new();
+    for n in [1, 4] {
+        let r = post_json(
+            &proxy.url("/v1/chat/completions"),
+            &free,
+            &chat(json!({"n": n})),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        held.push(
+            final_row(&proxy, &r).await["reserved_micros"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    assert!((held[1] - held[0] - 180).abs() <= 1, "holds {held:?}");
+    // Bad counts are a 400 before anything is held.
+    for bad in [
+        json!(0),
+        json!(-1),
+        json!(1.5),
+        json!("2"),
+        json!(129),
+        json!(1e9),
+    ] {
+        for (path, body) in [
+            ("/v1/chat/completions", chat(json!({"n": bad.clone()}))),
+            (
+                "/v1/completions",
+                json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "best_of": bad.clone()}),
+            ),
+        ] {
+            let r = post_json(&proxy.url(path), &key, &body, &[]).await;
+            assert_eq!(r.status, 400, "{path} {bad}: {}", r.text());
+            assert_eq!(r.json()["error"]["code"], "invalid_request");
+        }
+    }
+    assert_eq!(proxy.ledger().len(), 3);
+}
+
+#[tokio::test]
+async fn absurd_output_bounds_are_held_as_huge_never_wrapped() {
+    // `max_tokens` at u64::MAX used to become -1 tokens in the hold (admitted under any
+    // token cap); 1e30 was refused as "not an integer". Both are held as the largest
+    // count (2^40) now: any token cap refuses them, an uncapped key is held a positive sum.
+    let (_mock, proxy) = setup("").await;
+    let (_, capped) = proxy.create_live_key(&["--limit", "tokens:day=500"]).await;
+    let (_, free) = proxy.create_live_key(&[]).await;
+    let huge = [
+        json!(u64::MAX),
+        json!(9_223_372_036_854_775_808u64),
+        json!(1e30),
+        json!(1e3 * 1e15),
+    ];
+    for (i, bound) in huge.iter().enumerate() {
+        for field in ["max_tokens", "max_completion_tokens"] {
+            let mut body = json!({"model": "gpt-4o-mini",
+                                  "messages": [{"role": "user", "content": "hi"}]});
+            body[field] = bound.clone();
+            let r = post_json(&proxy.url("/v1/chat/completions"), &capped, &body, &[]).await;
+            assert_eq!(r.status, 429, "{field}={bound}: {}", r.text());
+            if i == 0 {
+                body["n"] = json!(128);
+                let r = post_json(&proxy.url("/v1/chat/completions"), &free, &body, &[]).await;
+                let row = final_row(&proxy, &r).await;
+                let held = row["reserved_micros"].as_i64().unwrap();
+                // 2^40 output tokens at 0.60 per 1M (n does not multiply past the cap).
+                assert!(held >= (1i64 << 40) * 6 / 10 / 1_000_000, "held {held}");
+            }
+        }
+    }
+    for bad in [json!(-1), json!(1.5), json!("100"), json!(-1e30)] {
+        let body = json!({"model": "gpt-4o-mini", "max_tokens": bad,
+                          "messages": [{"role": "user", "content": "hi"}]});
+        let r = post_json(&proxy.url("/v1/chat/completions"), &free, &body, &[]).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+}
+
+#[tokio::test]
+async fn hostile_usage_counts_are_clamped_and_estimated() {
+    // An upstream reporting counts past i64 (or past u64) must not wrap the ledger or the
+    // counters into negative amounts, nor panic: counts are clamped to 2^40 and the row is
+    // marked estimated.
+    for (usage, clamped) in [
+        (
+            r#"{"prompt_tokens":9223372036854775808,"completion_tokens":18446744073709551615,"total_tokens":1}"#,
+            true,
+        ),
+        (
+            r#"{"prompt_tokens":12,"completion_tokens":5,"completion_tokens_details":{"reasoning_tokens":18446744073709551615},"prompt_tokens_details":{"cached_tokens":9223372036854775807}}"#,
+            true,
+        ),
+        (
+            r#"{"prompt_tokens":1e30,"completion_tokens":99999999999999999999999}"#,
+            false,
+        ),
+    ] {
+        let body = format!(
+            r#"{{"id":"x","object":"chat.completion","model":"gpt-4o-mini","choices":[{{"index":0,"message":{{"role":"assistant","content":"hello"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+        );
+        let (up, _seen) = scripted_upstream(
+            http_response("application/json", body.as_bytes(), false),
+            4096,
+            Duration::ZERO,
+        )
+        .await;
+        let proxy = Proxy::start(up, ProxyOptions::default()).await;
+        let (id, key) = proxy
+            .create_live_key(&["--limit", "tokens:total=1000000000000000"])
+            .await;
+        let r = post_json(
+            &proxy.url("/v1/chat/completions"),
+            &key,
+            &chat_body("gpt-4o-mini", false, "hi"),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let row = final_row(&proxy, &r).await;
+        assert_eq!(row["status"], "settled", "{usage}");
+        assert_eq!(row["usage_source"], "estimated", "{usage}");
+        for f in [
+            "input_tokens",
+            "output_tokens",
+            "cached_input_tokens",
+            "reasoning_tokens",
+            "cost_micros",
+        ] {
+            let v = row[f].as_i64().unwrap();
+            assert!(
+                (0..=1i64 << 40).contains(&v) || f == "cost_micros" && v >= 0,
+                "{f}={v} for {usage}"
+            );
+        }
+        if clamped {
+            assert!(
+                row["input_tokens"] == 1i64 << 40
+                    || row["output_tokens"] == 1i64 << 40
+                    || row["reasoning_tokens"] == 1i64 << 40,
+                "{row}"
+            );
+        }
+        let (_, out, _) = proxy.cli(&["usage", "--key", &id, "--json"]);
+        let u: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let used = u["limits"][0]["used"].as_i64().unwrap();
+        assert!(
+            (0..=1i64 << 41).contains(&used),
+            "counter {used} for {usage}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reasoning_stream_cut_before_its_usage_settles_at_the_held_output() {
+    // SPEC §4.6: the reasoning tokens of a stream cut before its usage event are invisible
+    // to the meter; the request settles at its held output estimate, never at the few
+    // visible tokens.
+    let (_mock, proxy) = setup("").await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let cut = [
+        ("x-mock-words", "60"),
+        ("x-mock-drop-after", "10"),
+        ("x-mock-reasoning-tokens", "700"),
+    ];
+    // (path, body, output rate per 1M, input rate per 1M) — gpt-4o-mini 0.15 / 0.60,
+    // claude-sonnet-4-6 3 / 15.
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o-mini", "stream": true, "max_completion_tokens": 1000,
+                   "reasoning_effort": "high", "messages": [{"role": "user", "content": "think"}]}),
+            (15, 100, 60, 100),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "stream": true, "max_output_tokens": 1000,
+                   "reasoning": {"effort": "low"}, "input": "think"}),
+            (15, 100, 60, 100),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "claude-sonnet-4-6", "stream": true, "max_tokens": 1000,
+                   "thinking": {"type": "enabled", "budget_tokens": 800},
+                   "messages": [{"role": "user", "content": "think"}]}),
+            (3, 1, 15, 1),
+        ),
+    ];
+    for (path, body, (in_num, in_den, out_num, out_den)) in cases {
+        let r = post_json(&proxy.url(path), &key, &body, &cut).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        let row = final_row(&proxy, &r).await;
+        assert_eq!(row["status"], "settled", "{path}");
+        assert_eq!(row["usage_source"], "estimated", "{path}");
+        assert_eq!(row["output_tokens"], 1000, "{path}: {row}");
+        // input × rate + 1000 × output rate, in µUSD, rounded up once.
+        let input = row["input_tokens"].as_i64().unwrap();
+        let num = input * in_num * out_den + 1000 * out_num * in_den;
+        let expect = (num + in_den * out_den - 1) / (in_den * out_den);
+        assert_eq!(row["cost_micros"], expect, "{path}: {row}");
+        // Without reasoning asked for, the same cut bills the visible output only.
+        let mut plain = body.clone();
+        let obj = plain.as_object_mut().unwrap();
+        obj.remove("reasoning_effort");
+        obj.remove("reasoning");
+        obj.remove("thinking");
+        let r = post_json(&proxy.url(path), &key, &plain, &cut).await;
+        let row = final_row(&proxy, &r).await;
+        let out = row["output_tokens"].as_i64().unwrap();
+        assert!(out > 0 && out < 100, "{path}: visible output {out}");
+    }
+}
+
+#[tokio::test]
+async fn background_responses_are_refused() {
+    // A background response returns at once and the upstream bills work done later, which
+    // no meter sees: refused in OpenAI's error shape, nothing held or forwarded.
+    let (_mock, proxy) = setup("").await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    for background in [json!(true), json!("true"), json!(1)] {
+        let body = json!({"model": "gpt-4o-mini", "input": "later", "background": background});
+        let r = post_json(&proxy.url("/v1/responses"), &key, &body, &[]).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        let e = r.json();
+        assert_eq!(e["error"]["type"], "invalid_request_error");
+        assert_eq!(e["error"]["code"], "invalid_request");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("background"),
+            "{e}"
+        );
+    }
+    let body = json!({"model": "gpt-4o-mini", "input": "now", "background": false});
+    let r = post_json(&proxy.url("/v1/responses"), &key, &body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    proxy.wait_settled().await;
+    assert_eq!(proxy.ledger().len(), 1);
+}
+
+#[tokio::test]
+async fn web_search_fees_are_held_from_the_tool_bound() {
+    // Tool fees are part of the worst case: a request allowing 10 searches at $0.01 cannot
+    // start under a $0.05 cap, whatever its tokens cost.
+    let (_mock, proxy) = setup("").await;
+    let (_, capped) = proxy.create_live_key(&["--limit", "usd:total=0.05"]).await;
+    let (_, free) = proxy.create_live_key(&[]).await;
+    let anthropic = |max_uses: Option<u64>| {
+        let mut tool = json!({"type": "web_search_20250305", "name": "web_search"});
+        if let Some(n) = max_uses {
+            tool["max_uses"] = json!(n);
+        }
+        json!({"model": "claude-haiku-4-5", "max_tokens": 100, "tools": [tool],
+               "messages": [{"role": "user", "content": "search"}]})
+    };
+    let responses = |max_calls: Option<u64>| {
+        let mut b = json!({"model": "gpt-4o-mini", "max_output_tokens": 100,
+                           "tools": [{"type": "web_search"}], "input": "search"});
+        if let Some(n) = max_calls {
+            b["max_tool_calls"] = json!(n);
+        }
+        b
+    };
+    for (path, body) in [
+        ("/v1/messages", anthropic(Some(10))),
+        ("/v1/messages", anthropic(None)),
+        ("/v1/responses", responses(Some(6))),
+        ("/v1/responses", responses(None)),
+    ] {
+        let r = post_json(&proxy.url(path), &capped, &body, &[]).await;
+        assert_eq!(r.status, 429, "{path} {body}: {}", r.text());
+    }
+    let r = post_json(
+        &proxy.url("/v1/messages"),
+        &capped,
+        &anthropic(Some(2)),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "two searches fit: {}", r.text());
+    // Holds differ by exactly the fee of the extra allowed calls (same token estimate).
+    let mut held = Vec::new();
+    for (path, body) in [
+        ("/v1/messages", anthropic(Some(2))),
+        ("/v1/messages", anthropic(Some(5))),
+        ("/v1/responses", responses(Some(1))),
+        ("/v1/responses", responses(Some(3))),
+    ] {
+        let r = post_json(&proxy.url(path), &free, &body, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        held.push(
+            final_row(&proxy, &r).await["reserved_micros"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(held[1] - held[0], 30_000, "{held:?}");
+    assert_eq!(held[3] - held[2], 20_000, "{held:?}");
+    // A bound that is not a count is a 400.
+    let mut body = anthropic(None);
+    body["tools"][0]["max_uses"] = json!(-3);
+    let r = post_json(&proxy.url("/v1/messages"), &free, &body, &[]).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["type"], "error");
+}
+
+#[tokio::test]
+async fn a_requested_tier_without_a_price_is_refused() {
+    // Holding and billing an unpriced tier at 1× can be a fraction of the invoice: the
+    // request is refused, naming the tier (the provider's error shape on each route).
+    let (_mock, proxy) = setup("").await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let mut body = json!({"model": "gpt-6.1-sol", "max_tokens": 50,
+                          "messages": [{"role": "user", "content": "hi"}], "service_tier": "scale"});
+    let r = post_json(&proxy.url("/v1/chat/completions"), &key, &body, &[]).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("\"scale\"") && msg.contains("gpt-6.1-sol"),
+        "{msg}"
+    );
+    let anth = json!({"model": "claude-opus-5-5", "max_tokens": 50, "speed": "turbo",
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let r = post_json(&proxy.url("/v1/messages"), &key, &anth, &[]).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert!(r.text().contains("turbo"));
+    // Standard names and configured multipliers pass.
+    for tier in ["auto", "default", "priority", "flex"] {
+        body["service_tier"] = json!(tier);
+        let r = post_json(&proxy.url("/v1/chat/completions"), &key, &body, &[]).await;
+        assert_eq!(r.status, 200, "{tier}: {}", r.text());
+    }
+    proxy.wait_settled().await;
+    assert_eq!(proxy.ledger().len(), 4, "refusals leave no row");
+}
+
+#[tokio::test]
+async fn legacy_completion_streams_report_exact_usage() {
+    // The completions API takes stream_options.include_usage too: tollgate asks for it, bills
+    // the upstream's count, and hides the extra event from a client that did not ask.
+    let (_mock, proxy) = setup("").await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let body = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Once upon a time",
+                      "max_tokens": 200, "stream": true});
+    let r = post_json(
+        &proxy.url("/v1/completions"),
+        &key,
+        &body,
+        &[("x-mock-words", "40")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.text();
+    assert!(
+        !text.contains("\"usage\":{"),
+        "the client did not ask for usage: {text}"
+    );
+    assert!(text.contains("data: [DONE]"));
+    let row = final_row(&proxy, &r).await;
+    assert_eq!(row["usage_source"], "upstream", "{row}");
+    // A client that asked sees the usage event, with the counts that were billed.
+    let mut asked = body.clone();
+    asked["stream_options"] = json!({"include_usage": true});
+    let r = post_json(
+        &proxy.url("/v1/completions"),
+        &key,
+        &asked,
+        &[("x-mock-words", "40")],
+    )
+    .await;
+    let (input, output) = visible_usage("chat-stream", &r.text());
+    let row = final_row(&proxy, &r).await;
+    assert_eq!(
+        (row["input_tokens"].as_i64(), row["output_tokens"].as_i64()),
+        (Some(input), Some(output))
+    );
+    assert_eq!(row["usage_source"], "upstream");
+}

@@ -326,8 +326,15 @@ async fn openai_service_tiers_bill_the_served_tier_and_hold_the_asked_one() {
         0,
     );
     assert_eq!(row["cost_micros"], expect);
-    // A tier the entry has no multiplier for bills at standard rates and is counted.
-    let r = send(Some("scale"), false, "/v1/chat/completions", vec![]).await;
+    // Asked for, a tier the entry has no multiplier for is refused (tests/billing.rs); served
+    // anyway, it bills at standard rates and is counted.
+    let r = send(
+        None,
+        false,
+        "/v1/chat/completions",
+        vec![("x-mock-service-tier", "scale")],
+    )
+    .await;
     let u = r.json()["usage"].clone();
     let row = row_of(&proxy, &r).await;
     let expect = bill(

@@ -86,6 +86,9 @@ pub struct MeterReport {
     /// Events or bodies that could not be read: SSE events over [`MAX_EVENT_LEN`], event data
     /// that was not valid JSON, a non-stream body over [`MAX_BUFFERED_BODY`] or not valid JSON.
     pub parse_errors: u32,
+    /// The stream showed the model reasoning (OpenAI Responses `response.reasoning…`
+    /// events): output the meter cannot count exactly was produced.
+    pub reasoning_seen: bool,
 }
 
 /// Per-request response meter; see the module docs.
@@ -145,6 +148,7 @@ impl Meter {
                 finished: false,
                 upstream_error: false,
                 parse_errors: 0,
+                reasoning_seen: false,
             },
             body,
             report: None,
@@ -608,6 +612,7 @@ struct State {
     finished: bool,
     upstream_error: bool,
     parse_errors: u32,
+    reasoning_seen: bool,
 }
 
 impl State {
@@ -680,6 +685,7 @@ impl State {
         let Some(kind) = self.event_kind(ev) else {
             return;
         };
+        self.reasoning_seen |= kind.starts_with("response.reasoning");
         match kind.as_ref() {
             "response.output_text.delta"
             | "response.refusal.delta"
@@ -833,6 +839,7 @@ impl State {
             finished: self.finished,
             upstream_error: self.upstream_error,
             parse_errors: self.parse_errors,
+            reasoning_seen: self.reasoning_seen,
         }
     }
 }

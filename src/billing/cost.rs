@@ -46,8 +46,10 @@
 //! estimated input token at the dearest input-side rate (any token may be written to a cache,
 //! at up to 2× input), every allowed output token at the dearest output-side rate, the
 //! long-context band when the estimate crosses its threshold, and the multipliers of the tier,
-//! speed and region the request asks for. Per-call tool fees are not held (a request does not
-//! say how many searches it will make).
+//! speed and region the request asks for, plus the per-call fee of every tool use the request
+//! allows (the caller derives that count from the request: `max_uses` / `max_tool_calls`, else
+//! a documented default). A modifier the request asks for that the entry cannot price is found
+//! by [`Price::unpriced_request`]; the caller refuses such a request instead of holding it at 1×.
 
 use crate::api::{Modifiers, Usage};
 use crate::money::Micros;
@@ -128,9 +130,16 @@ impl Price {
         Costed { micros, unpriced }
     }
 
-    /// The worst case of a request with `input_tokens` estimated input and at most
-    /// `output_tokens` output, asking for `asked`; see the module docs.
-    pub fn hold(&self, input_tokens: u64, output_tokens: u64, asked: &Modifiers) -> Micros {
+    /// The worst case of a request with `input_tokens` estimated input, at most
+    /// `output_tokens` output and at most `tool_calls` per-call tool uses, asking for `asked`;
+    /// see the module docs.
+    pub fn hold(
+        &self,
+        input_tokens: u64,
+        output_tokens: u64,
+        tool_calls: u64,
+        asked: &Modifiers,
+    ) -> Micros {
         let r = self.rates_for(input_tokens);
         let input_rate = [
             r.input,
@@ -156,9 +165,35 @@ impl Price {
         exact_micros(
             &[(input_tokens, input_rate), (output_tokens, output_rate)],
             &ratios,
-            0,
-            0,
+            tool_calls,
+            self.web_search,
         )
+    }
+
+    /// The name of a modifier the request asks for that this entry cannot price (no
+    /// multiplier configured and not a standard name), as `(kind, name)`: such a request is
+    /// refused rather than held and billed at standard rates.
+    pub fn unpriced_request<'a>(&self, asked: &'a Modifiers) -> Option<(&'static str, &'a str)> {
+        [
+            (
+                "service_tier",
+                &self.tiers,
+                &asked.service_tier,
+                STANDARD_TIERS,
+            ),
+            ("speed", &self.speed, &asked.speed, STANDARD_SPEEDS),
+            (
+                "inference_geo",
+                &self.inference_geo,
+                &asked.inference_geo,
+                STANDARD_REGIONS,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(kind, map, name, standard)| {
+            let n = name.as_deref()?;
+            (!multiplier(map, Some(n), standard).1).then_some((kind, n))
+        })
     }
 }
 
@@ -555,7 +590,7 @@ mod tests {
         };
         assert_eq!(p.cost(&u).micros, i64::MAX);
         assert_eq!(
-            p.hold(u64::MAX, u64::MAX, &served(Some("x"), None, None)),
+            p.hold(u64::MAX, u64::MAX, u64::MAX, &served(Some("x"), None, None)),
             i64::MAX
         );
     }
@@ -568,19 +603,46 @@ mod tests {
         let none = Modifiers::default();
         // Every input token at the dearest input-side rate (1-hour write 0.20), output 0.50:
         // 1000×0.20 + 100×0.50 = 250.
-        assert_eq!(p.hold(1_000, 100, &none), 250);
+        assert_eq!(p.hold(1_000, 100, 0, &none), 250);
         assert_eq!(
-            p.hold(1_000, 100, &served(Some("priority"), None, None)),
+            p.hold(1_000, 100, 0, &served(Some("priority"), None, None)),
             500
         );
         assert_eq!(
-            p.hold(1_000, 100, &served(Some("priority"), Some("fast"), None)),
+            p.hold(1_000, 100, 0, &served(Some("priority"), Some("fast"), None)),
             1_000
         );
-        // An asked tier without a multiplier holds standard rates.
-        assert_eq!(p.hold(1_000, 100, &served(Some("scale"), None, None)), 250);
+        // An asked tier without a multiplier is one the caller refuses; standard names and
+        // configured ones are priced.
+        assert_eq!(
+            p.unpriced_request(&served(Some("scale"), None, None)),
+            Some(("service_tier", "scale"))
+        );
+        assert_eq!(
+            p.unpriced_request(&served(Some("priority"), Some("turbo"), None)),
+            Some(("speed", "turbo"))
+        );
+        assert_eq!(
+            p.unpriced_request(&served(None, None, Some("eu"))),
+            Some(("inference_geo", "eu"))
+        );
+        assert_eq!(
+            p.unpriced_request(&served(Some("priority"), Some("fast"), Some("global"))),
+            None
+        );
+        assert_eq!(
+            p.unpriced_request(&served(Some("default"), None, None)),
+            None
+        );
+        // Tool uses the request allows are held at the per-call fee, unmultiplied:
+        // 250 + 3 × 0.01 USD.
+        assert_eq!(p.hold(1_000, 100, 3, &none), 250 + 30_000);
+        assert_eq!(
+            p.hold(1_000, 100, 3, &served(Some("priority"), None, None)),
+            500 + 30_000
+        );
         // Above the threshold the long band: 100 001 × 1.00 + 100 × 2.50.
-        assert_eq!(p.hold(100_001, 100, &none), 100_251);
+        assert_eq!(p.hold(100_001, 100, 0, &none), 100_251);
         // The hold covers any usage the request can produce within its bounds.
         let worst = Usage {
             cache_write_tokens: 1_000,
@@ -588,7 +650,9 @@ mod tests {
             served: served(Some("priority"), None, None),
             ..usage(1_000, 100)
         };
-        assert!(p.cost(&worst).micros <= p.hold(1_000, 100, &served(Some("priority"), None, None)));
+        assert!(
+            p.cost(&worst).micros <= p.hold(1_000, 100, 0, &served(Some("priority"), None, None))
+        );
     }
 
     #[test]
@@ -816,8 +880,8 @@ mod tests {
             );
             u.output_tokens = u.output_tokens.max(u.audio_output_tokens);
             let asked = u.served.clone();
-            prop_assert!(p.cost(&u).micros <= p.hold(u.input_tokens, u.output_tokens, &asked));
-            prop_assert!(p.cost(&u).micros <= p.hold(u.input_tokens + 10, u.output_tokens, &asked));
+            prop_assert!(p.cost(&u).micros <= p.hold(u.input_tokens, u.output_tokens, 0, &asked));
+            prop_assert!(p.cost(&u).micros <= p.hold(u.input_tokens + 10, u.output_tokens, 0, &asked));
         }
     }
 }
