@@ -54,6 +54,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../migrations/sqlite/0004_price_fields.sql"),
     ),
+    (
+        5,
+        include_str!("../migrations/sqlite/0005_journal_quarantine.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +73,10 @@ pub enum DbError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// A store this answer depends on cannot be reached (shared mode: the Postgres ledger
+    /// of record, asked whether another instance saw an `Idempotency-Key`).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
@@ -403,7 +411,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&conn).unwrap(), vec![4]);
+        assert_eq!(migrate(&conn).unwrap(), vec![4, 5]);
         let row = crate::ledger::get(&conn, "old").unwrap().unwrap();
         assert_eq!((row.cache_write_tokens, row.cost_micros), (700, 4321));
         assert_eq!((row.cache_write_1h_tokens, row.tool_calls), (0, 0));

@@ -572,11 +572,21 @@ impl Engine {
         let finish_started = Instant::now();
         let report = adm.report.take().or(end.report.clone());
         let upstream_ok = end.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        // The client left before the upstream answered and took the exchange with it (it
+        // reset its connection; a plain close keeps the exchange running, see the proxy's
+        // `set_abort_on_close`), after the request went upstream: the upstream has the
+        // prompt and will charge for it, but nobody will read what it reports. Billed at
+        // the hold, as a crash recovery is — never zero (SPEC §4.6).
+        let abandoned = end.client_disconnected
+            && end.upstream_status.is_none()
+            && end.upstream_sent_at.is_some();
         let settlement = if upstream_ok {
             Some(
                 self.compute_settlement(&adm, report.as_ref(), end.client_status)
                     .await,
             )
+        } else if abandoned {
+            Some(self.held_settlement(&adm, end.client_status))
         } else {
             None
         };
@@ -669,6 +679,21 @@ impl Engine {
             total_ms = total.as_millis() as u64,
             "request"
         );
+    }
+
+    /// The settlement of a request whose usage nobody will report: its held estimate
+    /// (an upper bound on what the upstream can charge when the request stated its max
+    /// output), `usage_source = estimated`.
+    fn held_settlement(&self, adm: &Admission, client_status: u16) -> Settlement {
+        Settlement {
+            input_tokens: adm.estimate.input_tokens,
+            output_tokens: adm.estimate.output_tokens,
+            cost_micros: adm.estimate.cost_micros,
+            price_version: self.prices.lookup(&adm.model).map(|e| e.version.clone()),
+            usage_source: "estimated",
+            http_status: Some(client_status as i64),
+            ..Default::default()
+        }
     }
 
     async fn compute_settlement(
@@ -1227,6 +1252,15 @@ mod tests {
             .is_err()
         );
         assert!(p(r#"{"model":"gpt-4o\u0007\n{\"forged\":1}"}"#).is_err());
+        // A NUL byte is a control character too: Postgres refuses it in a text column, so
+        // a row carrying it could never reach the ledger of record (issue 10, defect 6).
+        let nul = p(r#"{"model":"claude-haiku-4-5\u0000x","messages":[]}"#);
+        assert!(nul.is_err_and(|e| e.code == ErrorCode::InvalidRequest));
+        assert!(p(r#"{"model":"","messages":[]}"#).is_err(), "empty model");
+        assert!(
+            p(r#"{"model":7,"messages":[]}"#).is_err(),
+            "model not a string"
+        );
         assert!(
             p(&format!(
                 r#"{{"model":"{}","messages":[]}}"#,

@@ -29,16 +29,27 @@ pub struct JournalStatus {
     pub backlog: BTreeMap<String, u64>,
     /// Creation time of the oldest unshipped event (RFC 3339).
     pub oldest_unshipped_at: Option<String>,
+    /// Events the ledger of record refused, set aside in the journal's quarantine
+    /// (`None` in embedded mode, where there is nothing to ship).
+    pub quarantined: Option<u64>,
+    /// Events this process has set aside since it started
+    /// (`tollgate_journal_quarantined_total`; not part of the JSON).
+    pub quarantined_total: u64,
 }
 
 impl JournalStatus {
-    /// The JSON of SPEC §2: `{"backlog": {...}, "oldest_unshipped_at": ...}`, or
-    /// `{"backlog": {}}` when there is no target (embedded mode).
+    /// The JSON of SPEC §2: `{"backlog": {...}, "oldest_unshipped_at": ..., "quarantined":
+    /// N}`, or `{"backlog": {}}` when there is no target (embedded mode).
     pub fn to_json(&self) -> Value {
         if self.backlog.is_empty() {
             return json!({"backlog": {}});
         }
-        json!({"backlog": self.backlog, "oldest_unshipped_at": self.oldest_unshipped_at})
+        let mut v =
+            json!({"backlog": self.backlog, "oldest_unshipped_at": self.oldest_unshipped_at});
+        if let Some(n) = self.quarantined {
+            v["quarantined"] = json!(n);
+        }
+        v
     }
 }
 

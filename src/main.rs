@@ -690,7 +690,9 @@ fn journal_cmd(cmd: JournalCmd) -> Result<ExitCode> {
                         let db = open_db(&cfg)?;
                         let (n, oldest) =
                             db.call_blocking(tollgate::shared::outbox::backlog_sync)?;
-                        json!({"backlog": {"postgres": n}, "oldest_unshipped_at": if n == 0 { None } else { oldest }})
+                        let quarantined =
+                            db.call_blocking(tollgate::shared::outbox::quarantine_count)?;
+                        json!({"backlog": {"postgres": n}, "oldest_unshipped_at": if n == 0 { None } else { oldest }, "quarantined": quarantined})
                     }
                 },
             };
@@ -704,6 +706,11 @@ fn journal_cmd(cmd: JournalCmd) -> Result<ExitCode> {
                         }
                         if let Some(t) = v["oldest_unshipped_at"].as_str() {
                             print_line(&format!("oldest unshipped event: {t}"));
+                        }
+                        if let Some(q) = v["quarantined"].as_u64().filter(|q| *q > 0) {
+                            print_line(&format!(
+                                "quarantined: {q} events the ledger of record refused (see journal_quarantine)"
+                            ));
                         }
                     }
                     _ => print_line("embedded mode: the ledger is the journal; nothing to ship"),

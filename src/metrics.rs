@@ -150,6 +150,7 @@ pub struct Metrics {
     unpriced: IntCounterVec,
     connections_refused: IntCounterVec,
     journal_oldest_unshipped: IntGauge,
+    journal_quarantined: IntCounter,
     reconcile_differences: IntGauge,
     models: Mutex<HashSet<String>>,
     unpriced_names: Mutex<HashSet<String>>,
@@ -265,6 +266,10 @@ impl Metrics {
             "journal_oldest_unshipped_seconds",
             "Age of the oldest journaled event not yet shipped to the ledger of record (0 when none waits; always 0 in embedded mode).",
         )?;
+        let journal_quarantined = IntCounter::new(
+            "journal_quarantined_total",
+            "Journal events the ledger of record refused for their data, set aside in the journal's quarantine so the rows behind them ship (shared mode; always 0 in embedded mode).",
+        )?;
         let reconcile_differences = IntGauge::new(
             "reconcile_differences",
             "Counters that differed from the ledger at the last reconcile this instance ran (0 before the first).",
@@ -322,6 +327,7 @@ impl Metrics {
         registry.register(Box::new(unpriced.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(journal_oldest_unshipped.clone()))?;
+        registry.register(Box::new(journal_quarantined.clone()))?;
         registry.register(Box::new(reconcile_differences.clone()))?;
         Ok(Metrics {
             registry,
@@ -345,6 +351,7 @@ impl Metrics {
             unpriced,
             connections_refused,
             journal_oldest_unshipped,
+            journal_quarantined,
             reconcile_differences,
             models: Mutex::new(HashSet::new()),
             unpriced_names: Mutex::new(HashSet::new()),
@@ -472,6 +479,14 @@ impl Metrics {
     pub fn set_journal_oldest_unshipped(&self, age: Option<Duration>) {
         let secs = age.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         self.journal_oldest_unshipped.set(secs);
+    }
+
+    /// Bring the quarantine counter up to the journal's total (read at scrape time).
+    pub fn set_journal_quarantined_total(&self, total: u64) {
+        let seen = self.journal_quarantined.get();
+        if total > seen {
+            self.journal_quarantined.inc_by(total - seen);
+        }
     }
 
     /// What the last reconcile found: the number of counters that differed from the ledger.

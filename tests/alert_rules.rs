@@ -17,9 +17,9 @@ use std::process::Command;
 
 use common::*;
 
-/// Metrics the rules query that this build does not export yet, with why. Empty once the
-/// journal's quarantine counter is on this branch.
-const NOT_YET_EXPORTED: &[&str] = &["tollgate_journal_quarantined_total"];
+/// Metrics the rules query that this build does not export yet. Empty: every metric the
+/// rules query is exported (a new rule on a metric still to come would list it here).
+const NOT_YET_EXPORTED: &[&str] = &[];
 
 fn docs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("docs")

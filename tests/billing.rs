@@ -1285,3 +1285,126 @@ async fn legacy_completion_streams_report_exact_usage() {
     );
     assert_eq!(row["usage_source"], "upstream");
 }
+
+/// Send an admitted request on a raw connection and leave before the upstream answers
+/// (`x-mock-first-byte-delay-ms`): a plain close (FIN), or a reset (RST, `SO_LINGER` 0).
+/// Returns the ledger row of its trace id once final.
+async fn leave_early(
+    proxy: &Proxy,
+    key: &str,
+    path: &str,
+    body: &serde_json::Value,
+    trace: &str,
+    reset: bool,
+) -> serde_json::Value {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::to_vec(body).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer {key}\r\nx-api-key: {key}\r\n\
+         anthropic-version: 2023-06-01\r\ncontent-type: application/json\r\n\
+         idempotency-key: {trace}\r\nx-mock-first-byte-delay-ms: 1500\r\nx-mock-words: 2000\r\n\
+         x-mock-delay-ms: 5\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&body).await.unwrap();
+    // Admitted and forwarded well before the upstream's first byte.
+    eventually("the request is admitted", || {
+        proxy.ledger().iter().any(|r| {
+            r["trace_id"].as_str().is_some_and(|t| t.ends_with(trace)) && r["status"] == "reserved"
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    if reset {
+        // A zero linger makes the close a reset and never blocks (the deprecation is
+        // about a non-zero linger blocking the thread on drop).
+        #[allow(deprecated)]
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+    }
+    drop(s);
+    let mut row = serde_json::Value::Null;
+    for _ in 0..200 {
+        if let Some(r) = proxy.ledger().into_iter().find(|r| {
+            r["trace_id"].as_str().is_some_and(|t| t.ends_with(trace)) && r["status"] != "reserved"
+        }) {
+            row = r;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!row.is_null(), "{trace} never finished:\n{}", proxy.logs());
+    row
+}
+
+/// Issue 10, defect 1 (SPEC §4.6): a client that leaves before the upstream answered a
+/// non-stream request. The upstream has the prompt and charges for the whole answer, so
+/// the exchange runs on without the client and is settled with the upstream's own usage —
+/// exactly what the same request costs when the client waits. Before the fix the row was
+/// `released` with cost 0.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_still_pays_what_the_upstream_reports() {
+    let (_mock, proxy) = setup("").await;
+    let (_id, key) = proxy.create_live_key(&[]).await;
+    let body = json!({"model":"gpt-4o-mini","max_tokens":4000,"messages":[{"role":"user","content":"tell me everything"}]});
+    // The reference: the same body (the mock's answer is seeded by it), waited for.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &body,
+        &[("x-mock-words", "2000"), ("idempotency-key", "waited")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let (input, output) = visible_usage("chat", &r.text());
+    proxy.wait_settled().await;
+    let reference = settled(&proxy).into_iter().next().unwrap();
+
+    let row = leave_early(&proxy, &key, "/v1/chat/completions", &body, "left", false).await;
+    assert_eq!(row["status"], "settled", "{row}");
+    assert_eq!(row["usage_source"], "upstream", "{row}");
+    assert_eq!(
+        (row["input_tokens"].as_i64(), row["output_tokens"].as_i64()),
+        (Some(input), Some(output)),
+        "the upstream's own usage"
+    );
+    assert_eq!(row["cost_micros"], reference["cost_micros"]);
+    assert!(row["cost_micros"].as_i64().unwrap() > 0);
+}
+
+/// The same with a connection reset instead of a close: the exchange cannot be kept (the
+/// proxy learns of the reset as an error and the upstream request goes with it), so
+/// nobody will read the upstream's usage. The request is billed at its hold — the bound
+/// on what the upstream can charge — never at zero.
+#[tokio::test]
+async fn a_client_that_resets_before_the_answer_pays_its_hold() {
+    let (_mock, proxy) = setup("").await;
+    let (_id, key) = proxy.create_live_key(&[]).await;
+    let body = json!({"model":"gpt-4o-mini","max_tokens":300,"messages":[{"role":"user","content":"hello"}]});
+    let row = leave_early(&proxy, &key, "/v1/chat/completions", &body, "reset", true).await;
+    assert_eq!(row["status"], "settled", "{row}");
+    assert_eq!(row["usage_source"], "estimated");
+    assert_eq!(row["output_tokens"], 300, "the held output");
+    assert!(row["cost_micros"].as_i64().unwrap() > 0);
+    assert_eq!(row["cost_micros"], row["reserved_micros"]);
+}
+
+/// A stream whose client left before the upstream answered: aborted once the upstream's
+/// answer starts, and billed as a mid-stream disconnect — the input (Anthropic reports it
+/// in `message_start`) and the output seen so far, not the 2000-word answer it would have
+/// run to. Before the fix: `released`, cost 0.
+#[tokio::test]
+async fn a_stream_whose_client_left_before_the_answer_is_cut_and_billed_as_a_disconnect() {
+    let (_mock, proxy) = setup("").await;
+    let (_id, key) = proxy.create_live_key(&[]).await;
+    let body = json!({"model":"claude-3-5-haiku-20241022","max_tokens":4000,"stream":true,"messages":[{"role":"user","content":"go on"}]});
+    let row = leave_early(&proxy, &key, "/v1/messages", &body, "stream-left", false).await;
+    assert_eq!(row["status"], "settled", "{row}");
+    assert!(row["input_tokens"].as_i64().unwrap() > 0, "{row}");
+    assert!(row["cost_micros"].as_i64().unwrap() > 0, "{row}");
+    assert!(
+        row["output_tokens"].as_i64().unwrap() < 1000,
+        "the upstream stream was cut, not run to its end: {row}"
+    );
+}

@@ -596,3 +596,192 @@ async fn price_fields_reach_the_ledger_of_record_through_an_outage() {
         assert_eq!(r["price_version"].as_str(), l.price_version.as_deref());
     }
 }
+
+/// Issue 10, defect 6: one row the ledger of record refuses (a NUL byte in `model` — the
+/// kind of row admission now refuses, so it is written into the journal directly, as an
+/// older build or a damaged client could have) must not stop shipping. Before the fix the
+/// shipper retried the same batch forever: nothing after it ever reached Postgres and
+/// `/readyz` said nothing.
+#[tokio::test]
+async fn a_row_postgres_refuses_is_quarantined_and_the_rows_behind_it_ship() {
+    let (pg, _mock, proxy) = setup().await;
+    let (_key_id, key) = proxy.create_live_key(&[]).await;
+    let first = chat(&proxy, &key, false, &[]).await;
+    assert_eq!(first.status, 200);
+    pg.wait_ledger("the first row", |rows| {
+        rows.len() == 1 && rows[0]["status"] == "settled"
+    })
+    .await;
+
+    // The poison event, appended behind the writer's back (WAL allows a second writer).
+    let poison = Transaction {
+        trace_id: "poison-1".into(),
+        key_id: "k_poison".into(),
+        upstream: "anthropic".into(),
+        model: "claude-haiku-4-5\u{0}x".into(),
+        status: "settled".into(),
+        input_tokens: 10,
+        output_tokens: 20,
+        cost_micros: 123,
+        reserved_micros: 500,
+        started_at: tollgate::time::now_text(),
+        settled_at: Some(tollgate::time::now_text()),
+        instance_id: "elsewhere".into(),
+        ..Default::default()
+    };
+    {
+        let c = rusqlite::Connection::open(proxy.db_path()).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        tollgate::shared::outbox::append(&c, tollgate::shared::outbox::EventKind::Settle, &poison)
+            .unwrap();
+    }
+    // Traffic behind it ships: a stream, a non-stream, and an upstream error (released).
+    let mut traces = vec![first.header("x-tollgate-trace-id").unwrap().to_string()];
+    for (stream, extra) in [(true, None), (false, None), (false, Some("500"))] {
+        let extra: Vec<(&str, &str)> = extra.map(|s| ("x-mock-status", s)).into_iter().collect();
+        let r = chat(&proxy, &key, stream, &extra).await;
+        traces.push(r.header("x-tollgate-trace-id").unwrap().to_string());
+    }
+    let rows = pg
+        .wait_ledger("the rows behind the refused one", |rows| {
+            rows.len() == 4 && rows.iter().all(|r| r["status"] != "reserved")
+        })
+        .await;
+    let shipped: HashSet<&str> = rows
+        .iter()
+        .map(|r| r["trace_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        shipped,
+        traces.iter().map(String::as_str).collect::<HashSet<_>>(),
+        "every row but the refused one is in the ledger of record"
+    );
+
+    // Set aside with Postgres' error, reported, and nothing left waiting.
+    let c = rusqlite::Connection::open(proxy.db_path()).unwrap();
+    let (trace, error): (String, String) = c
+        .query_row("SELECT trace_id, error FROM journal_quarantine", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap_or_else(|e| panic!("{e}: {}", proxy.logs()));
+    assert_eq!(trace, "poison-1");
+    assert!(error.starts_with("22"), "a data exception: {error}");
+    eventually("backlog 0", || backlog(&proxy) == 0).await;
+    let (_, status) = cli_json(&proxy, &["journal", "status"]);
+    assert_eq!(status["quarantined"], 1, "{status}");
+    let ready = send("GET", &format!("http://{}/readyz", proxy.admin), &[], "").await;
+    assert_eq!(
+        ready.status, 200,
+        "a quarantined row does not take the instance out"
+    );
+    assert_eq!(ready.json()["quarantined"], 1, "{}", ready.text());
+    let metrics = send("GET", &format!("http://{}/metrics", proxy.admin), &[], "").await;
+    assert!(
+        metrics
+            .text()
+            .contains("\ntollgate_journal_quarantined_total 1\n"),
+        "{}",
+        metrics.text()
+    );
+
+    // A forced replay of every retained event ships the good rows again (no change) and
+    // sets the refused one aside again — once: the counter does not count it twice.
+    let (code, out) = cli_json(&proxy, &["journal", "replay", "--all"]);
+    assert_eq!(code, 0, "{out}");
+    let held: i64 = c
+        .query_row("SELECT COUNT(*) FROM journal_quarantine", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(held, 1);
+    assert_eq!(pg.ledger().await.len(), 4);
+}
+
+/// Issue 10, defect 11: cross-instance idempotency fails closed. An `Idempotency-Key`
+/// settled on instance A, repeated on instance B while Postgres is down: B's journal has
+/// never seen it, Redis holds only requests in flight, and the ledger of record cannot be
+/// asked — no store can vouch that it is new. Before the fix B forwarded it (200) and the
+/// key was paid twice; now B refuses it (503, nothing forwarded) until Postgres answers.
+#[tokio::test]
+async fn a_repeated_idempotency_key_no_store_can_vouch_for_is_refused_not_paid_twice() {
+    let pg = TestPg::start();
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let a = shared_proxy(&pg, mock.addr).await;
+    let b = shared_proxy(&pg, mock.addr).await;
+    let (key_id, key) = a.create_live_key(&[]).await;
+    let auth = format!("Bearer {key}");
+    let usage = b.url("/v1/tollgate/usage");
+    let mut live = false;
+    for _ in 0..100 {
+        if send("GET", &usage, &[("authorization", &auth)], "")
+            .await
+            .status
+            == 200
+        {
+            live = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(live, "the key reaches instance b");
+    let once = [("idempotency-key", "order-1")];
+    let trace = format!("{key_id}:order-1");
+
+    let r = chat(&a, &key, false, &once).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    pg.wait_ledger("order-1 settled", |rows| {
+        rows.len() == 1 && rows[0]["status"] == "settled"
+    })
+    .await;
+    // Postgres up: instance b recognises a's request — a 409 naming the duplicate's trace.
+    let r = chat(&b, &key, false, &once).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.header("x-tollgate-trace-id"), Some(trace.as_str()));
+    assert_eq!(r.json()["error"]["code"], "duplicate_request");
+
+    pg.stop();
+    // Nobody can vouch for order-1 on b now: refused, not forwarded.
+    let r = chat(&b, &key, false, &once).await;
+    assert_eq!(r.status, 503, "forwarded and paid twice: {}", r.text());
+    assert_eq!(r.json()["error"]["code"], "store_unavailable");
+    assert_eq!(r.header("x-tollgate-trace-id"), Some(trace.as_str()));
+    // Instance a's own journal still knows it.
+    let r = chat(&a, &key, false, &once).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    // The price of failing closed: a key b has never seen is refused too while Postgres
+    // is down (it may be a's); requests without an Idempotency-Key are served as ever.
+    let r = chat(&b, &key, false, &[("idempotency-key", "order-2")]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = chat(&b, &key, true, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    pg.start_again();
+    let mut answered = 0;
+    for _ in 0..200 {
+        answered = chat(&b, &key, false, &once).await.status;
+        if answered != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        answered, 409,
+        "once Postgres answers, b recognises order-1 again"
+    );
+    let rows = pg
+        .wait_ledger("b's plain request shipped", |rows| {
+            rows.len() == 2 && rows.iter().all(|r| r["status"] == "settled")
+        })
+        .await;
+    let once_rows = rows
+        .iter()
+        .filter(|r| r["trace_id"] == trace.as_str())
+        .count();
+    assert_eq!(once_rows, 1, "order-1 billed once");
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["trace_id"] == format!("{key_id}:order-2").as_str()),
+        "the refused order-2 left no row"
+    );
+}

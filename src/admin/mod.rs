@@ -513,6 +513,7 @@ pub async fn store_status(engine: &Engine) -> BTreeMap<&'static str, bool> {
 
 async fn readyz(engine: &Engine) -> Resp {
     let stores = store_status(engine).await;
+    let journal = journal_status(engine);
     // Serving needs the local journal; a down Redis only stops us under
     // `on_unavailable = "closed"` (the other policies keep answering).
     let closed = engine.config().storage.on_unavailable == crate::config::OnUnavailable::Closed;
@@ -535,7 +536,11 @@ async fn readyz(engine: &Engine) -> Resp {
             "mode": engine.config().storage.mode,
             "stores": stores,
             "open_reservations": engine.store().open_holds(),
-            "backlog": journal_status(engine).backlog,
+            "backlog": journal.backlog,
+            // Events the ledger of record refused (shared mode): shipping goes on behind
+            // them, so they do not make the instance unready, but each is a charge missing
+            // from the ledger of record until an operator replays it.
+            "quarantined": journal.quarantined,
         }),
     )
 }
@@ -571,6 +576,7 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
         .and_then(crate::time::from_text)
         .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default());
     m.set_journal_oldest_unshipped(oldest);
+    m.set_journal_quarantined_total(journal.quarantined_total);
     let text = m
         .render()
         .map_err(|e| AdminError::Internal(e.to_string()))?;

@@ -47,7 +47,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::api::meter::{Meter, failure_event};
+use crate::api::meter::{MAX_BUFFERED_BODY, Meter, failure_event};
 use crate::config::{ACCOUNT_HEADERS, ACCOUNT_RESPONSE_HEADERS, CREDENTIAL_HEADERS, UpstreamKind};
 use crate::engine::{Admission, Engine, RequestEnd, Route};
 use crate::errors::{ApiError, ErrorCode};
@@ -82,6 +82,12 @@ pub struct Ctx {
     /// The body to send upstream in place of the client's, once.
     replacement: Option<Bytes>,
     meter: Option<Meter>,
+    /// A metered non-stream answer's body, held until its end so the meter has read it
+    /// whole (usage is at its end) before the first body byte goes to the client: a
+    /// client that left meanwhile makes that write fail, and the request is then still
+    /// settled with the upstream's own usage (SPEC §4.6). Bounded by
+    /// [`MAX_BUFFERED_BODY`]; past it the body flows on.
+    held: Option<BytesMut>,
     /// Status we answered ourselves (refusals, upstream failures).
     answered: Option<u16>,
     upstream_status: Option<u16>,
@@ -244,6 +250,7 @@ impl Gateway {
     /// and logs the request; its response is piped to the client as it comes.
     async fn hand_off(&self, session: &mut Session, ctx: &mut Ctx, body: Bytes) -> Result<bool> {
         let trace_id = ctx.trace_id.clone();
+        let keep_running = ctx.admission.as_ref().is_some_and(|a| !a.stream);
         let mut handed = self.empty_ctx();
         std::mem::swap(ctx, &mut handed);
         ctx.trace_id = trace_id;
@@ -287,6 +294,13 @@ impl Gateway {
                     }
                 } else {
                     tracing::debug!(trace_id = %ctx.trace_id, error = %e.error, "client gone while its response was piped");
+                    // A non-stream exchange runs to its end without the client (SPEC §4.6):
+                    // take what the subrequest still writes, so it reads the upstream's
+                    // answer whole and settles with its usage. A stream's subrequest sees
+                    // its pipe close and ends as a mid-stream disconnect.
+                    if keep_running && let Some(mut rx) = e.state.pipe_rx {
+                        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+                    }
                 }
                 true
             }
@@ -321,6 +335,7 @@ impl Gateway {
             admission: None,
             replacement: None,
             meter: None,
+            held: None,
             answered: None,
             upstream_status: None,
             upstream_sent_at: None,
@@ -516,6 +531,14 @@ impl ProxyHttp for Gateway {
             ctx.replacement = Some(body.clone());
         } else if let Err(e) = self.admit(ctx, body.clone()).await {
             return self.refuse(session, ctx, &e).await;
+        } else {
+            // Admitted: from here on the upstream has (or will have) the prompt and charges
+            // for it. A client that closes its side (FIN) while the upstream is still
+            // working must not cancel the exchange (pingora's default): the answer is
+            // still read — whole for a non-stream request, up to the first write that
+            // fails for a stream — and settled with what the upstream reports (SPEC §4.6).
+            // A client that resets its connection is handled in `Engine::finish`.
+            session.as_downstream_mut().set_abort_on_close(false);
         }
         if session.as_downstream().retry_buffer_truncated() {
             return self.hand_off(session, ctx, body).await;
@@ -661,6 +684,9 @@ impl ProxyHttp for Gateway {
                 // out, and a failing upstream's stream is ended with an error event.
                 resp.remove_header("content-length");
             }
+            if success && !adm.stream && ctx.meter.is_some() {
+                ctx.held = Some(BytesMut::new());
+            }
         } else {
             replace_ratelimit_headers(resp, &ctx.passthrough_headers)?;
         }
@@ -690,6 +716,23 @@ impl ProxyHttp for Gateway {
                     adm.report = Some(report);
                 }
                 ctx.meter = None;
+            }
+        }
+        if let Some(held) = ctx.held.as_mut() {
+            let first_and_last = end_of_stream && held.is_empty();
+            if !first_and_last {
+                if let Some(chunk) = body.take() {
+                    held.extend_from_slice(&chunk);
+                }
+                if end_of_stream || held.len() > MAX_BUFFERED_BODY {
+                    // Whole (or too large to hold): the meter has read all of it.
+                    *body = ctx.held.take().map(BytesMut::freeze);
+                } else {
+                    // Nothing to write yet (pingora skips empty chunks).
+                    *body = Some(Bytes::new());
+                }
+            } else {
+                ctx.held = None;
             }
         }
         if end_of_stream {

@@ -9,9 +9,14 @@
 //!
 //! The request path never waits on Postgres. The one exception is bounded: a request with
 //! an `Idempotency-Key` this instance has never seen asks the Postgres ledger whether
-//! another instance settled it, only while the shipper last found Postgres up, and for at
-//! most [`REMOTE_CHECK_TIMEOUT`]; otherwise the check is local only (so while Postgres is
-//! unreachable, a repeat sent to a *different* instance is not recognised as a duplicate).
+//! another instance reserved or settled it, for at most [`REMOTE_CHECK_TIMEOUT`]. This
+//! check fails closed: when Postgres cannot answer (down, unreachable, or slower than the
+//! timeout), no store can vouch that another instance has not already forwarded — and
+//! been charged for — that key (Redis only knows holds in flight, and only while it is
+//! up; this journal only knows this instance), so the request is refused with 503
+//! `store_unavailable` rather than forwarded and paid twice. The client retries with the
+//! same key once Postgres is back. Requests without an `Idempotency-Key` (a fresh UUIDv7
+//! trace id each) are not affected.
 //!
 //! `journal_traces` keeps final trace ids for `storage.journal_retention` after their
 //! last event shipped, which bounds how long a repeated idempotency key is recognised
@@ -180,11 +185,14 @@ pub fn backlog_sync(c: &Connection) -> Result<(u64, Option<String>), DbError> {
     .query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?)
 }
 
-/// Latest rows of every trace id that still has unshipped events.
+/// Latest rows of every trace id that still has unshipped events, or an event the ledger
+/// of record refused (quarantined: its charge is in no ledger row, so counters rebuilt
+/// from the ledger take it from here).
 pub fn pending_rows(c: &Connection) -> Result<Vec<Transaction>, DbError> {
     let mut st = c.prepare_cached(
         "SELECT row FROM journal_traces WHERE trace_id IN
-           (SELECT trace_id FROM journal_events WHERE shipped_at IS NULL)",
+           (SELECT trace_id FROM journal_events WHERE shipped_at IS NULL
+            UNION SELECT trace_id FROM journal_quarantine)",
     )?;
     let texts = st
         .query_map([], |r| r.get::<_, String>(0))?
@@ -233,6 +241,57 @@ pub fn mark_shipped(c: &Connection, lo: i64, hi: i64) -> Result<usize, DbError> 
         "UPDATE journal_events SET shipped_at = ?3 WHERE seq BETWEEN ?1 AND ?2 AND shipped_at IS NULL",
     )?
     .execute(params![lo, hi, crate::time::now_text()])?)
+}
+
+/// An event the ledger of record refused, with Postgres' error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub seq: i64,
+    pub trace_id: String,
+    pub payload: String,
+    pub error: String,
+}
+
+/// Finish a shipped batch `lo..=hi`: set its refused events aside in `journal_quarantine`
+/// and mark the whole range shipped, in one writer job (one commit). With `replayed` (a forced replay
+/// of shipped events), quarantined events of the range that shipped this time are
+/// released from quarantine first. Returns how many events were newly quarantined.
+pub fn finish_batch(
+    c: &Connection,
+    lo: i64,
+    hi: i64,
+    refused: &[Quarantined],
+    replayed: bool,
+) -> Result<u64, DbError> {
+    if replayed {
+        // Every event of the range was read again; those not refused this time shipped
+        // (or a later event of their trace id did).
+        let kept: Vec<i64> = refused.iter().map(|q| q.seq).collect();
+        let kept = serde_json::to_string(&kept).unwrap_or_else(|_| "[]".into());
+        c.prepare_cached(
+            "DELETE FROM journal_quarantine WHERE seq BETWEEN ?1 AND ?2
+               AND seq NOT IN (SELECT value FROM json_each(?3))",
+        )?
+        .execute(params![lo, hi, kept])?;
+    }
+    let now = crate::time::now_text();
+    let mut added = 0;
+    for q in refused {
+        added += c
+            .prepare_cached(
+                "INSERT OR IGNORE INTO journal_quarantine (seq, trace_id, payload, error, quarantined_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![q.seq, q.trace_id, q.payload, q.error, now])? as u64;
+    }
+    mark_shipped(c, lo, hi)?;
+    Ok(added)
+}
+
+/// Events currently set aside because the ledger of record refused them.
+pub fn quarantine_count(c: &Connection) -> Result<u64, DbError> {
+    Ok(c.prepare_cached("SELECT COUNT(*) FROM journal_quarantine")?
+        .query_row([], |r| r.get::<_, i64>(0))? as u64)
 }
 
 /// Delete events shipped before `cutoff`, and final trace ids last touched before it that
@@ -322,6 +381,8 @@ struct Backlog {
     oldest: Option<String>,
     /// The shipper's last attempt reached Postgres.
     pg_up: bool,
+    /// Events in `journal_quarantine` now.
+    quarantined: u64,
 }
 
 /// The shared-mode [`Journal`]: local SQLite outbox in front of the Postgres ledger.
@@ -331,6 +392,8 @@ pub struct Outbox {
     pg: PgLedger,
     notify: Notify,
     backlog: Mutex<Backlog>,
+    /// Events this process set aside (`tollgate_journal_quarantined_total`).
+    quarantined_total: std::sync::atomic::AtomicU64,
 }
 
 impl Outbox {
@@ -338,6 +401,7 @@ impl Outbox {
     pub fn new(db: Db, pg: PgLedger) -> Result<Arc<Outbox>, DbError> {
         let reader = Reader::open(db.path())?;
         let (events, oldest) = db.call_blocking(backlog_sync)?;
+        let quarantined = db.call_blocking(quarantine_count)?;
         Ok(Arc::new(Outbox {
             db,
             reader,
@@ -347,7 +411,9 @@ impl Outbox {
                 events,
                 oldest,
                 pg_up: false,
+                quarantined,
             }),
+            quarantined_total: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -390,6 +456,13 @@ impl Outbox {
 
     pub fn note_pg(&self, up: bool) {
         self.backlog.lock().pg_up = up;
+    }
+
+    /// Record the events in quarantine now, and how many this pass newly set aside.
+    pub fn note_quarantine(&self, now_held: u64, added: u64) {
+        self.backlog.lock().quarantined = now_held;
+        self.quarantined_total
+            .fetch_add(added, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn pg_up(&self) -> bool {
@@ -442,18 +515,27 @@ impl Journal for Outbox {
         if let Some(row) = local {
             return Ok(row.status != "released");
         }
-        if !self.pg_up() {
-            return Ok(false);
-        }
+        // Not seen here: only the ledger of record can say whether another instance saw
+        // it. Asked even while the shipper last found Postgres down (a refused connection
+        // answers at once), so a Postgres that came back serves idempotent requests
+        // without waiting for the shipper's back-off.
+        let unverifiable = |why: &str| {
+            DbError::Unavailable(format!(
+                "cannot check the Idempotency-Key against the ledger of record ({why}); nothing was forwarded, retry later"
+            ))
+        };
         match tokio::time::timeout(REMOTE_CHECK_TIMEOUT, self.pg.is_taken(trace_id)).await {
             Ok(Ok(taken)) => Ok(taken),
             Ok(Err(e)) => {
-                tracing::debug!(trace_id, error = %e, "cross-instance duplicate check skipped");
-                Ok(false)
+                tracing::warn!(trace_id, error = %e, "cross-instance duplicate check failed; the request is refused");
+                Err(unverifiable("postgres is unavailable"))
             }
             Err(_) => {
-                tracing::debug!(trace_id, "cross-instance duplicate check timed out");
-                Ok(false)
+                tracing::warn!(
+                    trace_id,
+                    "cross-instance duplicate check timed out; the request is refused"
+                );
+                Err(unverifiable("postgres did not answer in time"))
             }
         }
     }
@@ -472,6 +554,10 @@ impl Journal for Outbox {
         } else {
             b.oldest.clone()
         };
+        s.quarantined = Some(b.quarantined);
+        s.quarantined_total = self
+            .quarantined_total
+            .load(std::sync::atomic::Ordering::Relaxed);
         s
     }
 
@@ -534,8 +620,8 @@ mod tests {
         );
         assert!(ob.is_taken("a").await.unwrap());
         assert!(
-            !ob.is_taken("zz").await.unwrap(),
-            "Postgres is not consulted while down"
+            matches!(ob.is_taken("zz").await, Err(DbError::Unavailable(_))),
+            "an Idempotency-Key no store can vouch for is refused, not forwarded"
         );
         assert_eq!(ob.open_rows("i1").await.unwrap().len(), 1);
         assert!(ob.settle("a", settlement()).await.unwrap());
@@ -586,8 +672,8 @@ mod tests {
         assert_eq!(ev, 3);
         assert_eq!(tr, 1, "only `a` is final with nothing left to ship");
         assert!(
-            !ob.is_taken("a").await.unwrap(),
-            "forgotten after retention"
+            matches!(ob.is_taken("a").await, Err(DbError::Unavailable(_))),
+            "forgotten here after retention: only the ledger of record could answer"
         );
     }
 
@@ -638,6 +724,65 @@ mod tests {
             (back.cost_micros, back.tool_calls, back.price_version),
             (77, 0, None)
         );
+    }
+
+    #[tokio::test]
+    async fn refused_events_are_set_aside_once_and_released_by_a_replay_that_ships_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("j.db"), Durability::Normal).unwrap();
+        let ob = Outbox::new(
+            db.clone(),
+            PgLedger::new("postgres://u@127.0.0.1:1/x").unwrap(),
+        )
+        .unwrap();
+        for id in ["a", "b", "c"] {
+            ob.open_reservation(row(id)).await.unwrap();
+        }
+        let q = |seq: i64, trace: &str| Quarantined {
+            seq,
+            trace_id: trace.into(),
+            payload: "{}".into(),
+            error: "22021: invalid byte sequence".into(),
+        };
+        let refused = vec![q(2, "b")];
+        let added = db
+            .call(move |c| finish_batch(c, 1, 3, &refused, false))
+            .await
+            .unwrap();
+        assert_eq!(added, 1);
+        assert_eq!(
+            db.call(backlog_sync).await.unwrap().0,
+            0,
+            "the range shipped"
+        );
+        assert_eq!(db.call(quarantine_count).await.unwrap(), 1);
+        let pending: Vec<String> = db
+            .call(pending_rows)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.trace_id)
+            .collect();
+        assert_eq!(
+            pending,
+            ["b"],
+            "a refused charge still counts from the journal"
+        );
+        // Refused again by a replay: not counted again.
+        let refused = vec![q(2, "b")];
+        let added = db
+            .call(move |c| finish_batch(c, 1, 3, &refused, true))
+            .await
+            .unwrap();
+        assert_eq!(added, 0);
+        assert_eq!(db.call(quarantine_count).await.unwrap(), 1);
+        // A replay after the cause was fixed ships it: released.
+        let added = db
+            .call(move |c| finish_batch(c, 1, 3, &[], true))
+            .await
+            .unwrap();
+        assert_eq!(added, 0);
+        assert_eq!(db.call(quarantine_count).await.unwrap(), 0);
     }
 
     #[tokio::test]

@@ -49,6 +49,12 @@ pub enum PgError {
     /// Postgres answered with an error: permanent for this input.
     #[error("postgres: {0}")]
     Query(String),
+    /// Postgres refused the data itself (SQLSTATE class 22, data exception — a NUL byte
+    /// in a text value, say — or 23, integrity constraint violation): sending the same
+    /// row again can never succeed. The shipper sets such a row aside
+    /// ([`crate::shared::shipper`]); any other error is retried.
+    #[error("postgres refused the row: {0}")]
+    Rejected(String),
     /// The input is invalid (bad limit, unknown key...).
     #[error("{0}")]
     Invalid(String),
@@ -65,7 +71,15 @@ impl PgError {
 impl From<tokio_postgres::Error> for PgError {
     fn from(e: tokio_postgres::Error) -> PgError {
         match e.as_db_error() {
-            Some(db) => PgError::Query(format!("{}: {}", db.code().code(), db.message())),
+            Some(db) => {
+                let code = db.code().code();
+                let text = format!("{code}: {}", db.message());
+                if code.starts_with("22") || code.starts_with("23") {
+                    PgError::Rejected(text)
+                } else {
+                    PgError::Query(text)
+                }
+            }
             None => PgError::Unavailable(e.to_string()),
         }
     }
@@ -185,6 +199,37 @@ impl PgLedger {
         let n = upsert_in(&tx, rows).await?;
         tx.commit().await?;
         Ok(n)
+    }
+
+    /// Upsert `rows` one at a time in one transaction, setting aside each row Postgres
+    /// refuses ([`PgError::Rejected`]) under a savepoint instead of failing the batch.
+    /// Returns the rows changed and, for each refused row, its index in `rows` and the
+    /// error. Any other error fails the whole call (nothing is committed). The slow path
+    /// of the shipper, taken only after a batch was refused.
+    pub async fn upsert_each(
+        &self,
+        rows: &[Transaction],
+    ) -> Result<(u64, Vec<(usize, String)>), PgError> {
+        let mut client = self.client().await?;
+        let mut tx = client.transaction().await?;
+        let mut changed = 0;
+        let mut refused = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let sp = tx.savepoint("row").await?;
+            match upsert_in(&sp, std::slice::from_ref(row)).await {
+                Ok(n) => {
+                    sp.commit().await?;
+                    changed += n;
+                }
+                Err(PgError::Rejected(e)) => {
+                    sp.rollback().await?;
+                    refused.push((i, e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        Ok((changed, refused))
     }
 
     /// Whether a trace id is reserved or settled in the ledger of record.

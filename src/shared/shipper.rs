@@ -8,6 +8,14 @@
 //! next pass, which changes nothing: the upsert only moves a row forward (see
 //! [`crate::shared::pg::PgLedger::upsert_rows`]).
 //!
+//! A batch Postgres refuses for its data ([`PgError::Rejected`]: a NUL byte in a text
+//! value, a number out of range) is shipped again row by row, each under a savepoint: the
+//! rows Postgres accepts are committed, each refused one is set aside with its error in
+//! the journal's `journal_quarantine` table, counted
+//! (`tollgate_journal_quarantined_total`) and shown in `journal status` and `/readyz`,
+//! and shipping goes on with the rows behind it — one poison row never stops the ledger
+//! of record. Any other error (connection lost, Postgres shutting down) is retried.
+//!
 //! While Postgres is down, passes are retried with exponential backoff from
 //! [`BACKOFF_MIN`] to [`BACKOFF_MAX`]; events wait in the journal, and the request path
 //! is untouched. Up/down transitions are logged once each.
@@ -60,7 +68,15 @@ struct Batch {
     lo: i64,
     hi: i64,
     count: usize,
-    rows: Vec<Transaction>,
+    /// The latest event of each trace id: its `seq` and row.
+    rows: Vec<(i64, Transaction)>,
+}
+
+/// A batch upserted, waiting to be marked shipped.
+struct Done {
+    lo: i64,
+    hi: i64,
+    refused: Vec<outbox::Quarantined>,
 }
 
 pub struct Shipper {
@@ -70,7 +86,7 @@ pub struct Shipper {
 }
 
 /// Keep the latest event of each trace id, in first-seen order.
-fn latest_per_trace(events: &[outbox::Event]) -> Vec<Transaction> {
+fn latest_per_trace(events: &[outbox::Event]) -> Vec<(i64, Transaction)> {
     let mut index: HashMap<&str, usize> = HashMap::with_capacity(events.len());
     let mut rows: Vec<Option<&outbox::Event>> = Vec::with_capacity(events.len());
     for e in events {
@@ -85,7 +101,7 @@ fn latest_per_trace(events: &[outbox::Event]) -> Vec<Transaction> {
     rows.into_iter()
         .flatten()
         .filter_map(|e| match serde_json::from_str::<Transaction>(&e.payload) {
-            Ok(t) => Some(t),
+            Ok(t) => Some((e.seq, t)),
             Err(err) => {
                 // Only a damaged file can get here; shipping the rest beats blocking forever.
                 tracing::error!(seq = e.seq, trace_id = %e.trace_id, error = %err, "unreadable journal event skipped");
@@ -116,13 +132,13 @@ impl Shipper {
             self.migrated = true;
         }
         let mut done = Shipped::default();
-        let mut shipped_range: Option<(i64, i64)> = None;
+        let mut upserted: Option<Done> = None;
         let mut batch = self.read_batch(0, include_shipped).await?;
         while let Some(b) = batch {
             let (lo, hi, count) = (b.lo, b.hi, b.count);
-            let (upserted, marked, next) = tokio::join!(
-                self.outbox.pg().upsert_rows(&b.rows),
-                self.mark(shipped_range),
+            let (shipped, marked, next) = tokio::join!(
+                self.upsert(&b.rows),
+                self.mark(upserted.take(), include_shipped),
                 async {
                     if count < BATCH {
                         Ok(None)
@@ -131,15 +147,47 @@ impl Shipper {
                     }
                 }
             );
-            done.rows += upserted?;
+            let (rows, refused) = shipped?;
+            done.rows += rows;
             marked?;
             done.events += count as u64;
-            shipped_range = Some((lo, hi));
+            upserted = Some(Done { lo, hi, refused });
             batch = next?;
         }
-        self.mark(shipped_range).await?;
+        self.mark(upserted, include_shipped).await?;
         self.refresh_status(true).await;
         Ok(done)
+    }
+
+    /// Upsert one batch's rows. When Postgres refuses the batch for its data, ship it
+    /// again row by row and return the refused rows (with their errors) to set aside.
+    async fn upsert(
+        &self,
+        rows: &[(i64, Transaction)],
+    ) -> Result<(u64, Vec<outbox::Quarantined>), ShipError> {
+        let plain: Vec<Transaction> = rows.iter().map(|(_, t)| t.clone()).collect();
+        match self.outbox.pg().upsert_rows(&plain).await {
+            Ok(n) => Ok((n, Vec::new())),
+            Err(PgError::Rejected(batch_error)) => {
+                tracing::warn!(error = %batch_error, rows = plain.len(), "postgres refused a journal batch; shipping it row by row to set the refused rows aside");
+                let (n, refused) = self.outbox.pg().upsert_each(&plain).await?;
+                let mut out = Vec::with_capacity(refused.len());
+                for (i, error) in refused {
+                    let Some((seq, row)) = rows.get(i) else {
+                        continue;
+                    };
+                    tracing::error!(seq, trace_id = %row.trace_id, error = %error, "postgres refused a ledger row; the event is set aside in journal_quarantine and shipping continues");
+                    out.push(outbox::Quarantined {
+                        seq: *seq,
+                        trace_id: row.trace_id.clone(),
+                        payload: serde_json::to_string(row).unwrap_or_default(),
+                        error,
+                    });
+                }
+                Ok((n, out))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The next batch after `cursor`, decoded to one row per trace id; `None` when empty.
@@ -166,13 +214,27 @@ impl Shipper {
             .await?)
     }
 
-    async fn mark(&self, range: Option<(i64, i64)>) -> Result<(), ShipError> {
-        if let Some((lo, hi)) = range {
+    /// Mark an upserted batch shipped, setting its refused events aside.
+    async fn mark(&self, done: Option<Done>, replayed: bool) -> Result<(), ShipError> {
+        let Some(Done { lo, hi, refused }) = done else {
+            return Ok(());
+        };
+        if refused.is_empty() && !replayed {
             self.outbox
                 .db()
                 .call(move |c| outbox::mark_shipped(c, lo, hi))
                 .await?;
+            return Ok(());
         }
+        let (added, held) = self
+            .outbox
+            .db()
+            .call(move |c| {
+                let added = outbox::finish_batch(c, lo, hi, &refused, replayed)?;
+                Ok((added, outbox::quarantine_count(c)?))
+            })
+            .await?;
+        self.outbox.note_quarantine(held, added);
         Ok(())
     }
 
@@ -275,13 +337,17 @@ mod tests {
             ev(5, "b", "released"),
             ev(6, "b", "reserved"),
         ]);
-        let got: Vec<(&str, &str)> = rows
+        let got: Vec<(i64, &str, &str)> = rows
             .iter()
-            .map(|r| (r.trace_id.as_str(), r.status.as_str()))
+            .map(|(seq, r)| (*seq, r.trace_id.as_str(), r.status.as_str()))
             .collect();
         assert_eq!(
             got,
-            [("a", "settled"), ("b", "reserved"), ("c", "reserved")]
+            [
+                (3, "a", "settled"),
+                (6, "b", "reserved"),
+                (4, "c", "reserved")
+            ]
         );
     }
 }
