@@ -72,6 +72,10 @@ pub const SERVER_KEYS: &[&str] = &[
     "header_timeout",
     "body_timeout",
     "max_connections",
+    "max_connections_per_ip",
+    "keepalive_timeout",
+    "max_request_head",
+    "max_request_headers",
 ];
 /// Keys of `[storage]`.
 pub const STORAGE_KEYS: &[&str] = &[
@@ -234,6 +238,14 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Most client connections the proxy listener holds open at once.
     pub max_connections: usize,
+    /// Most proxy connections one client address holds open at once.
+    pub max_connections_per_ip: usize,
+    /// Longest wait for the next request on an idle keep-alive connection (proxy listener).
+    pub keepalive_timeout: Duration,
+    /// Largest request head (request line plus header names and values) the proxy takes.
+    pub max_request_head: u64,
+    /// Most header lines a proxy request may carry.
+    pub max_request_headers: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -439,6 +451,10 @@ impl Config {
                 "header_timeout": humantime::format_duration(self.server.header_timeout).to_string(),
                 "body_timeout": humantime::format_duration(self.server.body_timeout).to_string(),
                 "max_connections": self.server.max_connections,
+                "max_connections_per_ip": self.server.max_connections_per_ip,
+                "keepalive_timeout": humantime::format_duration(self.server.keepalive_timeout).to_string(),
+                "max_request_head": self.server.max_request_head,
+                "max_request_headers": self.server.max_request_headers,
             },
             "storage": {
                 "mode": self.storage.mode,
@@ -846,6 +862,31 @@ impl Reader<'_> {
         let header_timeout = self.parsed(t, p, "header_timeout", Duration::from_secs(10), positive);
         let body_timeout = self.parsed(t, p, "body_timeout", Duration::from_secs(60), positive);
         let max_connections = self.integer(t, p, "max_connections", 4096, 1, 1_000_000) as usize;
+        // By default no one address may hold more than a quarter of the slots.
+        let max_connections_per_ip = self.integer(
+            t,
+            p,
+            "max_connections_per_ip",
+            (max_connections / 4).max(1) as i64,
+            1,
+            1_000_000,
+        ) as usize;
+        let keepalive_timeout =
+            self.parsed(t, p, "keepalive_timeout", Duration::from_secs(15), |s| {
+                match parse_duration(s)? {
+                    d if d < Duration::from_secs(1) => Err("must be at least 1s".to_string()),
+                    d => Ok(d),
+                }
+            });
+        let max_request_head =
+            self.parsed(t, p, "max_request_head", 64 << 10, |s| {
+                match parse_size(s)? {
+                    v if v < 1024 => Err("must be at least 1KiB".to_string()),
+                    v if v > 1 << 20 => Err("must be at most 1MiB".to_string()),
+                    v => Ok(v),
+                }
+            });
+        let max_request_headers = self.integer(t, p, "max_request_headers", 100, 8, 256) as usize;
         ServerConfig {
             listen,
             admin_listen,
@@ -858,6 +899,10 @@ impl Reader<'_> {
             header_timeout,
             body_timeout,
             max_connections,
+            max_connections_per_ip,
+            keepalive_timeout,
+            max_request_head,
+            max_request_headers,
         }
     }
 
@@ -1857,6 +1902,10 @@ webhook = "https://hook-user:hook-pw@hooks.example/services/T0/B0/hook-token?sig
         assert_eq!(c.server.header_timeout, Duration::from_secs(10));
         assert_eq!(c.server.body_timeout, Duration::from_secs(60));
         assert_eq!(c.server.max_connections, 4096);
+        assert_eq!(c.server.max_connections_per_ip, 1024);
+        assert_eq!(c.server.keepalive_timeout, Duration::from_secs(15));
+        assert_eq!(c.server.max_request_head, 64 << 10);
+        assert_eq!(c.server.max_request_headers, 100);
         assert!(c.server.admin_hosts.is_empty());
         let c = Config::parse(
             "[server]\nadmin_hosts = [\"Admin.Internal\"]\nheader_timeout = \"2s\"\nmax_connections = 10\n",
@@ -1867,6 +1916,24 @@ webhook = "https://hook-user:hook-pw@hooks.example/services/T0/B0/hook-token?sig
         assert_eq!(c.server.admin_hosts, vec!["admin.internal"]);
         assert_eq!(c.server.header_timeout, Duration::from_secs(2));
         assert_eq!(c.server.max_connections, 10);
+        assert_eq!(
+            c.server.max_connections_per_ip, 2,
+            "a quarter, rounded down"
+        );
+        let issues = issues_of(
+            "[server]\nmax_connections_per_ip = 0\nkeepalive_timeout = \"500ms\"\nmax_request_head = \"2MiB\"\nmax_request_headers = 1000\n",
+            &env,
+        );
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "server.max_connections_per_ip",
+                "server.keepalive_timeout",
+                "server.max_request_head",
+                "server.max_request_headers"
+            ]
+        );
         let issues = issues_of(
             "[server]\nadmin_hosts = [\"bad host/\"]\nheader_timeout = \"0s\"\nmax_connections = 0\n",
             &env,

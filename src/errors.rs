@@ -22,6 +22,8 @@ pub enum ErrorCode {
     UpstreamTimeout,
     /// The client did not send its request body in time (`server.body_timeout`).
     RequestTimeout,
+    /// The request head is over `server.max_request_head` or `server.max_request_headers`.
+    HeaderTooLarge,
 }
 
 impl ErrorCode {
@@ -39,6 +41,7 @@ impl ErrorCode {
             ErrorCode::StoreUnavailable => 503,
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::RequestTimeout => 408,
+            ErrorCode::HeaderTooLarge => 431,
         }
     }
 
@@ -56,6 +59,7 @@ impl ErrorCode {
             ErrorCode::StoreUnavailable => "store_unavailable",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::HeaderTooLarge => "request_header_too_large",
         }
     }
 
@@ -63,7 +67,10 @@ impl ErrorCode {
     fn class(self, kind: UpstreamKind) -> &'static str {
         match (self, kind) {
             (
-                ErrorCode::InvalidRequest | ErrorCode::DuplicateRequest | ErrorCode::RequestTimeout,
+                ErrorCode::InvalidRequest
+                | ErrorCode::DuplicateRequest
+                | ErrorCode::RequestTimeout
+                | ErrorCode::HeaderTooLarge,
                 _,
             ) => "invalid_request_error",
             (ErrorCode::InvalidApiKey, _) => "authentication_error",

@@ -84,7 +84,7 @@ impl Rejection {
             ErrorCode::DuplicateRequest => Some(Rejection::Duplicate),
             ErrorCode::InvalidRequest => Some(Rejection::Invalid),
             ErrorCode::InvalidApiKey => Some(Rejection::Auth),
-            ErrorCode::RequestTooLarge => Some(Rejection::TooLarge),
+            ErrorCode::RequestTooLarge | ErrorCode::HeaderTooLarge => Some(Rejection::TooLarge),
             ErrorCode::NotFound
             | ErrorCode::Internal
             | ErrorCode::UpstreamUnavailable

@@ -329,14 +329,16 @@ async fn an_early_refusal_reaches_a_client_that_keeps_sending() {
     assert_eq!(r.status, 413, "{r:?}");
     assert!(r.text().contains("request_too_large"), "{}", r.text());
 
-    // The same for a refusal from the head alone (401) with a body on its way.
+    // The same for a refusal from the head alone (401) with a body on its way. A request
+    // without a valid key is drained for 64 KiB at most (a stranger does not hold the
+    // connection), so a body within that is heard.
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let head = format!(
         "POST {CHAT} HTTP/1.1\r\nhost: tollgate\r\nauthorization: Bearer tg_wrong\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        2 << 20
+        60 << 10
     );
     s.write_all(head.as_bytes()).await.unwrap();
-    for piece in vec![b'x'; 2 << 20].chunks(64 * 1024) {
+    for piece in vec![b'x'; 60 << 10].chunks(4 * 1024) {
         s.write_all(piece).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -416,27 +418,29 @@ async fn slow_heads_slow_bodies_and_connection_floods_are_cut_off() {
     let proxy = Proxy::start(
         mock.addr,
         ProxyOptions {
-            server_extra: "max_connections = 4\nheader_timeout = \"120s\"".into(),
+            server_extra:
+                "max_connections = 4\nmax_connections_per_ip = 4\nheader_timeout = \"120s\"".into(),
             ..Default::default()
         },
     )
     .await;
     let (_, key) = proxy.create_key(&[]);
-    // Hold connections that were served (a 401 keeps its connection alive) until one is
-    // closed unanswered: at most `max_connections` are held at once.
+    // Hold connections that were served (a valid key's connection is kept alive) until one
+    // is closed unanswered: at most `max_connections` are held at once.
     let mut held = Vec::new();
     let mut refused = false;
+    let kept = format!(
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n\r\n"
+    );
     for _ in 0..8 {
         let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        let _ = s
-            .write_all(b"GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\n\r\n")
-            .await;
+        let _ = s.write_all(kept.as_bytes()).await;
         let r = read_raw_reply(&mut s).await;
         if r.status == 0 {
             refused = true;
             break;
         }
-        assert_eq!(r.status, 401, "{r:?}");
+        assert_eq!(r.status, 200, "{r:?}");
         held.push(s);
     }
     assert!(
@@ -475,6 +479,158 @@ async fn slow_heads_slow_bodies_and_connection_floods_are_cut_off() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
     assert!(n >= 1.0, "{line}");
+}
+
+/// A connection from `local` (any 127.0.0.0/8 address) to `to`.
+async fn connect_from(local: &str, to: SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    sock.connect(to).await.unwrap()
+}
+
+/// Whether the server ends `s` (EOF, reset, or a failed write) while the client trickles
+/// one byte every 200 ms for `secs` seconds.
+async fn cut_while_trickling(s: &mut tokio::net::TcpStream, secs: u64) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut tmp = [0u8; 4096];
+    for _ in 0..secs * 5 {
+        if s.write_all(b"x").await.is_err() {
+            return true;
+        }
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut tmp)).await {
+            match r {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn strangers_cannot_hold_proxy_slots_or_head_memory() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    // 12 slots; by default one address may hold a quarter of them (3).
+    let proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            server_extra: "max_connections = 12\nheader_timeout = \"120s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let usage_with_key = format!(
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n\r\n"
+    );
+
+    // A refusal without a valid key closes the connection: no slot is kept by sending one
+    // tiny request a minute.
+    for head in [
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\n\r\n".to_string(),
+        "GET /v1/models HTTP/1.1\r\nhost: t\r\nauthorization: Bearer tg_not_a_key\r\n\r\n"
+            .to_string(),
+        format!("POST {CHAT} HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{{}}"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let r = read_raw_reply(&mut s).await;
+        assert_eq!(r.status, 401, "{r:?}");
+        assert!(
+            closed_without_answer(&mut s).await,
+            "a stranger's connection stays open after its 401: {head}"
+        );
+    }
+
+    // A stranger announcing a large body and trickling it is not waited for: the
+    // lingering close after its 401 is short.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        format!("POST {CHAT} HTTP/1.1\r\nhost: t\r\ncontent-length: 20000000\r\n\r\n{{").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let r = read_raw_reply(&mut s).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(
+        cut_while_trickling(&mut s, 10).await,
+        "a stranger's trickled body held its connection for 10 s after the 401"
+    );
+
+    // An idle keep-alive connection of a valid key is closed after keepalive_timeout
+    // (15 s by default), not kept for pingora's minute or for ever.
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(usage_with_key.as_bytes()).await.unwrap();
+    assert_eq!(read_raw_reply(&mut s).await.status, 200);
+    assert!(
+        closed_without_answer(&mut s).await,
+        "an idle keep-alive connection outlived 30 s"
+    );
+
+    // Heads over the cap (64 KiB, 100 headers) get 431 and the connection closes.
+    let big = format!(
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\nx-pad: {}\r\n\r\n",
+        "a".repeat(70 << 10)
+    );
+    let many = format!(
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n{}\r\n",
+        (0..101)
+            .map(|i| format!("x-h{i}: v\r\n"))
+            .collect::<String>()
+    );
+    for head in [big, many] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let r = read_raw_reply(&mut s).await;
+        assert_eq!(r.status, 431, "{r:?}");
+        assert!(
+            r.text().contains("request_header_too_large"),
+            "{}",
+            r.text()
+        );
+        assert!(!r.text().contains(&key), "the answer echoes the head");
+        assert!(closed_without_answer(&mut s).await);
+    }
+    // A head just under the cap is served.
+    let fits = format!(
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\nx-pad: {}\r\nconnection: close\r\n\r\n",
+        "a".repeat(60 << 10)
+    );
+    assert_eq!(raw_http(proxy.addr, fits.as_bytes()).await.status, 200);
+
+    // One address holds at most its share of the slots (3 of 12); another address is
+    // still served while the first one's connections sit idle.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.1", proxy.addr).await);
+    }
+    // Let the listener accept (and count) the three before the fourth.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = connect_from("127.0.0.1", proxy.addr).await;
+    let _ = fourth.write_all(usage_with_key.as_bytes()).await;
+    assert_eq!(
+        read_raw_reply(&mut fourth).await.status,
+        0,
+        "a fourth connection from one address was served"
+    );
+    let mut other = connect_from("127.0.0.2", proxy.addr).await;
+    other.write_all(usage_with_key.as_bytes()).await.unwrap();
+    assert_eq!(read_raw_reply(&mut other).await.status, 200);
+    // A slot given back is free again for its address.
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..100 {
+        let mut s = connect_from("127.0.0.1", proxy.addr).await;
+        let _ = s.write_all(usage_with_key.as_bytes()).await;
+        if read_raw_reply(&mut s).await.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "a freed slot of an address takes a new connection");
 }
 
 #[tokio::test]

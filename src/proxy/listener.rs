@@ -13,9 +13,16 @@
 //!   head) stops the clock: bodies have their own bound (`server.body_timeout`), and
 //!   responses may stream for minutes;
 //! - [`request_done`] (from `logging`) marks the connection idle; the next head is timed
-//!   from its first byte (the wait before it is bounded by pingora's 60 s keep-alive).
+//!   from its first byte (the wait before it is bounded by `server.keepalive_timeout`,
+//!   which `logging` sets on every connection that is kept).
+//!
+//! No one client address holds more than `server.max_connections_per_ip` of the slots:
+//! a connection past its address's share is closed at once and counted like one past
+//! the global cap, so a single peer cannot lock every other client out.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,8 +52,66 @@ const DEADLINE_BASE: u64 = 2;
 pub struct Guarded<A> {
     app: Arc<A>,
     permits: Arc<Semaphore>,
+    per_address: Arc<PerAddress>,
     header_timeout: Duration,
     engine: Arc<Engine>,
+}
+
+/// Connections held per client address, at most `cap` each.
+#[derive(Debug)]
+pub struct PerAddress {
+    cap: usize,
+    held: parking_lot::Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    pub fn new(cap: usize) -> Arc<PerAddress> {
+        Arc::new(PerAddress {
+            cap,
+            held: parking_lot::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A slot for one more connection from `ip`, given back when dropped; `None` when
+    /// `ip` already holds `cap`.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut held = self.held.lock();
+        let n = held.entry(ip).or_insert(0);
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            owner: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One connection's share of its address's cap.
+#[derive(Debug)]
+pub struct AddressSlot {
+    owner: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut held = self.owner.held.lock();
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The client address of `stream` (an IPv4-mapped IPv6 address counts as its IPv4 one).
+fn peer_ip(stream: &Stream) -> Option<IpAddr> {
+    let digest = stream.get_socket_digest()?;
+    let ip = digest.peer_addr()?.as_inet()?.ip();
+    Some(ip.to_canonical())
 }
 
 impl<A> Guarded<A> {
@@ -56,6 +121,7 @@ impl<A> Guarded<A> {
         Guarded {
             app: Arc::new(app),
             permits: Arc::new(Semaphore::new(server.max_connections)),
+            per_address: PerAddress::new(server.max_connections_per_ip),
             header_timeout: server.header_timeout,
             engine,
         }
@@ -79,7 +145,21 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             tracing::debug!("proxy listener at server.max_connections; connection closed");
             return None;
         };
-        let guarded = GuardedStream::new(stream, permit, self.header_timeout);
+        let slot = match peer_ip(&stream) {
+            Some(ip) => match self.per_address.try_acquire(ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    self.engine.metrics().connection_refused("proxy");
+                    tracing::debug!(
+                        "client address at server.max_connections_per_ip; connection closed"
+                    );
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let mut guarded = GuardedStream::new(stream, permit, self.header_timeout);
+        guarded._slot = slot;
         self.app.process_new(Box::new(guarded), shutdown).await
     }
 
@@ -92,6 +172,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
 pub struct GuardedStream {
     inner: Stream,
     _permit: OwnedSemaphorePermit,
+    /// The connection's share of its client address's cap.
+    _slot: Option<AddressSlot>,
     header_timeout: Duration,
     epoch: Instant,
     /// [`HEAD_DONE`], [`IDLE`], or `DEADLINE_BASE + ms since epoch` of the head deadline.
@@ -114,6 +196,7 @@ impl GuardedStream {
         let s = GuardedStream {
             inner,
             _permit: permit,
+            _slot: None,
             header_timeout,
             epoch: Instant::now(),
             clock: AtomicU64::new(IDLE),
@@ -303,6 +386,22 @@ impl Peek for GuardedStream {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn each_address_holds_at_most_its_cap() {
+        let caps = PerAddress::new(2);
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let first = caps.try_acquire(a).unwrap();
+        let _second = caps.try_acquire(a).unwrap();
+        assert!(caps.try_acquire(a).is_none(), "a third from one address");
+        let _other = caps
+            .try_acquire(b)
+            .expect("another address is not affected");
+        drop(first);
+        let _again = caps.try_acquire(a).expect("a released slot is free again");
+        assert!(caps.try_acquire(a).is_none());
+    }
 
     fn guarded(timeout: Duration) -> (GuardedStream, tokio::io::DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(1024);

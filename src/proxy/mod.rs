@@ -59,6 +59,12 @@ use crate::errors::{ApiError, ErrorCode};
 pub const LINGER_TIME: Duration = Duration::from_secs(30);
 /// Longest pause of a lingering client before the connection is closed anyway.
 pub const LINGER_GAP: Duration = Duration::from_secs(5);
+/// A refusal of a request that presented no valid key lingers at most this long, for at
+/// most [`UNAUTHENTICATED_LINGER_BYTES`]: enough for a client that sent its body with its
+/// head, while a stranger cannot hold the connection (and its request head) for long.
+pub const UNAUTHENTICATED_LINGER_TIME: Duration = Duration::from_secs(2);
+/// Bytes a refused unauthenticated request's body is drained for, at most.
+pub const UNAUTHENTICATED_LINGER_BYTES: u64 = 64 << 10;
 
 /// A 429 whose limit frees within this many seconds is left to the SDKs' own retries;
 /// a later (or never) one carries `x-should-retry: false`.
@@ -170,9 +176,12 @@ impl Gateway {
         ctx.refused = true;
         self.engine.metrics().refused(err.code);
         // The connection stays open for the client's next request when the whole request
-        // body has been read (refusals decided from the body, or a request without one).
+        // body has been read (refusals decided from the body, or a request without one)
+        // and the request presented a valid key: a stranger's connection is closed after
+        // its refusal, so it cannot keep a slot with one tiny request a minute.
         let unread = !session.is_body_done();
-        if unread {
+        let stranger = ctx.principal.is_none();
+        if unread || stranger || err.code == ErrorCode::HeaderTooLarge {
             session.set_keepalive(None);
         }
         // A client that asked to be told before it sends its body (and was not) has
@@ -182,24 +191,33 @@ impl Gateway {
         session.write_response_header(Box::new(h), false).await?;
         session.write_response_body(Some(body), true).await?;
         if unread && !withheld && err.code != ErrorCode::RequestTimeout {
-            self.linger(session).await;
+            if stranger {
+                self.linger(
+                    session,
+                    UNAUTHENTICATED_LINGER_BYTES,
+                    UNAUTHENTICATED_LINGER_TIME,
+                )
+                .await;
+            } else {
+                let budget = self
+                    .engine
+                    .config()
+                    .server
+                    .max_request_body
+                    .saturating_mul(2)
+                    .max(1 << 20);
+                self.linger(session, budget, LINGER_TIME).await;
+            }
         }
         Ok(true)
     }
 
-    /// Lingering close: read and drop what is left of the request body — at most twice
-    /// `server.max_request_body` (1 MiB at least), for at most [`LINGER_TIME`], giving up
-    /// after a pause of [`LINGER_GAP`] — so that closing does not reset the connection
-    /// under an answer the client has not read yet.
-    async fn linger(&self, session: &mut Session) {
-        let budget = self
-            .engine
-            .config()
-            .server
-            .max_request_body
-            .saturating_mul(2)
-            .max(1 << 20);
-        let deadline = Instant::now() + LINGER_TIME;
+    /// Lingering close: read and drop what is left of the request body — at most `budget`
+    /// bytes (twice `server.max_request_body`, 1 MiB at least, for a known key), for at
+    /// most `time` ([`LINGER_TIME`]), giving up after a pause of [`LINGER_GAP`] — so that
+    /// closing does not reset the connection under an answer the client has not read yet.
+    async fn linger(&self, session: &mut Session, budget: u64, time: Duration) {
+        let deadline = Instant::now() + time;
         let mut drained: u64 = 0;
         while drained <= budget {
             let wait = deadline
@@ -419,6 +437,12 @@ impl ProxyHttp for Gateway {
         let path = session.req_header().uri.path().to_string();
         let method = session.req_header().method.clone();
         ctx.anthropic_client = header(session, "anthropic-version").is_some();
+
+        // The head's size, before anything else reads it (pingora itself takes up to
+        // 1 MiB and 256 headers).
+        if let Some(e) = self.oversized_head(session) {
+            return self.refuse(session, ctx, &e).await;
+        }
 
         // Auth first: every route, including our own usage endpoint.
         let presented = crate::auth::presented_secret(
@@ -806,6 +830,13 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         listener::request_done(session.as_downstream().stream());
+        // A kept connection waits for its next request at most `server.keepalive_timeout`
+        // (pingora's own wait is a minute, or unbounded after an HTTP/1.1 request).
+        if session.get_keepalive().is_some() {
+            let idle = self.engine.config().server.keepalive_timeout;
+            let secs = idle.as_secs() + u64::from(idle.subsec_nanos() > 0);
+            session.set_keepalive(Some(secs.max(1)));
+        }
         if ctx.handed_off {
             // The subrequest that forwarded the body finished and logged the request.
             self.engine.request_ended();
@@ -869,6 +900,36 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
+    /// A 431 when the request head is over `server.max_request_head` bytes (request
+    /// target plus header names and values) or `server.max_request_headers` lines.
+    fn oversized_head(&self, session: &Session) -> Option<ApiError> {
+        let server = &self.engine.config().server;
+        let req = session.req_header();
+        let count = req.headers.len();
+        if count > server.max_request_headers {
+            return Some(ApiError::new(
+                ErrorCode::HeaderTooLarge,
+                format!(
+                    "request carries {count} headers; the limit is {}",
+                    server.max_request_headers
+                ),
+            ));
+        }
+        let target = req.uri.path_and_query().map_or(0, |p| p.as_str().len());
+        let size = req.headers.iter().fold(target as u64, |n, (k, v)| {
+            n + k.as_str().len() as u64 + v.len() as u64
+        });
+        (size > server.max_request_head).then(|| {
+            ApiError::new(
+                ErrorCode::HeaderTooLarge,
+                format!(
+                    "request head exceeds the limit of {} bytes",
+                    server.max_request_head
+                ),
+            )
+        })
+    }
+
     /// Upstream failed. Before the response started: answer 502/504. After: end the
     /// stream with the format's own error event, if it has one.
     async fn upstream_failure(
