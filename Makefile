@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CONFIG ?= config.toml
 
-.PHONY: setup run build test lint fmt bench clean
+.PHONY: setup run build test lint fmt bench soak clean
 
 setup:
 	./scripts/setup.sh
@@ -27,6 +27,14 @@ test:
 
 fmt:
 	$(CARGO) fmt --all
+
+# The fault-injection soak (tests/soak.rs): two instances on a private Redis and
+# PostgreSQL, mixed traffic, a fault every 30 s; prints lost / doubled / phantom /
+# overspend / cost / counter checks and fails on any. `make test` runs it for 60 s.
+SOAK_SECONDS ?= 600
+soak:
+	./scripts/setup.sh --test
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --test soak -- --nocapture
 
 bench: setup
 	./benches/load.sh
