@@ -337,6 +337,42 @@ impl Engine {
         self.auth.authenticate(&secret).await.map_err(auth_error)
     }
 
+    /// Refuse a key whose plan the configuration does not define: applying no plan limits
+    /// would make it unlimited (a renamed or removed `[plans.X]`, a typo, or an instance
+    /// whose config lacks a plan another instance has).
+    pub fn check_plan(&self, p: &Principal) -> Result<(), ApiError> {
+        let Some(plan) = p.plan.as_deref() else {
+            return Ok(());
+        };
+        if self.plans.contains_key(plan) {
+            return Ok(());
+        }
+        self.metrics.undefined_plan_refused();
+        tracing::error!(key_id = %p.key_id, plan = %plan, "refused a request: the key's plan is not defined in the configuration ([plans.{plan}])");
+        Err(ApiError::new(
+            ErrorCode::QuotaDisabled,
+            format!(
+                "quota disabled: key {} is on plan \"{plan}\", which is not defined; the key is refused until it is",
+                p.key_id
+            ),
+        ))
+    }
+
+    /// Keys (id, plan) whose plan the configuration does not define, active ones only.
+    pub fn keys_with_undefined_plans(&self) -> Vec<(String, String)> {
+        let dir = self.auth.directory();
+        let mut out: Vec<(String, String)> = dir
+            .principals()
+            .filter(|(_, active)| *active)
+            .filter_map(|(p, _)| {
+                let plan = p.plan.as_deref()?;
+                (!self.plans.contains_key(plan)).then(|| (p.key_id.clone(), plan.to_string()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Every limit that applies to `p` (optionally only those covering `upstream`).
     pub fn applicable_limits(&self, p: &Principal, upstream: Option<&str>) -> Vec<AppliedLimit> {
         let dir = self.auth.directory();
@@ -479,6 +515,7 @@ impl Engine {
         };
 
         // 403 / 429: one atomic step over every applicable limit.
+        self.check_plan(p)?;
         let limits = self.applicable_limits(p, Some(&route.upstream_name));
         let req = ReserveRequest {
             trace_id: trace_id.clone(),

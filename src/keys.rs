@@ -32,6 +32,24 @@ pub struct KeyRecord {
     pub created_at: String,
 }
 
+/// Keys that are not revoked (id, plan) whose plan `defined` does not know, sorted by id:
+/// such a key is refused until its plan is defined again.
+pub fn undefined_plans<'a>(
+    keys: impl IntoIterator<Item = &'a KeyRecord>,
+    defined: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = keys
+        .into_iter()
+        .filter(|k| k.status != "revoked")
+        .filter_map(|k| {
+            let plan = k.plan.as_deref()?;
+            (!defined(plan)).then(|| (k.id.clone(), plan.to_string()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// What `keys create` asks for.
 #[derive(Debug, Clone, Default)]
 pub struct NewKey {

@@ -283,6 +283,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = load(&common)?;
             let prices = tollgate::server::price_table(&cfg)?;
             print_json(&cfg.redacted_json());
+            for (key_id, plan) in keys_on_undefined_plans(&cfg) {
+                eprintln!(
+                    "warning: key {key_id} is on plan `{plan}`, which is not defined in [plans]; its requests are refused (403) until it is"
+                );
+            }
             if let Some(warning) = prices.as_of().and_then(|as_of| {
                 tollgate::billing::table::staleness_warning(as_of, chrono::Utc::now().date_naive())
             }) {
@@ -361,6 +366,27 @@ fn prices_cmd(common: &Common) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Keys in the journal (embedded: the key table; shared: the local copy of the directory)
+/// whose plan `cfg` does not define. Nothing when there is no journal file yet.
+fn keys_on_undefined_plans(cfg: &Config) -> Vec<(String, String)> {
+    let path = &cfg.storage.journal_path;
+    if !path.exists() {
+        return Vec::new();
+    }
+    let snapshot = tollgate::db::open_connection(path, cfg.storage.durability)
+        .ok()
+        .and_then(|c| match cfg.storage.mode {
+            StorageMode::Embedded => tollgate::keys::snapshot_sync(&c).ok(),
+            StorageMode::Shared => tollgate::shared::outbox::load_directory(&c).ok().flatten(),
+        });
+    match snapshot {
+        Some(s) => tollgate::keys::undefined_plans(s.keys.iter().map(|(_, k)| k), |p| {
+            cfg.plans.contains_key(p)
+        }),
+        None => Vec::new(),
+    }
 }
 
 fn keys_cmd(cmd: KeysCmd) -> Result<ExitCode> {

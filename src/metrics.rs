@@ -151,6 +151,7 @@ pub struct Metrics {
     connections_refused: IntCounterVec,
     journal_oldest_unshipped: IntGauge,
     journal_quarantined: IntCounter,
+    undefined_plan_refusals: IntCounter,
     reconcile_differences: IntGauge,
     models: Mutex<HashSet<String>>,
     unpriced_names: Mutex<HashSet<String>>,
@@ -266,6 +267,10 @@ impl Metrics {
             "journal_oldest_unshipped_seconds",
             "Age of the oldest journaled event not yet shipped to the ledger of record (0 when none waits; always 0 in embedded mode).",
         )?;
+        let undefined_plan_refusals = IntCounter::new(
+            "undefined_plan_refusals_total",
+            "Requests refused because their key is on a plan the configuration does not define.",
+        )?;
         let journal_quarantined = IntCounter::new(
             "journal_quarantined_total",
             "Journal events the ledger of record refused for their data, set aside in the journal's quarantine so the rows behind them ship (shared mode; always 0 in embedded mode).",
@@ -328,6 +333,7 @@ impl Metrics {
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(journal_oldest_unshipped.clone()))?;
         registry.register(Box::new(journal_quarantined.clone()))?;
+        registry.register(Box::new(undefined_plan_refusals.clone()))?;
         registry.register(Box::new(reconcile_differences.clone()))?;
         Ok(Metrics {
             registry,
@@ -352,6 +358,7 @@ impl Metrics {
             connections_refused,
             journal_oldest_unshipped,
             journal_quarantined,
+            undefined_plan_refusals,
             reconcile_differences,
             models: Mutex::new(HashSet::new()),
             unpriced_names: Mutex::new(HashSet::new()),
@@ -374,6 +381,11 @@ impl Metrics {
                 self.idempotent_hits.inc();
             }
         }
+    }
+
+    /// A request was refused because its key's plan is not defined.
+    pub fn undefined_plan_refused(&self) {
+        self.undefined_plan_refusals.inc();
     }
 
     /// A listener (`proxy` or `admin`) closed a connection at accept: it held its maximum.
@@ -566,6 +578,10 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(value(&t, "tollgate_idempotent_hits_total"), Some(0.0));
+        assert_eq!(
+            value(&t, "tollgate_undefined_plan_refusals_total"),
+            Some(0.0)
+        );
         assert_eq!(value(&t, "tollgate_quota_check_seconds_count"), Some(0.0));
         assert!(t.contains("tollgate_settle_seconds_bucket{le=\"0.00005\"} 0"));
         assert!(t.contains("tollgate_added_latency_seconds_bucket{le=\"10\"} 0"));

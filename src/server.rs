@@ -109,6 +109,26 @@ pub fn build_engine_parts(
     Ok((Arc::new(engine), outbox))
 }
 
+/// Log (at error level) every active key whose plan the configuration does not define, at
+/// start and whenever the key directory changes (a refresh from another instance's
+/// writes, in shared mode): such keys are refused until the plan is defined.
+async fn plan_watch(engine: Arc<Engine>) {
+    let mut seen_rev = None;
+    let mut reported: Vec<(String, String)> = Vec::new();
+    loop {
+        let rev = engine.authenticator().directory().rev;
+        if seen_rev != Some(rev) {
+            seen_rev = Some(rev);
+            let now = engine.keys_with_undefined_plans();
+            for (key_id, plan) in now.iter().filter(|k| !reported.contains(k)) {
+                tracing::error!(key_id = %key_id, plan = %plan, "key is on a plan the configuration does not define ([plans.{plan}]); its requests are refused until the plan is defined");
+            }
+            reported = now;
+        }
+        tokio::time::sleep(crate::auth::REFRESH_EVERY * 4).await;
+    }
+}
+
 /// Watch the quota store's reachability: log and count every transition, and let a
 /// down Redis come back (its probe replays queued settles).
 async fn probe_loop(engine: Arc<Engine>) {
@@ -155,6 +175,7 @@ impl BackgroundService for Background {
         });
         let dns = tokio::spawn(resolve_loop(e.upstreams().clone()));
         let probe = tokio::spawn(probe_loop(e.clone()));
+        let plans = tokio::spawn(plan_watch(e.clone()));
         let admin = tokio::spawn(crate::admin::serve(e.clone()));
         let alerts = e.alerts().take_worker().map(|w| tokio::spawn(w.run()));
         let _ = shutdown.changed().await;
@@ -164,6 +185,7 @@ impl BackgroundService for Background {
         }
         dns.abort();
         probe.abort();
+        plans.abort();
         admin.abort();
         if let Some(a) = alerts {
             a.abort();

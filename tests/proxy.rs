@@ -435,3 +435,78 @@ async fn sigterm_lets_open_streams_finish_and_settle() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["status"], "settled", "{rows:?}");
 }
+
+#[tokio::test]
+async fn a_key_whose_plan_is_no_longer_defined_is_refused_not_unlimited() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            extra: "[plans.free]\nlimits = [\"requests:total=1\"]\n".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (id, key) = proxy.create_live_key(&["--plan", "free"]).await;
+    let chat = chat_body("gpt-4o-mini", false, "hi");
+    let url = proxy.url("/v1/chat/completions");
+    assert_eq!(post_json(&url, &key, &chat, &[]).await.status, 200);
+    assert_eq!(post_json(&url, &key, &chat, &[]).await.status, 429);
+
+    // The plan is renamed in the config (an edit, a typo): the key's plan is gone.
+    proxy.kill9();
+    let cfg = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        cfg.replace("[plans.free]", "[plans.free-v2]"),
+    )
+    .unwrap();
+    let (code, _, err) = proxy.cli(&["check-config"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&id) && err.contains("`free`"),
+        "check-config does not name the key on an undefined plan: {err}"
+    );
+    proxy.spawn().await;
+    for _ in 0..3 {
+        let r = post_json(&url, &key, &chat, &[]).await;
+        assert_eq!(
+            r.status,
+            403,
+            "a key on an undefined plan went unlimited: {}",
+            r.text()
+        );
+        assert_eq!(r.json()["error"]["code"], "quota_disabled");
+        assert!(r.text().contains("\\\"free\\\""), "{}", r.text());
+    }
+    // Passthrough routes refuse it too.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models"),
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(
+        mock.recorded().len() == 1,
+        "only the first request reached the upstream"
+    );
+    let metrics = send("GET", &format!("http://{}/metrics", proxy.admin), &[], "").await;
+    assert!(
+        metrics
+            .text()
+            .contains("\ntollgate_undefined_plan_refusals_total 4\n"),
+        "{}",
+        metrics.text()
+    );
+    eventually("the undefined plan logged at error level", || {
+        proxy
+            .logs()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains(&id) && l.contains("free"))
+    })
+    .await;
+}

@@ -549,6 +549,11 @@ impl ProxyHttp for Gateway {
         ctx.body_read = true;
         if ctx.route.as_ref().is_some_and(|r| r.passthrough) {
             // Forwarded as it came, never admitted: no hold, no row.
+            if let Some(p) = ctx.principal.as_ref()
+                && let Err(e) = self.engine.check_plan(p)
+            {
+                return self.refuse(session, ctx, &e).await;
+            }
             if let (Some(p), Some(r)) = (ctx.principal.as_ref(), ctx.route.as_ref()) {
                 ctx.passthrough_headers = self.engine.passthrough_headers(p, r).await;
             }
