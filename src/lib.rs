@@ -42,6 +42,7 @@ pub mod config;
 pub mod db;
 pub mod engine;
 pub mod errors;
+pub mod instance_proof;
 pub mod journal;
 pub mod keys;
 pub mod ledger;

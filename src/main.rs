@@ -578,10 +578,48 @@ fn bearer(token: &str) -> Option<hyper::header::HeaderValue> {
     Some(v)
 }
 
+/// Whether the process on `server.admin_listen` proves it is the instance that published
+/// the secret next to the journal (see `tollgate::instance_proof`); only then may it see the
+/// admin token. Says why on stderr when something answers but cannot prove it.
+async fn instance_verified(cfg: &Config) -> bool {
+    use http_body_util::{BodyExt, Empty};
+    let Some(secret) = tollgate::instance_proof::read_secret(&cfg.storage.journal_path) else {
+        return false;
+    };
+    let listen = cfg.server.admin_listen.to_string();
+    let challenge = tollgate::instance_proof::challenge();
+    let Ok(uri) = format!("http://{listen}/healthz?challenge={challenge}").parse::<hyper::Uri>()
+    else {
+        return false;
+    };
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let Ok(Ok(resp)) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), client.get(uri)).await
+    else {
+        return false;
+    };
+    let body = match resp.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return false,
+    };
+    let proof = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["proof"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let ok = tollgate::instance_proof::verify(&secret, &listen, &challenge, &proof);
+    if !ok {
+        eprintln!(
+            "warning: the process on {listen} did not prove it is this tollgate instance; the admin token was not sent, reading storage instead"
+        );
+    }
+    ok
+}
+
 async fn ask_admin(cfg: &Config, subject: &Subject) -> Option<serde_json::Value> {
     use http_body_util::{BodyExt, Empty};
     let token = cfg.server.admin_token.expose();
-    if token.is_empty() {
+    if token.is_empty() || !instance_verified(cfg).await {
         return None;
     }
     let (kind, id) = match subject {
@@ -622,7 +660,7 @@ async fn admin_call(
 ) -> Option<(u16, serde_json::Value)> {
     use http_body_util::{BodyExt, Empty};
     let token = cfg.server.admin_token.expose();
-    if token.is_empty() {
+    if token.is_empty() || !instance_verified(cfg).await {
         return None;
     }
     let uri: hyper::Uri = format!("http://{}{path_and_query}", cfg.server.admin_listen)

@@ -1253,3 +1253,92 @@ async fn admin_listener_bounds_slow_heads_and_connections() {
         metrics.text()
     );
 }
+
+/// A plain socket on `addr` that records every request it gets and answers each with
+/// `body` (200, JSON), as a local user who bound the admin port while tollgate was down.
+async fn squatter(
+    addr: std::net::SocketAddr,
+    body: &'static str,
+) -> std::sync::Arc<Mutex<Vec<u8>>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let _ = s.write_all(answer.as_bytes()).await;
+                    }
+                }
+            });
+        }
+    });
+    seen
+}
+
+// Multi-threaded: the squatter answers while the test thread waits for the CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_the_admin_token_only_to_the_instance_that_proves_itself() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let mut proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (id, key) = proxy.create_live_key(&["--limit", "usd:total=0.01"]).await;
+    let r = post_json(
+        &proxy.url(CHAT),
+        &key,
+        &chat_body("gpt-4o-mini", false, "hello"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    proxy.wait_settled().await;
+
+    // The running instance publishes its secret readable by its own user only.
+    let secret = tollgate::instance_proof::secret_path(&proxy.db_path());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", secret.display());
+    }
+    // The real instance proves itself: the CLI asks it and prints its answer.
+    let (code, real, err) = proxy.cli(&["usage", "--key", &id, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("did not prove"), "{err}");
+
+    // tollgate is down; someone else binds its admin port and forges answers.
+    proxy.kill9();
+    let seen = squatter(
+        proxy.admin,
+        r#"{"status":"ok","proof":"00","limits":[],"used":{"usd":"0"},"remaining":{"usd":"999"}}"#,
+    )
+    .await;
+    let (code, out, err) = proxy.cli(&["usage", "--key", &id, "--json"]);
+    let got = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(
+        !got.contains(ADMIN_TOKEN),
+        "the CLI sent the admin token to a squatter:\n{got}"
+    );
+    assert!(err.contains("did not prove"), "{err}\n{out}\n{got}");
+    // It read the storage instead: the same usage as the real instance reported.
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains("999"),
+        "the CLI printed the squatter's answer: {out}"
+    );
+    let used = |s: &str| serde_json::from_str::<Value>(s).unwrap()["limits"].clone();
+    assert_eq!(used(&out), used(&real), "{out}\n{real}");
+}

@@ -623,7 +623,15 @@ async fn dispatch(
     let method = req.method().clone();
     match (endpoint, method) {
         (Endpoint::Healthz, Method::GET) => {
-            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+            let mut v = serde_json::json!({"status": "ok"});
+            // The CLI's check that this is the instance before it sends the token
+            // (crate::instance_proof).
+            if let Some(proof) = query.get("challenge").and_then(|c| {
+                crate::instance_proof::proof(&engine.config().server.admin_listen.to_string(), c)
+            }) {
+                v["proof"] = proof.into();
+            }
+            Ok(json(StatusCode::OK, &v))
         }
         (Endpoint::Readyz, Method::GET) => Ok(readyz(engine).await),
         (Endpoint::Metrics, Method::GET) => metrics(engine).await,
@@ -744,7 +752,14 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
 pub async fn serve(engine: Arc<Engine>) {
     let addr = engine.config().server.admin_listen;
     match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => run(listener, engine).await,
+        Ok(listener) => {
+            // Only once the port is ours: the CLI trusts whoever proves this secret.
+            let journal = &engine.config().storage.journal_path;
+            if let Err(e) = crate::instance_proof::publish(journal) {
+                tracing::warn!(error = %e, path = %crate::instance_proof::secret_path(journal).display(), "cannot write the instance secret; the CLI will read storage instead of asking this instance");
+            }
+            run(listener, engine).await
+        }
         Err(e) => tracing::error!(%addr, error = %e, "cannot bind the admin listener"),
     }
 }
