@@ -41,6 +41,8 @@ use common::pg::TestPg;
 use common::redis::RedisServer;
 use common::*;
 use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
@@ -134,6 +136,7 @@ enum Kind {
 
 /// One request of `kind` for `key`; never panics on transport errors.
 async fn fire(
+    http: &Client<HttpConnector, http_body_util::Full<Bytes>>,
     addr: SocketAddr,
     key: &str,
     kind: Kind,
@@ -171,7 +174,7 @@ async fn fire(
     }
     let url = format!("http://{addr}{path}");
     let req = request("POST", &url, &headers, serde_json::to_vec(&body).unwrap());
-    let sent = tokio::time::timeout(Duration::from_secs(30), client().request(req)).await;
+    let sent = tokio::time::timeout(Duration::from_secs(30), http.request(req)).await;
     let Ok(Ok(resp)) = sent else {
         return (None, None, false, None);
     };
@@ -256,6 +259,9 @@ async fn client_loop(
 ) {
     let mut i: usize = 0;
     let mut answered_keys: Vec<(usize, String)> = Vec::new();
+    // One pooled client per simulated application: connections are kept alive and
+    // reused, as an SDK does (and a killed instance breaks them, as it would).
+    let http = client();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         i += 1;
         let addr = addrs[(n + i) % addrs.len()];
@@ -281,7 +287,7 @@ async fn client_loop(
             (None, key)
         };
         let (status, trace, complete, usage) =
-            fire(addr, &keys[key].secret, kind, idem.as_deref()).await;
+            fire(&http, addr, &keys[key].secret, kind, idem.as_deref()).await;
         if let (Some(s), Some(name)) = (status, idem.as_ref())
             && (200..300).contains(&s)
         {
