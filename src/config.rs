@@ -227,7 +227,12 @@ pub struct ServerConfig {
     pub admin_token: Secret,
     pub max_request_body: u64,
     pub threads: usize,
+    /// Written on every ledger row and used as this instance's name in Redis. Unless
+    /// configured, the journal's durable identity replaces the placeholder default at
+    /// start ([`crate::server::adopt_instance_identity`]).
     pub instance_id: String,
+    /// `server.instance_id` was set in the config (else it is the journal's own).
+    pub instance_id_configured: bool,
     /// How long a graceful shutdown waits for open requests to finish.
     pub grace_period: Duration,
     /// Extra `Host` names the admin listener answers to (DNS-rebinding defence).
@@ -825,11 +830,13 @@ impl Reader<'_> {
             }
         });
         let threads = self.integer(t, p, "threads", 2, 1, 1024) as usize;
-        let instance_id = self
+        let configured_id = self
             .string(t, p, "instance_id")
             .map(|(s, _)| s)
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| format!("{}-{}", hostname(), listen.port()));
+            .filter(|s| !s.is_empty());
+        let instance_id_configured = configured_id.is_some();
+        let instance_id =
+            configured_id.unwrap_or_else(|| format!("{}-{}", hostname(), listen.port()));
         let grace_period = self.parsed(
             t,
             p,
@@ -894,6 +901,7 @@ impl Reader<'_> {
             max_request_body,
             threads,
             instance_id,
+            instance_id_configured,
             grace_period,
             admin_hosts,
             header_timeout,
@@ -1495,7 +1503,8 @@ pub fn redact_url(url: &str, keep_path: bool) -> String {
     out
 }
 
-fn hostname() -> String {
+/// This machine's host name (for generated instance ids).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())

@@ -58,6 +58,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../migrations/sqlite/0005_journal_quarantine.sql"),
     ),
+    (
+        6,
+        include_str!("../migrations/sqlite/0006_journal_progress.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -411,7 +415,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&conn).unwrap(), vec![4, 5]);
+        assert_eq!(migrate(&conn).unwrap(), vec![4, 5, 6]);
         let row = crate::ledger::get(&conn, "old").unwrap().unwrap();
         assert_eq!((row.cache_write_tokens, row.cost_micros), (700, 4321));
         assert_eq!((row.cache_write_1h_tokens, row.tool_calls), (0, 0));

@@ -29,7 +29,7 @@ use crate::metrics::{BillingFailure, Metrics};
 use crate::proxy::upstream::Upstream;
 use crate::quota::limit::{LimitSpec, Metric};
 use crate::quota::store::{
-    Amounts, AppliedLimit, LimitState, QuotaStore, ReserveOutcome, ReserveRequest,
+    Amounts, AppliedLimit, LimitState, QuotaError, QuotaStore, ReserveOutcome, ReserveRequest,
 };
 use crate::quota::window::Window;
 use crate::tokens::{self, Encoding};
@@ -165,6 +165,17 @@ pub struct Engine {
     in_flight: std::sync::atomic::AtomicUsize,
     metrics: Metrics,
     alerts: crate::alerts::Alerts,
+    /// Shared mode with Redis: counter changes go through the journal's applier.
+    applier: std::sync::OnceLock<Arc<crate::shared::applier::Applier>>,
+}
+
+impl crate::shared::applier::LimitsOf for Engine {
+    fn limits_of(&self, row: &Transaction) -> Vec<AppliedLimit> {
+        match self.auth.directory().by_id(&row.key_id) {
+            Some((p, _)) => self.applicable_limits(&p, Some(&row.upstream)),
+            None => Vec::new(),
+        }
+    }
 }
 
 impl Engine {
@@ -206,7 +217,53 @@ impl Engine {
             plans,
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             metrics,
+            applier: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The journal's applier, when counters are shared (Redis).
+    pub fn applier(&self) -> Option<&Arc<crate::shared::applier::Applier>> {
+        self.applier.get()
+    }
+
+    /// Route settles and releases through `applier` (set once, at start).
+    pub fn set_applier(&self, applier: Arc<crate::shared::applier::Applier>) {
+        let _ = self.applier.set(applier);
+    }
+
+    /// Apply a journaled settle to the counters: through the applier when there is one
+    /// (`seq` is the journal event), else straight to the store.
+    async fn count_settle(
+        &self,
+        seq: Option<i64>,
+        trace: &str,
+        amounts: Amounts,
+        started_at: DateTime<Utc>,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        match (seq, self.applier.get()) {
+            (Some(seq), Some(a)) => a.settle(seq, trace, amounts, started_at, limits).await,
+            _ => self.store.settle(trace, amounts, started_at, limits).await,
+        }
+    }
+
+    async fn count_release(&self, seq: Option<i64>, trace: &str) -> Result<(), QuotaError> {
+        match (seq, self.applier.get()) {
+            (Some(seq), Some(a)) => a.release(seq, trace).await,
+            _ => self.store.release(trace).await,
+        }
+    }
+
+    /// A counter change the store did not take: with an applier and a journaled event
+    /// it waits in the journal (replayed when Redis is back); otherwise it is lost.
+    fn counter_failure(&self, seq: Option<i64>, trace: &str, e: &QuotaError, what: BillingFailure) {
+        if seq.is_some() && self.applier.get().is_some() && matches!(e, QuotaError::Unavailable(_))
+        {
+            tracing::debug!(trace_id = %trace, error = %e, "counter change waits in the journal");
+            return;
+        }
+        tracing::error!(trace_id = %trace, error = %e, "counter change failed");
+        self.metrics.billing_failure(what);
     }
 
     /// This instance's metrics (served on the admin listener's `/metrics`).
@@ -638,13 +695,12 @@ impl Engine {
                     output_tokens: s.output_tokens,
                     cost_micros: s.cost_micros,
                 };
+                let seq = r.as_ref().ok().copied().flatten();
                 if let Err(e) = self
-                    .store
-                    .settle(&trace, amounts, adm.started_at, &adm.limits)
+                    .count_settle(seq, &trace, amounts, adm.started_at, &adm.limits)
                     .await
                 {
-                    tracing::error!(trace_id = %trace, error = %e, "counter settle failed");
-                    self.metrics.billing_failure(BillingFailure::CounterSettle);
+                    self.counter_failure(seq, &trace, &e, BillingFailure::CounterSettle);
                 } else if adm.alert_watch || amounts.exceeds(&adm.estimate) {
                     self.alerts
                         .after_settle(self.store.as_ref(), &adm.limits)
@@ -654,9 +710,9 @@ impl Engine {
             }
             None => {
                 let r = self.journal.release(&trace, status).await;
-                if let Err(e) = self.store.release(&trace).await {
-                    tracing::error!(trace_id = %trace, error = %e, "counter release failed");
-                    self.metrics.billing_failure(BillingFailure::CounterRelease);
+                let seq = r.as_ref().ok().copied().flatten();
+                if let Err(e) = self.count_release(seq, &trace).await {
+                    self.counter_failure(seq, &trace, &e, BillingFailure::CounterRelease);
                 }
                 r.map(|_| "released")
             }
@@ -882,15 +938,15 @@ impl Engine {
         }
     }
 
-    /// Settle reservations a dead process of this instance left open. Their usage is
-    /// unknown, so each is billed at its held estimate (`usage_source = estimated`): an
-    /// upper bound on what the upstream could have charged when the request stated its
-    /// max output. Returns how many were recovered.
+    /// Settle every reservation a dead process left open in this journal, whatever
+    /// instance id it was written under (SPEC §7). Their usage is unknown, so each is
+    /// billed at its held estimate (`usage_source = estimated`): an upper bound on what the
+    /// upstream could have charged when the request stated its max output. Each settle is
+    /// a journal event like any other: with shared counters the applier brings it to Redis
+    /// (SPEC §4: recovered settles reach the live counters); in-process counters load it
+    /// from the ledger. Returns how many were recovered.
     pub async fn recover_open_reservations(&self) -> Result<usize, crate::db::DbError> {
-        let rows = self
-            .journal
-            .open_rows(&self.config.server.instance_id)
-            .await?;
+        let rows = self.journal.open_rows().await?;
         let n = rows.len();
         for row in rows {
             let s = Settlement {

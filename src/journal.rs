@@ -35,6 +35,9 @@ pub struct JournalStatus {
     /// Events this process has set aside since it started
     /// (`tollgate_journal_quarantined_total`; not part of the JSON).
     pub quarantined_total: u64,
+    /// Target → every event up to this journal sequence number has reached it (shared
+    /// mode with Redis: `redis` applied, `postgres` shipped).
+    pub progress: BTreeMap<String, i64>,
 }
 
 impl JournalStatus {
@@ -49,6 +52,9 @@ impl JournalStatus {
         if let Some(n) = self.quarantined {
             v["quarantined"] = json!(n);
         }
+        if !self.progress.is_empty() {
+            v["progress"] = json!(self.progress);
+        }
         v
     }
 }
@@ -59,14 +65,19 @@ pub trait Journal: Send + Sync {
     /// Record a `reserved` row (or reuse a `released` one of the same trace id).
     /// `Duplicate` when the trace id is reserved or settled.
     async fn open_reservation(&self, row: Transaction) -> Result<Opened, DbError>;
-    /// Settle a reserved trace id. `false` when it was not reserved (already final).
-    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<bool, DbError>;
-    /// Release a reserved trace id (nothing billed). `false` when it was not reserved.
-    async fn release(&self, trace_id: &str, http_status: i64) -> Result<bool, DbError>;
+    /// Settle a reserved trace id: `Some(seq)`, the journal event's sequence number (0 in
+    /// embedded mode, whose ledger keeps no event log); `None` when it was not reserved
+    /// (already final).
+    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<Option<i64>, DbError>;
+    /// Release a reserved trace id (nothing billed); `Some(seq)` as for [`Journal::settle`],
+    /// `None` when it was not reserved.
+    async fn release(&self, trace_id: &str, http_status: i64) -> Result<Option<i64>, DbError>;
     /// Whether a trace id is reserved or settled (a repeat would be a 409).
     async fn is_taken(&self, trace_id: &str) -> Result<bool, DbError>;
-    /// Reservations `instance_id` left open (its process died before settling them).
-    async fn open_rows(&self, instance_id: &str) -> Result<Vec<Transaction>, DbError>;
+    /// Every reservation this journal holds open (a process died before settling them),
+    /// whatever instance id it was written under: one journal belongs to one process at a
+    /// time, so at start every open row is a previous run's.
+    async fn open_rows(&self) -> Result<Vec<Transaction>, DbError>;
     /// Unshipped events per target.
     fn status(&self) -> JournalStatus;
     /// Loads counters from the ledger as this journal feeds it (settled rows of a window),
@@ -93,18 +104,22 @@ impl Journal for EmbeddedJournal {
             .await
     }
 
-    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<bool, DbError> {
+    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<Option<i64>, DbError> {
         let t = trace_id.to_string();
-        self.db
+        let done = self
+            .db
             .call_deferred(move |c| ledger::settle_row(c, &t, &s))
-            .await
+            .await?;
+        Ok(done.then_some(0))
     }
 
-    async fn release(&self, trace_id: &str, http_status: i64) -> Result<bool, DbError> {
+    async fn release(&self, trace_id: &str, http_status: i64) -> Result<Option<i64>, DbError> {
         let t = trace_id.to_string();
-        self.db
+        let done = self
+            .db
             .call_deferred(move |c| ledger::release_row(c, &t, http_status))
-            .await
+            .await?;
+        Ok(done.then_some(0))
     }
 
     async fn is_taken(&self, trace_id: &str) -> Result<bool, DbError> {
@@ -112,9 +127,8 @@ impl Journal for EmbeddedJournal {
         self.db.call(move |c| ledger::is_taken(c, &t)).await
     }
 
-    async fn open_rows(&self, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
-        let i = instance_id.to_string();
-        self.db.call(move |c| ledger::open_rows(c, &i)).await
+    async fn open_rows(&self) -> Result<Vec<Transaction>, DbError> {
+        self.db.call(ledger::open_rows).await
     }
 
     fn status(&self) -> JournalStatus {

@@ -213,13 +213,14 @@ pub fn release_row(c: &Connection, trace_id: &str, http_status: i64) -> Result<b
     Ok(n == 1)
 }
 
-/// Rows still `reserved` from `instance_id` (left by a process that died).
-pub fn open_rows(c: &Connection, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
+/// Rows still `reserved` (left by a process that died), whatever instance id they carry:
+/// the embedded ledger belongs to one process at a time.
+pub fn open_rows(c: &Connection) -> Result<Vec<Transaction>, DbError> {
     let mut st = c.prepare(&format!(
-        "SELECT {COLUMNS} FROM billing_transactions WHERE status='reserved' AND instance_id=?1"
+        "SELECT {COLUMNS} FROM billing_transactions WHERE status='reserved'"
     ))?;
     let rows = st
-        .query_map([instance_id], row_to_tx)?
+        .query_map([], row_to_tx)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }

@@ -17,11 +17,12 @@ use crate::ledger::SqliteLoader;
 use crate::proxy::Gateway;
 use crate::proxy::listener::Guarded;
 use crate::proxy::upstream::{Upstream, resolve_loop};
-use crate::quota::fallback::FallbackStore;
+use crate::quota::fallback::{Backlog, FallbackStore};
 use crate::quota::memory::{CounterLoader, MemoryStore};
 use crate::quota::redis::RedisOptions;
 use crate::quota::shared::{DirectoryRoots, LazyRedis};
 use crate::quota::store::QuotaStore;
+use crate::shared::applier::{Applier, LimitsOf};
 use crate::shared::outbox::Outbox;
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,23 @@ pub fn open_db(config: &Config) -> Result<Db, StartError> {
         &config.storage.journal_path,
         config.storage.durability,
     )?)
+}
+
+/// Unless `server.instance_id` is configured, take the journal's durable identity: made
+/// once (`<hostname>-<random>`) and kept in the journal file, so a recreated container or
+/// a changed port is still the same instance (its heartbeat, its rows' `instance_id`).
+pub fn adopt_instance_identity(config: &mut Config, db: &Db) -> Result<(), StartError> {
+    if config.server.instance_id_configured {
+        return Ok(());
+    }
+    let simple = uuid::Uuid::now_v7().simple().to_string();
+    let tail = simple
+        .get(simple.len().saturating_sub(8)..)
+        .unwrap_or_default();
+    let generated = format!("{}-{tail}", crate::config::hostname());
+    config.server.instance_id =
+        db.call_blocking(move |c| crate::shared::outbox::instance_identity(c, &generated))?;
+    Ok(())
 }
 
 /// Build the engine (storage, keys, prices, counters) without starting any listener.
@@ -76,6 +94,7 @@ pub fn build_engine_parts(
         Some(ob) => ob.ledger_loader(),
         None => Arc::new(SqliteLoader { db: db.clone() }),
     };
+    let mut fallback: Option<Arc<FallbackStore>> = None;
     let store: Arc<dyn QuotaStore> = match (&config.storage.mode, &config.storage.redis_url) {
         (StorageMode::Shared, Some(url)) => {
             let redis = Arc::new(LazyRedis::new(
@@ -84,12 +103,14 @@ pub fn build_engine_parts(
                 Some(loader.clone()),
                 Arc::new(DirectoryRoots { auth: auth.clone() }),
             ));
-            Arc::new(FallbackStore::new(
+            let f = Arc::new(FallbackStore::new(
                 redis,
                 config.storage.on_unavailable,
                 config.quota.timezone,
                 Some(loader),
-            ))
+            ));
+            fallback = Some(f.clone());
+            f
         }
         _ => Arc::new(MemoryStore::new(config.quota.timezone, Some(loader))),
     };
@@ -101,12 +122,23 @@ pub fn build_engine_parts(
             .map(Upstream::new)
             .collect::<Vec<_>>(),
     );
-    let mut engine =
-        Engine::new(config, auth, db, store, upstreams, prices).map_err(StartError::Invalid)?;
+    let mut engine = Engine::new(config, auth, db, store.clone(), upstreams, prices)
+        .map_err(StartError::Invalid)?;
     if let Some(ob) = &outbox {
         engine = engine.with_journal(ob.clone());
     }
-    Ok((Arc::new(engine), outbox))
+    let engine = Arc::new(engine);
+    // Shared counters in Redis: every settle and release reaches them through the
+    // journal's applier, which also replays what a down Redis missed before it is
+    // authoritative again.
+    if let (Some(ob), Some(f)) = (&outbox, &fallback) {
+        let limits: std::sync::Weak<dyn LimitsOf> = Arc::downgrade(&engine) as _;
+        let applier = Applier::new(ob.clone(), store, limits);
+        let backlog: std::sync::Weak<dyn Backlog> = Arc::downgrade(&applier) as _;
+        f.set_backlog(backlog);
+        engine.set_applier(applier);
+    }
+    Ok((engine, outbox))
 }
 
 /// Log (at error level) every active key whose plan the configuration does not define, at
@@ -173,6 +205,7 @@ impl BackgroundService for Background {
             let retention = e.config().storage.journal_retention;
             tokio::spawn(crate::shared::shipper::Shipper::new(ob, retention).run())
         });
+        let applier = e.applier().map(|a| tokio::spawn(a.clone().run()));
         let dns = tokio::spawn(resolve_loop(e.upstreams().clone()));
         let probe = tokio::spawn(probe_loop(e.clone()));
         let plans = tokio::spawn(plan_watch(e.clone()));
@@ -182,6 +215,9 @@ impl BackgroundService for Background {
         refresh.abort();
         if let Some(s) = shipper {
             s.abort();
+        }
+        if let Some(a) = applier {
+            a.abort();
         }
         dns.abort();
         probe.abort();
@@ -233,12 +269,13 @@ fn migrate_postgres(config: &Config) -> Result<(), StartError> {
 }
 
 /// Run the proxy until a shutdown signal. Blocks the calling thread.
-pub fn serve(config: Config) -> Result<(), StartError> {
+pub fn serve(mut config: Config) -> Result<(), StartError> {
+    let db = open_db(&config)?;
+    adopt_instance_identity(&mut config, &db)?;
     let config = Arc::new(config);
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Tokenizer tables take 100-200 ms to build: pay that before the first request.
     crate::tokens::warm();
-    let db = open_db(&config)?;
     if config.storage.mode == StorageMode::Shared {
         migrate_postgres(&config)?;
     }
@@ -249,7 +286,9 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         tracing::warn!("{warning}");
     }
 
-    // Finish what a previous run of this instance left open, before serving.
+    // Finish what a previous run left open in this journal, before serving. In shared
+    // mode with Redis the recovered settles are journal events the applier brings to the
+    // shared counters as soon as it runs.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -13,13 +13,15 @@ use common::pg::TestPg;
 use common::redis::RedisServer;
 use common::*;
 
-/// A proxy in shared mode against `pg` and `redis_url`, with the given policy and instance id.
+/// A proxy in shared mode against `pg` and `redis_url`, with the given policy and instance
+/// id, and `extra` TOML appended.
 async fn shared_proxy(
     pg: &TestPg,
     redis_url: &str,
     upstream: std::net::SocketAddr,
     policy: &str,
     instance: &str,
+    extra: &str,
 ) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
@@ -35,7 +37,8 @@ async fn shared_proxy(
         .replace(
             "instance_id = \"test-instance\"",
             &format!("instance_id = \"{instance}\""),
-        );
+        )
+        + extra;
     std::fs::write(&config_path, text).unwrap();
     let mut p = Proxy {
         child: None,
@@ -66,16 +69,24 @@ async fn env() -> Env {
 
 impl Env {
     async fn proxy(&self, policy: &str, instance: &str) -> Proxy {
+        self.proxy_with(policy, instance, "").await
+    }
+
+    async fn proxy_with(&self, policy: &str, instance: &str, extra: &str) -> Proxy {
         shared_proxy(
             &self.pg,
             &self.redis.url(),
             self.mock.addr,
             policy,
             instance,
+            extra,
         )
         .await
     }
 }
+
+/// Holds of a dead process are reaped within seconds (the default is 10 minutes).
+const SHORT_TTL: &str = "\n[quota]\nreservation_ttl = \"3s\"\n";
 
 async fn chat(proxy: &Proxy, key: &str) -> Reply {
     post_json(
@@ -180,6 +191,72 @@ async fn assert_used(proxy: &Proxy, key_id: &str, n: i64, what: &str) {
         n,
         "{what}: changed after settling"
     );
+}
+
+/// `(used, reserved)` of the key's requests limit, as the running instance reports it.
+async fn requests_state(proxy: &Proxy, key_id: &str) -> (i64, i64) {
+    let r = send(
+        "GET",
+        &format!("http://{}/admin/usage?key={key_id}", proxy.admin),
+        &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let l = v["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["metric"] == "requests")
+        .unwrap_or_else(|| panic!("no requests limit: {v}"))
+        .clone();
+    (l["used"].as_i64().unwrap(), l["reserved"].as_i64().unwrap())
+}
+
+/// Waits (10 s at most) until nothing is held on the key's requests limit.
+async fn wait_no_holds(proxy: &Proxy, key_id: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, reserved) = requests_state(proxy, key_id).await;
+        if reserved == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {reserved} still held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request that the upstream answers 500 after `delay_ms`: admitted, then released.
+fn failing_later(proxy: &Proxy, key: &str, delay_ms: u64) -> tokio::task::JoinHandle<u16> {
+    let url = proxy.url("/v1/chat/completions");
+    let key = key.to_string();
+    tokio::spawn(async move {
+        let delay = delay_ms.to_string();
+        post_json(
+            &url,
+            &key,
+            &chat_body("gpt-4o-mini", false, "hello there"),
+            &[
+                ("x-mock-status", "500"),
+                ("x-mock-first-byte-delay-ms", delay.as_str()),
+            ],
+        )
+        .await
+        .status
+    })
+}
+
+/// Waits until the running instance holds `n` reservations.
+async fn wait_open(proxy: &Proxy, n: i64) {
+    let t0 = Instant::now();
+    while readyz(proxy).await["open_reservations"] != n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{n} reservations not held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn used(proxy: &Proxy, key_id: &str) -> i64 {
@@ -481,4 +558,257 @@ async fn holds_in_flight_when_redis_dies_still_count_locally() {
     settled_in_pg(&env.pg, &key_id, 20).await;
     assert_used(&proxy, &key_id, 20, "requests used").await;
     reconcile_clean(&proxy);
+}
+
+/// Issue 10, defect 2: a reservation left open by a SIGKILL is settled at the next start,
+/// and that settle reaches the Redis counters like any other; with `requests:total=3`,
+/// three rows and a fourth request refused once the dead process's hold is gone.
+#[tokio::test]
+async fn sigkill_recovery_settles_reach_the_redis_counters() {
+    let env = env().await;
+    let mut proxy = env.proxy_with("local", "sidecar-a", SHORT_TTL).await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=3"])
+        .await;
+    for _ in 0..2 {
+        assert_eq!(chat(&proxy, &key).await.status, 200);
+    }
+    assert_used(&proxy, &key_id, 2, "settled before the crash").await;
+    wait_open(&proxy, 0).await;
+    let inflight = {
+        let url = proxy.url("/v1/chat/completions");
+        let key = key.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                post_json(
+                    &url,
+                    &key,
+                    &chat_body("gpt-4o-mini", true, "hi"),
+                    &[("x-mock-words", "1000"), ("x-mock-delay-ms", "20")],
+                ),
+            )
+            .await;
+        })
+    };
+    wait_open(&proxy, 1).await;
+    proxy.kill9();
+    let _ = inflight.await;
+    proxy.spawn().await;
+    // The recovered settle is in Redis (before: 2, and the dead hold expired after its TTL,
+    // leaving room for a fourth request).
+    assert_used(&proxy, &key_id, 3, "recovered settle in redis").await;
+    wait_no_holds(&proxy, &key_id, "the dead process's hold").await;
+    assert_eq!(chat(&proxy, &key).await.status, 429);
+    let rows = settled_in_pg(&env.pg, &key_id, 3).await;
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["usage_source"] == "estimated")
+            .count(),
+        1
+    );
+    reconcile_clean(&proxy);
+}
+
+/// Issue 10, defect 4: recovery takes every open row of the journal, whatever instance id
+/// it carries — a renamed instance (new pod name, new port) still settles what its
+/// previous run left open.
+#[tokio::test]
+async fn recovery_takes_open_rows_written_under_another_instance_id() {
+    let env = env().await;
+    let mut proxy = env.proxy("local", "sidecar-a").await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=10"])
+        .await;
+    assert_eq!(chat(&proxy, &key).await.status, 200);
+    assert_used(&proxy, &key_id, 1, "settled before the crash").await;
+    wait_open(&proxy, 0).await;
+    let inflight = {
+        let url = proxy.url("/v1/chat/completions");
+        let key = key.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                post_json(
+                    &url,
+                    &key,
+                    &chat_body("gpt-4o-mini", true, "hi"),
+                    &[
+                        ("x-mock-words", "1000"),
+                        ("x-mock-delay-ms", "20"),
+                        ("idempotency-key", "job-1"),
+                    ],
+                ),
+            )
+            .await;
+        })
+    };
+    wait_open(&proxy, 1).await;
+    proxy.kill9();
+    let _ = inflight.await;
+    let text = std::fs::read_to_string(&proxy.config_path)
+        .unwrap()
+        .replace(
+            "instance_id = \"sidecar-a\"",
+            "instance_id = \"sidecar-a-renamed\"",
+        );
+    std::fs::write(&proxy.config_path, text).unwrap();
+    proxy.spawn().await;
+    let rows = settled_in_pg(&env.pg, &key_id, 2).await;
+    let recovered = rows
+        .iter()
+        .find(|r| r["trace_id"].as_str().unwrap().ends_with(":job-1"))
+        .unwrap();
+    assert_eq!(recovered["usage_source"], "estimated");
+    assert_eq!(recovered["instance_id"], "sidecar-a");
+    assert_used(&proxy, &key_id, 2, "requests used").await;
+    // The key's retry is a duplicate of a settled request, not of one open forever.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &chat_body("gpt-4o-mini", false, "hi"),
+        &[("idempotency-key", "job-1")],
+    )
+    .await;
+    assert_eq!(r.status, 409);
+}
+
+/// Issue 10, defect 10: the recovery probe talks to Redis; while Redis is down the
+/// instance stays down instead of flapping to "up" at every probe.
+#[tokio::test]
+async fn the_probe_keeps_redis_down_until_it_answers() {
+    let mut env = env().await;
+    let proxy = env.proxy("local", "sidecar-a").await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=100"])
+        .await;
+    assert_eq!(chat(&proxy, &key).await.status, 200);
+    assert_used(&proxy, &key_id, 1, "settled before the outage").await;
+    env.redis.kill();
+    // A read finds Redis gone; nothing is waiting to be replayed.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/tollgate/usage"),
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    wait_redis(&proxy, "down").await;
+    // Several probe periods: every look says down.
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        seen.push(readyz(&proxy).await["stores"]["redis"].clone());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.iter().all(|s| s == "down"), "{seen:?}");
+    env.redis.restart();
+    wait_redis(&proxy, "up").await;
+}
+
+/// Issue 10, defect 7: settles made while Redis is unreachable are journal events, so a
+/// restart during the outage loses none of them; Redis (which kept its data) gets them
+/// when it answers again.
+#[tokio::test]
+async fn settles_during_an_outage_survive_a_restart_and_reach_redis() {
+    let env = env().await;
+    let mut proxy = env.proxy("local", "sidecar-a").await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=20"])
+        .await;
+    for _ in 0..5 {
+        assert_eq!(chat(&proxy, &key).await.status, 200);
+    }
+    assert_used(&proxy, &key_id, 5, "before the outage").await;
+    env.redis.pause();
+    for _ in 0..5 {
+        assert_eq!(chat(&proxy, &key).await.status, 200);
+    }
+    wait_redis(&proxy, "down").await;
+    settled_in_pg(&env.pg, &key_id, 10).await;
+    // A deploy during the outage.
+    proxy.kill9();
+    proxy.spawn().await;
+    // The journal has them for Redis.
+    eventually("redis backlog of the outage's 5 settles", || {
+        let (_, out, _) = proxy.cli(&["journal", "status", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["backlog"]["redis"].as_i64().is_some_and(|n| n >= 5)
+    })
+    .await;
+    env.redis.resume();
+    wait_redis(&proxy, "up").await;
+    // Redis kept its 5 and got the other 5 from the journal (before: 5 forever).
+    assert_used(&proxy, &key_id, 10, "requests used").await;
+    eventually("redis backlog applied", || {
+        let (_, out, _) = proxy.cli(&["journal", "status", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["backlog"]["redis"] == 0
+    })
+    .await;
+    reconcile_clean(&proxy);
+}
+
+/// Issue 10, defect 9: a release made while Redis is unreachable is replayed when it is
+/// back, so the hold goes at once instead of being kept alive by the refresher.
+#[tokio::test]
+async fn a_release_during_an_outage_leaves_no_hold_behind() {
+    let env = env().await;
+    let proxy = env.proxy("local", "sidecar-a").await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=3"])
+        .await;
+    assert_eq!(chat(&proxy, &key).await.status, 200);
+    assert_used(&proxy, &key_id, 1, "settled before the outage").await;
+    wait_open(&proxy, 0).await;
+    // Held in Redis, then failed upstream while Redis is unreachable: released.
+    let failing = failing_later(&proxy, &key, 1500);
+    wait_open(&proxy, 1).await;
+    env.redis.pause();
+    assert_eq!(failing.await.unwrap(), 500);
+    wait_redis(&proxy, "down").await;
+    env.redis.resume();
+    wait_redis(&proxy, "up").await;
+    wait_no_holds(&proxy, &key_id, "the released request's hold").await;
+    assert_used(&proxy, &key_id, 1, "requests used").await;
+    // The whole remainder of the cap is available.
+    assert_eq!(chat(&proxy, &key).await.status, 200);
+    assert_eq!(chat(&proxy, &key).await.status, 200);
+    assert_eq!(chat(&proxy, &key).await.status, 429);
+}
+
+/// Issue 10, defect 8: holds of requests admitted locally during an outage and finished
+/// after it do not stay in the local counters, so the next outage starts from the truth.
+#[tokio::test]
+async fn local_holds_do_not_outlive_their_outage() {
+    let env = env().await;
+    let proxy = env.proxy("local", "sidecar-a").await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=4"])
+        .await;
+    assert_eq!(requests_state(&proxy, &key_id).await, (0, 0));
+    env.redis.pause();
+    // Two requests admitted locally, answered (500, released) after Redis is back.
+    let first = failing_later(&proxy, &key, 100);
+    assert_eq!(first.await.unwrap(), 500);
+    wait_redis(&proxy, "down").await;
+    wait_open(&proxy, 0).await;
+    let slow: Vec<_> = (0..2).map(|_| failing_later(&proxy, &key, 2500)).collect();
+    wait_open(&proxy, 2).await;
+    env.redis.resume();
+    wait_redis(&proxy, "up").await;
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 500);
+    }
+    // Second outage: nothing was billed, so the whole cap is available locally.
+    env.redis.pause();
+    let r = failing_later(&proxy, &key, 0).await.unwrap();
+    assert_eq!(r, 500);
+    wait_redis(&proxy, "down").await;
+    wait_open(&proxy, 0).await;
+    let statuses = burst(&[&proxy], &key, 8).await;
+    assert_eq!(count(&statuses, 200), 4, "{statuses:?}");
+    env.redis.resume();
+    wait_redis(&proxy, "up").await;
+    settled_in_pg(&env.pg, &key_id, 4).await;
+    assert_used(&proxy, &key_id, 4, "requests used").await;
 }

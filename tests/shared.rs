@@ -785,3 +785,61 @@ async fn a_repeated_idempotency_key_no_store_can_vouch_for_is_refused_not_paid_t
         "the refused order-2 left no row"
     );
 }
+
+/// The `instance_id` of every ledger row in an embedded proxy's database.
+fn instance_ids(proxy: &Proxy) -> Vec<String> {
+    let c = rusqlite::Connection::open(proxy.db_path()).unwrap();
+    let mut st = c
+        .prepare("SELECT instance_id FROM billing_transactions ORDER BY started_at")
+        .unwrap();
+    st.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+/// Issue 10, defect 4: without a configured `server.instance_id`, the identity is made once
+/// and kept in the journal file, so the instance is the same one after a restart on another
+/// port (before: `<hostname>-<port>`, a new identity per port).
+#[tokio::test]
+async fn an_unconfigured_instance_identity_is_kept_in_the_journal() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config_path, addr, admin) = write_config(dir.path(), mock.addr, &ProxyOptions::default());
+    let text = std::fs::read_to_string(&config_path)
+        .unwrap()
+        .replace("instance_id = \"test-instance\"\n", "");
+    std::fs::write(&config_path, &text).unwrap();
+    let mut proxy = Proxy {
+        child: None,
+        addr,
+        admin,
+        log_path: dir.path().join("proxy.log"),
+        dir,
+        config_path,
+    };
+    proxy.spawn().await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+    proxy.wait_settled().await;
+    proxy.kill9();
+    // Same journal, another port.
+    let port = free_port();
+    let text = std::fs::read_to_string(&proxy.config_path)
+        .unwrap()
+        .replace(
+            &format!("listen = \"{}\"", proxy.addr),
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
+    std::fs::write(&proxy.config_path, text).unwrap();
+    proxy.addr = format!("127.0.0.1:{port}").parse().unwrap();
+    proxy.spawn().await;
+    assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
+    proxy.wait_settled().await;
+    let ids = instance_ids(&proxy);
+    assert_eq!(ids.len(), 2);
+    assert_eq!(ids[0], ids[1], "one identity across restarts: {ids:?}");
+    assert!(!ids[0].ends_with(&format!("-{port}")), "{ids:?}");
+}

@@ -10,18 +10,25 @@
 //!   primary reported. The durable history has settled requests only, so the holds this
 //!   instance had in the primary when it went down (requests still running) are carried
 //!   over into the local counters before any local decision; otherwise the cap would be
-//!   exceeded by up to the number of requests in flight. Settles made meanwhile are queued
-//!   and replayed to the primary, idempotently, when it is back; then the local counters are
-//!   dropped and the primary is authoritative again.
-//! - `open`: admit without checking (nothing held); settles are queued for replay.
+//!   exceeded by up to the number of requests in flight.
+//! - `open`: admit without checking (nothing held).
 //! - `closed`: refuse (the engine answers 503).
 //!
-//! Bound of `local`: N instances enforcing one budget each with its own counters can admit
+//! Settles and releases made while the primary is down are counted locally (`local`) and
+//! answered `Unavailable`: they are in the journal, and the applier
+//! ([`crate::shared::applier`]) replays them to the primary — idempotently per trace id,
+//! also after a restart during the outage. The probe ([`FallbackStore::probe`]) pings the
+//! primary (a real round trip), has the journal's backlog replayed to it, and only then
+//! makes it authoritative again and drops every local counter and hold, so the next outage
+//! starts from fresh state.
+//!
+//! Bounds of `local`: N instances enforcing one budget each with its own counters can admit
 //! up to N times what remains during the outage; replay then makes the shared counters
-//! exact again (over-admission is visible, never lost).
+//! exact again (over-admission is visible, never lost). Requests admitted locally and still
+//! running when the primary comes back are not held there until they settle.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -36,25 +43,30 @@ use crate::quota::window::Counter;
 
 /// How often a down primary is probed.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
-/// Most settles queued for replay; older ones are dropped (and counted) beyond it. Each is a
-/// few hundred bytes.
-pub const MAX_PENDING: usize = 1_000_000;
 
-#[derive(Debug, Clone)]
-struct Pending {
-    trace_id: String,
-    actual: Amounts,
-    started_at: DateTime<Utc>,
-    limits: Vec<AppliedLimit>,
+/// The journaled counter changes the primary has not seen yet.
+#[async_trait::async_trait]
+pub trait Backlog: Send + Sync {
+    /// Apply every journaled settle and release not yet applied to the primary, to the
+    /// primary only ([`QuotaStore::replay_settle`]); `Err` when it failed part way.
+    async fn replay(&self) -> Result<(), QuotaError>;
+}
+
+/// The answer to a settle or release the primary did not take.
+fn pending() -> QuotaError {
+    QuotaError::Unavailable(
+        "quota store down: counted locally, the journal replays it when the store is back".into(),
+    )
 }
 
 #[derive(Default)]
 struct State {
     primary_up: bool,
-    /// Trace ids held (or admitted unchecked) while the primary was down.
+    /// Trace ids held in the local counters (admitted while the primary was down, or
+    /// carried over from it).
     local: HashSet<String>,
-    pending: VecDeque<Pending>,
-    dropped: u64,
+    /// Trace ids whose settle the local counters already count.
+    counted_locally: HashSet<String>,
     /// Last `used + reserved` the primary reported per counter, with its window.
     last_known: HashMap<String, (i64, Option<DateTime<Utc>>)>,
     /// Requests held in the primary and not yet settled or released (policy `local`
@@ -71,6 +83,8 @@ pub struct FallbackStore {
     /// Held for writing while the primary's holds are carried over to the local counters,
     /// for reading by every local reserve: no local decision sees counters without them.
     handover: tokio::sync::RwLock<()>,
+    /// Replays the journal to the primary before it is authoritative again.
+    backlog: OnceLock<Weak<dyn Backlog>>,
 }
 
 /// Seeds local counters: durable history first, the primary's last report otherwise.
@@ -132,16 +146,18 @@ impl FallbackStore {
             policy,
             state,
             handover: tokio::sync::RwLock::new(()),
+            backlog: OnceLock::new(),
         }
+    }
+
+    /// Who replays journaled changes to the primary before it is authoritative again
+    /// (set once; without one the probe makes the primary authoritative at once).
+    pub fn set_backlog(&self, backlog: Weak<dyn Backlog>) {
+        let _ = self.backlog.set(backlog);
     }
 
     pub fn primary_up(&self) -> bool {
         self.state.lock().primary_up
-    }
-
-    /// Settles waiting for the primary.
-    pub fn pending(&self) -> usize {
-        self.state.lock().pending.len()
     }
 
     async fn mark_down(&self, e: &QuotaError) {
@@ -162,7 +178,7 @@ impl FallbackStore {
         let n = held.len();
         for req in held.into_values() {
             // Finished locally from now on: the primary stops refreshing its hold, which
-            // then expires by its TTL (a replayed settle moves it to used first).
+            // then expires by its TTL (or goes with the replayed settle or release).
             self.primary.forget(&req.trace_id);
             self.hold_locally(&req).await;
         }
@@ -188,15 +204,6 @@ impl FallbackStore {
         }
     }
 
-    fn queue(&self, p: Pending) {
-        let mut s = self.state.lock();
-        if s.pending.len() >= MAX_PENDING {
-            s.pending.pop_front();
-            s.dropped += 1;
-        }
-        s.pending.push_back(p);
-    }
-
     fn remember(&self, states: &[LimitState]) {
         let mut s = self.state.lock();
         for st in states {
@@ -209,49 +216,31 @@ impl FallbackStore {
         }
     }
 
-    /// Probe a down primary once; when it answers, replay queued settles (idempotent per
-    /// trace id), drop the local counters and make the primary authoritative again.
-    /// Returns whether the primary is up afterwards.
+    /// Probe a down primary once: a real round trip; when it answers, have the journal's
+    /// backlog replayed to it (idempotent per trace id), then make it authoritative again
+    /// and drop every local counter and hold. Returns whether the primary is up afterwards.
     pub async fn probe(&self) -> bool {
         if self.primary_up() {
             return true;
         }
-        if self.primary.usage(&[]).await.is_err() {
+        if self.primary.ping().await.is_err() {
             return false;
         }
-        loop {
-            let next = self.state.lock().pending.front().cloned();
-            let Some(p) = next else { break };
-            match self
-                .primary
-                .settle(&p.trace_id, p.actual, p.started_at, &p.limits)
-                .await
-            {
-                Ok(()) => {
-                    self.state.lock().pending.pop_front();
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "replay to the quota store failed; will retry");
-                    return false;
-                }
-            }
+        if let Some(backlog) = self.backlog.get().and_then(Weak::upgrade)
+            && let Err(e) = backlog.replay().await
+        {
+            tracing::warn!(error = %e, "replaying the journal to the quota store failed; will retry");
+            return false;
         }
         {
+            let _g = self.handover.write().await;
             let mut s = self.state.lock();
             s.primary_up = true;
             s.local.clear();
-            if s.dropped > 0 {
-                tracing::error!(
-                    dropped = s.dropped,
-                    "settles dropped from the replay queue while the quota store was down"
-                );
-                s.dropped = 0;
-            }
+            s.counted_locally.clear();
+            self.local.clear();
         }
-        self.local.clear_counters();
-        tracing::info!(
-            "quota store reachable again; replayed queued settles, it is authoritative again"
-        );
+        tracing::info!("quota store reachable again; journal replayed, it is authoritative again");
         true
     }
 }
@@ -289,10 +278,7 @@ impl QuotaStore for FallbackStore {
             OnUnavailable::Closed => Err(QuotaError::Unavailable(
                 "quota store down and on_unavailable = \"closed\"".into(),
             )),
-            OnUnavailable::Open => {
-                self.state.lock().local.insert(req.trace_id.clone());
-                Ok(ReserveOutcome::Admitted(Vec::new()))
-            }
+            OnUnavailable::Open => Ok(ReserveOutcome::Admitted(Vec::new())),
             OnUnavailable::Local => {
                 let _g = self.handover.read().await;
                 let out = self.local.reserve(req).await?;
@@ -304,6 +290,9 @@ impl QuotaStore for FallbackStore {
         }
     }
 
+    /// The request path's settle: to the primary while it is up; otherwise counted in the
+    /// local counters (once per trace id) and answered `Unavailable` — the journal has it
+    /// and the applier replays it to the primary.
     async fn settle(
         &self,
         trace_id: &str,
@@ -316,13 +305,11 @@ impl QuotaStore for FallbackStore {
             s.primary_holds.remove(trace_id);
             s.local.remove(trace_id)
         };
-        let pending = Pending {
-            trace_id: trace_id.to_string(),
-            actual,
-            started_at,
-            limits: limits.to_vec(),
-        };
-        if !was_local && self.primary_up() {
+        if self.primary_up() {
+            if was_local {
+                // Admitted locally just before the primary came back.
+                self.local.release(trace_id).await?;
+            }
             match self
                 .primary
                 .settle(trace_id, actual, started_at, limits)
@@ -333,14 +320,24 @@ impl QuotaStore for FallbackStore {
                 Err(e) => return Err(e),
             }
         }
-        // Count it locally too, so local decisions see it until the primary is back.
-        self.local
-            .settle(trace_id, actual, started_at, limits)
-            .await?;
-        self.queue(pending);
-        Ok(())
+        // Count it locally, so local decisions see it until the primary is back.
+        if self.policy == OnUnavailable::Local
+            && self
+                .state
+                .lock()
+                .counted_locally
+                .insert(trace_id.to_string())
+        {
+            self.local
+                .settle(trace_id, actual, started_at, limits)
+                .await?;
+        }
+        Err(pending())
     }
 
+    /// The request path's release: to the primary while it is up; otherwise the local hold
+    /// (if any) is dropped, the primary stops refreshing its own, and `Unavailable` tells
+    /// the applier to replay the release to the primary.
     async fn release(&self, trace_id: &str) -> Result<(), QuotaError> {
         let was_local = {
             let mut s = self.state.lock();
@@ -348,17 +345,61 @@ impl QuotaStore for FallbackStore {
             s.local.remove(trace_id)
         };
         if was_local {
-            return self.local.release(trace_id).await;
+            self.local.release(trace_id).await?;
         }
-        match self.primary.release(trace_id).await {
-            Ok(()) => Ok(()),
-            // The hold expires by itself (reservation_ttl).
+        if self.primary_up() {
+            match self.primary.release(trace_id).await {
+                Ok(()) => return Ok(()),
+                Err(e @ QuotaError::Unavailable(_)) => self.mark_down(&e).await,
+                Err(e) => return Err(e),
+            }
+        }
+        self.primary.forget(trace_id);
+        Err(pending())
+    }
+
+    async fn replay_settle(
+        &self,
+        trace_id: &str,
+        actual: Amounts,
+        started_at: DateTime<Utc>,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        self.state.lock().primary_holds.remove(trace_id);
+        match self
+            .primary
+            .replay_settle(trace_id, actual, started_at, limits)
+            .await
+        {
             Err(e @ QuotaError::Unavailable(_)) => {
                 self.mark_down(&e).await;
-                Ok(())
+                Err(e)
             }
-            Err(e) => Err(e),
+            other => other,
         }
+    }
+
+    async fn replay_release(
+        &self,
+        trace_id: &str,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        self.state.lock().primary_holds.remove(trace_id);
+        match self.primary.replay_release(trace_id, limits).await {
+            Err(e @ QuotaError::Unavailable(_)) => {
+                self.mark_down(&e).await;
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    fn shared_up(&self) -> bool {
+        self.primary_up()
+    }
+
+    async fn ping(&self) -> Result<(), QuotaError> {
+        self.primary.ping().await
     }
 
     async fn usage(&self, limits: &[AppliedLimit]) -> Result<Vec<LimitState>, QuotaError> {
@@ -412,15 +453,24 @@ mod tests {
     use super::*;
     use crate::keys::Subject;
     use std::str::FromStr;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    /// A memory store that can be switched off.
+    /// A memory store that can be switched off, counting the pings it answered.
     struct Flaky {
         inner: MemoryStore,
         down: AtomicBool,
+        pings: AtomicUsize,
     }
 
     impl Flaky {
+        fn new() -> Arc<Flaky> {
+            Arc::new(Flaky {
+                inner: MemoryStore::new(chrono_tz::UTC, None),
+                down: AtomicBool::new(false),
+                pings: AtomicUsize::new(0),
+            })
+        }
+
         fn check(&self) -> Result<(), QuotaError> {
             if self.down.load(Ordering::SeqCst) {
                 Err(QuotaError::Unavailable("down".into()))
@@ -454,9 +504,55 @@ mod tests {
             self.check()?;
             self.inner.usage(l).await
         }
+        async fn ping(&self) -> Result<(), QuotaError> {
+            self.check()?;
+            self.pings.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
         fn open_holds(&self) -> usize {
             self.inner.open_holds()
         }
+    }
+
+    /// Stands in for the journal: keeps every settle the store did not take and replays
+    /// them to the primary when asked.
+    #[derive(Default)]
+    struct Journal {
+        store: OnceLock<Weak<FallbackStore>>,
+        unapplied: Mutex<Vec<(String, Amounts, Vec<AppliedLimit>)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Backlog for Journal {
+        async fn replay(&self) -> Result<(), QuotaError> {
+            let Some(store) = self.store.get().and_then(Weak::upgrade) else {
+                return Ok(());
+            };
+            loop {
+                let next = self.unapplied.lock().first().cloned();
+                let Some((t, a, l)) = next else { return Ok(()) };
+                store.replay_settle(&t, a, Utc::now(), &l).await?;
+                self.unapplied.lock().remove(0);
+            }
+        }
+    }
+
+    fn fallback(
+        primary: &Arc<Flaky>,
+        policy: OnUnavailable,
+        loader: Option<Arc<dyn CounterLoader>>,
+    ) -> (Arc<FallbackStore>, Arc<Journal>) {
+        let store = Arc::new(FallbackStore::new(
+            primary.clone(),
+            policy,
+            chrono_tz::UTC,
+            loader,
+        ));
+        let journal = Arc::new(Journal::default());
+        let _ = journal.store.set(Arc::downgrade(&store));
+        let backlog: Weak<dyn Backlog> = Arc::downgrade(&journal) as _;
+        store.set_backlog(backlog);
+        (store, journal)
     }
 
     fn limit(spec: &str) -> AppliedLimit {
@@ -479,20 +575,28 @@ mod tests {
         }
     }
 
-    async fn admit_settle(s: &FallbackStore, id: &str, l: &[AppliedLimit]) -> bool {
+    const ONE: Amounts = Amounts {
+        requests: 1,
+        input_tokens: 0,
+        output_tokens: 0,
+        cost_micros: 0,
+    };
+
+    /// The engine's settle: the journal keeps what the store did not take.
+    async fn settle(s: &FallbackStore, j: &Journal, id: &str, l: &[AppliedLimit]) {
+        match s.settle(id, ONE, Utc::now(), l).await {
+            Ok(()) => {}
+            Err(QuotaError::Unavailable(_)) => {
+                j.unapplied.lock().push((id.into(), ONE, l.to_vec()));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    async fn admit_settle(s: &FallbackStore, j: &Journal, id: &str, l: &[AppliedLimit]) -> bool {
         match s.reserve(&req(id, l)).await.unwrap() {
             ReserveOutcome::Admitted(_) => {
-                s.settle(
-                    id,
-                    Amounts {
-                        requests: 1,
-                        ..Default::default()
-                    },
-                    Utc::now(),
-                    l,
-                )
-                .await
-                .unwrap();
+                settle(s, j, id, l).await;
                 true
             }
             _ => false,
@@ -501,20 +605,17 @@ mod tests {
 
     #[tokio::test]
     async fn local_policy_enforces_from_the_last_known_state_and_replays() {
-        let primary = Arc::new(Flaky {
-            inner: MemoryStore::new(chrono_tz::UTC, None),
-            down: AtomicBool::new(false),
-        });
-        let store = FallbackStore::new(primary.clone(), OnUnavailable::Local, chrono_tz::UTC, None);
+        let primary = Flaky::new();
+        let (store, journal) = fallback(&primary, OnUnavailable::Local, None);
         let l = vec![limit("requests:total=10")];
         for i in 0..4 {
-            assert!(admit_settle(&store, &format!("a{i}"), &l).await);
+            assert!(admit_settle(&store, &journal, &format!("a{i}"), &l).await);
         }
         // Seen by the primary after the 4th reserve: used 3 (the 4th was held).
         primary.down.store(true, Ordering::SeqCst);
         let mut admitted = 0;
         for i in 0..10 {
-            if admit_settle(&store, &format!("b{i}"), &l).await {
+            if admit_settle(&store, &journal, &format!("b{i}"), &l).await {
                 admitted += 1;
             }
         }
@@ -522,13 +623,13 @@ mod tests {
         // The local counters start from the primary's last report (3 used + 1 held = 4),
         // so exactly 6 more fit.
         assert_eq!(admitted, 6);
-        assert!(store.pending() >= 6);
+        assert!(journal.unapplied.lock().len() >= 6);
         primary.down.store(false, Ordering::SeqCst);
         assert!(store.probe().await);
-        assert_eq!(store.pending(), 0);
+        assert!(journal.unapplied.lock().is_empty());
         let u = store.usage(&l).await.unwrap();
         assert_eq!(u[0].used, 10, "the primary got every settle exactly once");
-        assert!(!admit_settle(&store, "c", &l).await);
+        assert!(!admit_settle(&store, &journal, "c", &l).await);
     }
 
     /// Durable history with no settled rows (what a ledger holds while requests run).
@@ -548,16 +649,9 @@ mod tests {
 
     #[tokio::test]
     async fn holds_in_flight_are_carried_over_to_the_local_counters() {
-        let primary = Arc::new(Flaky {
-            inner: MemoryStore::new(chrono_tz::UTC, None),
-            down: AtomicBool::new(false),
-        });
-        let store = FallbackStore::new(
-            primary.clone(),
-            OnUnavailable::Local,
-            chrono_tz::UTC,
-            Some(Arc::new(EmptyHistory)),
-        );
+        let primary = Flaky::new();
+        let (store, journal) =
+            fallback(&primary, OnUnavailable::Local, Some(Arc::new(EmptyHistory)));
         let l = vec![limit("requests:total=2")];
         for id in ["h1", "h2"] {
             assert!(matches!(
@@ -567,42 +661,85 @@ mod tests {
         }
         primary.down.store(true, Ordering::SeqCst);
         // The history has no row yet, but the two running requests fill the cap.
-        assert!(!admit_settle(&store, "x", &l).await);
+        assert!(!admit_settle(&store, &journal, "x", &l).await);
         assert!(!store.primary_up());
-        let one = Amounts {
-            requests: 1,
-            ..Default::default()
-        };
-        store.settle("h1", one, Utc::now(), &l).await.unwrap();
-        store.release("h2").await.unwrap();
+        settle(&store, &journal, "h1", &l).await;
+        assert!(
+            store.release("h2").await.is_err(),
+            "the release waits for replay"
+        );
         // h2 freed its place; h1 is counted once.
-        assert!(admit_settle(&store, "y", &l).await);
-        assert!(!admit_settle(&store, "z", &l).await);
+        assert!(admit_settle(&store, &journal, "y", &l).await);
+        assert!(!admit_settle(&store, &journal, "z", &l).await);
         primary.down.store(false, Ordering::SeqCst);
         assert!(store.probe().await);
-        assert_eq!(store.pending(), 0);
+        assert!(journal.unapplied.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_probe_talks_to_the_primary_and_only_an_answer_brings_it_back() {
+        let primary = Flaky::new();
+        let (store, journal) = fallback(&primary, OnUnavailable::Local, None);
+        let l = vec![limit("requests:total=5")];
+        assert!(admit_settle(&store, &journal, "a", &l).await);
+        primary.down.store(true, Ordering::SeqCst);
+        assert!(admit_settle(&store, &journal, "b", &l).await);
+        assert!(!store.primary_up());
+        // Down: every probe fails, however often it runs.
+        for _ in 0..5 {
+            assert!(!store.probe().await);
+            assert!(!store.primary_up());
+        }
+        assert_eq!(primary.pings.load(Ordering::SeqCst), 0);
+        primary.down.store(false, Ordering::SeqCst);
+        assert!(store.probe().await);
+        assert_eq!(primary.pings.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn local_holds_do_not_outlive_the_outage() {
+        let primary = Flaky::new();
+        let (store, journal) =
+            fallback(&primary, OnUnavailable::Local, Some(Arc::new(EmptyHistory)));
+        let l = vec![limit("requests:total=3")];
+        primary.usage(&l).await.unwrap();
+        primary.down.store(true, Ordering::SeqCst);
+        // Admitted locally during the first outage; still running when Redis returns.
+        for id in ["r1", "r2"] {
+            assert!(matches!(
+                store.reserve(&req(id, &l)).await.unwrap(),
+                ReserveOutcome::Admitted(_)
+            ));
+        }
+        primary.down.store(false, Ordering::SeqCst);
+        assert!(store.probe().await);
+        // Finished after recovery: one settles, one is released.
+        settle(&store, &journal, "r1", &l).await;
+        store.release("r2").await.unwrap();
+        assert_eq!(store.local.open_holds(), 0, "no local hold left behind");
+        // The next outage starts from the durable history (empty here), not from the
+        // stale holds of r1 and r2, which would leave room for one request only.
+        primary.down.store(true, Ordering::SeqCst);
+        assert!(admit_settle(&store, &journal, "n1", &l).await);
+        assert!(admit_settle(&store, &journal, "n2", &l).await);
     }
 
     #[tokio::test]
     async fn open_and_closed_policies() {
-        let primary = Arc::new(Flaky {
-            inner: MemoryStore::new(chrono_tz::UTC, None),
-            down: AtomicBool::new(false),
-        });
+        let primary = Flaky::new();
         let l = vec![limit("requests:total=1")];
         // The primary knows the counter (a memory primary only adds to counters it has).
         primary.usage(&l).await.unwrap();
         primary.down.store(true, Ordering::SeqCst);
-        let closed =
-            FallbackStore::new(primary.clone(), OnUnavailable::Closed, chrono_tz::UTC, None);
+        let (closed, _) = fallback(&primary, OnUnavailable::Closed, None);
         assert!(matches!(
             closed.reserve(&req("x", &l)).await,
             Err(QuotaError::Unavailable(_))
         ));
-        let open = FallbackStore::new(primary.clone(), OnUnavailable::Open, chrono_tz::UTC, None);
+        let (open, journal) = fallback(&primary, OnUnavailable::Open, None);
         for i in 0..3 {
             assert!(
-                admit_settle(&open, &format!("o{i}"), &l).await,
+                admit_settle(&open, &journal, &format!("o{i}"), &l).await,
                 "open admits unchecked"
             );
         }

@@ -120,15 +120,12 @@ impl MemoryStore {
         Ok(())
     }
 
-    /// Forget every counter (they reload from the ledger on next use). Holds stay.
-    pub fn clear_counters(&self) {
+    /// Forget every counter and hold (the local fallback, once the shared store is
+    /// authoritative again).
+    pub fn clear(&self) {
         let mut inner = self.inner.lock();
-        let held: std::collections::HashSet<String> = inner
-            .holds
-            .values()
-            .flat_map(|h| h.items.iter().map(|(k, _, _)| k.clone()))
-            .collect();
-        inner.counters.retain(|k, _| held.contains(k));
+        inner.counters.clear();
+        inner.holds.clear();
         inner.settle_seq += 1;
     }
 }

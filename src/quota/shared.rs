@@ -83,6 +83,18 @@ impl QuotaStore for LazyRedis {
         self.store().await?.release(trace_id).await
     }
 
+    async fn replay_release(
+        &self,
+        trace_id: &str,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        self.store().await?.replay_release(trace_id, limits).await
+    }
+
+    async fn ping(&self) -> Result<(), QuotaError> {
+        self.store().await?.ping().await
+    }
+
     async fn usage(&self, limits: &[AppliedLimit]) -> Result<Vec<LimitState>, QuotaError> {
         self.store().await?.usage(limits).await
     }

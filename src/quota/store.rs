@@ -176,6 +176,35 @@ pub trait QuotaStore: Send + Sync {
     }
     /// Try to bring a down store back (called periodically by the server).
     async fn recover(&self) {}
+    /// A round trip to the store (no counter touched): whether it answers now.
+    async fn ping(&self) -> Result<(), QuotaError> {
+        Ok(())
+    }
+    /// Apply a journaled settle to the shared counters only — never to a local fallback —
+    /// idempotently per trace id (the applier's replay, [`crate::shared::applier`]).
+    async fn replay_settle(
+        &self,
+        trace_id: &str,
+        actual: Amounts,
+        started_at: DateTime<Utc>,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        self.settle(trace_id, actual, started_at, limits).await
+    }
+    /// Apply a journaled release to the shared counters only: drop the hold of `trace_id`,
+    /// found through `limits` when this process did not make it.
+    async fn replay_release(
+        &self,
+        trace_id: &str,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        let _ = limits;
+        self.release(trace_id).await
+    }
+    /// Whether the shared counters are the ones in force (false while a fallback is).
+    fn shared_up(&self) -> bool {
+        true
+    }
     /// Stop keeping `trace_id`'s hold alive: its request is finished elsewhere (the local
     /// fallback), so the hold may expire by its TTL.
     fn forget(&self, trace_id: &str) {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! engine ─► Outbox (journal_events + journal_traces, SQLite WAL, committed first)
-//!              │  ├─► counters (QuotaStore)
+//!              │  ├─► Applier ─► counters (QuotaStore; replayed until applied)
 //!              │  └─► 409 checks / crash recovery (local, no Postgres needed)
 //!              ▼
 //!           Shipper ─► Postgres billing_transactions (batched idempotent upserts)
@@ -17,9 +17,11 @@
 //! | [`pg`] | the pool, migrations, ledger upserts and sums, keys and limits in Postgres |
 //! | [`outbox`] | the journal tables and the shared-mode [`crate::journal::Journal`] |
 //! | [`shipper`] | shipping with retry/backoff, compaction |
+//! | [`applier`] | journal → shared counters (Redis): the request path's apply, replays |
 //! | [`loader`] | the shared-mode [`crate::quota::memory::CounterLoader`] |
 //! | [`directory`] | the Postgres [`crate::auth::DirectorySource`], [`directory::KeyAdmin`] |
 
+pub mod applier;
 pub mod directory;
 pub mod loader;
 pub mod outbox;

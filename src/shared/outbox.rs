@@ -76,19 +76,35 @@ fn from_json(text: &str) -> Result<Transaction, DbError> {
 
 /// Append an event and make `row` the trace id's latest state (one writer job).
 pub fn append(c: &Connection, kind: EventKind, row: &Transaction) -> Result<(), DbError> {
+    append_seq(c, kind, row, false).map(|_| ())
+}
+
+/// [`append`], returning the event's sequence number. A reserve is written applied: the
+/// quota check held it before it was journaled. A settle or release is written unapplied
+/// when `to_apply` (an applier brings the shared counters up to date from the journal,
+/// [`crate::shared::applier`]); without one, counters live in this process only and are
+/// rebuilt from the ledger, so there is nothing to replay.
+pub fn append_seq(
+    c: &Connection,
+    kind: EventKind,
+    row: &Transaction,
+    to_apply: bool,
+) -> Result<i64, DbError> {
     let payload = to_json(row)?;
     let now = crate::time::now_text();
+    let applied = (kind == EventKind::Reserve || !to_apply).then_some(now.as_str());
     c.prepare_cached(
-        "INSERT INTO journal_events (trace_id, kind, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO journal_events (trace_id, kind, payload, created_at, applied_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
-    .execute(params![row.trace_id, kind.as_str(), payload, now])?;
+    .execute(params![row.trace_id, kind.as_str(), payload, now, applied])?;
+    let seq = c.last_insert_rowid();
     c.prepare_cached(
         "INSERT INTO journal_traces (trace_id, status, instance_id, row, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(trace_id) DO UPDATE SET status = excluded.status, instance_id = excluded.instance_id,
            row = excluded.row, updated_at = excluded.updated_at",
     )?
     .execute(params![row.trace_id, row.status, row.instance_id, payload, now])?;
-    Ok(())
+    Ok(seq)
 }
 
 /// Current row of a trace id, if this instance journaled it (and it is not compacted).
@@ -113,12 +129,14 @@ pub fn open_reservation_sync(c: &Connection, row: &Transaction) -> Result<Opened
     Ok(Opened::Inserted)
 }
 
-/// Journal the settle of a reserved trace id; `None` when it was not reserved.
+/// Journal the settle of a reserved trace id: the event's sequence number and the row;
+/// `None` when it was not reserved.
 pub fn settle_sync(
     c: &Connection,
     trace_id: &str,
     s: &Settlement,
-) -> Result<Option<Transaction>, DbError> {
+    to_apply: bool,
+) -> Result<Option<(i64, Transaction)>, DbError> {
     let Some(mut row) = trace_row(c, trace_id)?.filter(|r| r.status == "reserved") else {
         return Ok(None);
     };
@@ -136,16 +154,18 @@ pub fn settle_sync(
     row.usage_source = Some(s.usage_source.to_string());
     row.http_status = s.http_status;
     row.settled_at = Some(crate::time::now_text());
-    append(c, EventKind::Settle, &row)?;
-    Ok(Some(row))
+    let seq = append_seq(c, EventKind::Settle, &row, to_apply)?;
+    Ok(Some((seq, row)))
 }
 
-/// Journal the release of a reserved trace id; `None` when it was not reserved.
+/// Journal the release of a reserved trace id: the event's sequence number and the row;
+/// `None` when it was not reserved.
 pub fn release_sync(
     c: &Connection,
     trace_id: &str,
     http_status: i64,
-) -> Result<Option<Transaction>, DbError> {
+    to_apply: bool,
+) -> Result<Option<(i64, Transaction)>, DbError> {
     let Some(mut row) = trace_row(c, trace_id)?.filter(|r| r.status == "reserved") else {
         return Ok(None);
     };
@@ -162,17 +182,16 @@ pub fn release_sync(
     row.cost_micros = 0;
     row.http_status = Some(http_status);
     row.settled_at = Some(crate::time::now_text());
-    append(c, EventKind::Release, &row)?;
-    Ok(Some(row))
+    let seq = append_seq(c, EventKind::Release, &row, to_apply)?;
+    Ok(Some((seq, row)))
 }
 
-/// Reservations of `instance_id` still open.
-pub fn open_rows_sync(c: &Connection, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
-    let mut st = c.prepare_cached(
-        "SELECT row FROM journal_traces WHERE status = 'reserved' AND instance_id = ?1",
-    )?;
+/// Every reservation of this journal still open, whatever instance id it was written
+/// under (SPEC §7: a renamed host or a changed port must not orphan one).
+pub fn open_rows_sync(c: &Connection) -> Result<Vec<Transaction>, DbError> {
+    let mut st = c.prepare_cached("SELECT row FROM journal_traces WHERE status = 'reserved'")?;
     let texts = st
-        .query_map([instance_id], |r| r.get::<_, String>(0))?
+        .query_map([], |r| r.get::<_, String>(0))?
         .collect::<Result<Vec<_>, _>>()?;
     texts.iter().map(|t| from_json(t)).collect()
 }
@@ -183,6 +202,82 @@ pub fn backlog_sync(c: &Connection) -> Result<(u64, Option<String>), DbError> {
         "SELECT COUNT(*), MIN(created_at) FROM journal_events WHERE shipped_at IS NULL",
     )?
     .query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?)
+}
+
+/// Events not yet applied to the shared counters: (count, sequence number of the oldest).
+pub fn unapplied_sync(c: &Connection) -> Result<(u64, Option<i64>), DbError> {
+    Ok(
+        c.prepare_cached("SELECT COUNT(*), MIN(seq) FROM journal_events WHERE applied_at IS NULL")?
+            .query_row([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?,
+    )
+}
+
+/// How far each target has come: every event up to these sequence numbers has reached it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub applied_through: i64,
+    pub shipped_through: i64,
+}
+
+/// [`Progress`] as the journal records it now.
+pub fn progress_sync(c: &Connection) -> Result<Progress, DbError> {
+    Ok(c.prepare_cached(
+        "SELECT COALESCE((SELECT MAX(seq) FROM journal_events), 0),
+                (SELECT MIN(seq) FROM journal_events WHERE applied_at IS NULL),
+                (SELECT MIN(seq) FROM journal_events WHERE shipped_at IS NULL)",
+    )?
+    .query_row([], |r| {
+        let last: i64 = r.get(0)?;
+        let before = |v: Option<i64>| v.map_or(last, |s| s - 1);
+        Ok(Progress {
+            applied_through: before(r.get(1)?),
+            shipped_through: before(r.get(2)?),
+        })
+    })?)
+}
+
+/// Up to `limit` events not yet applied to the shared counters, after `after_seq`, oldest
+/// first.
+pub fn unapplied_after(
+    c: &Connection,
+    after_seq: i64,
+    limit: usize,
+) -> Result<Vec<Event>, DbError> {
+    let mut st = c.prepare_cached(
+        "SELECT seq, trace_id, payload FROM journal_events WHERE applied_at IS NULL AND seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = st
+        .query_map(params![after_seq, limit as i64], |r| {
+            Ok(Event {
+                seq: r.get(0)?,
+                trace_id: r.get(1)?,
+                payload: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Mark the events `seqs` applied to the shared counters. One statement per call.
+pub fn mark_applied(c: &Connection, seqs: &[i64]) -> Result<usize, DbError> {
+    if seqs.is_empty() {
+        return Ok(0);
+    }
+    let list = serde_json::to_string(seqs).map_err(|e| DbError::Invalid(e.to_string()))?;
+    Ok(c.prepare_cached(
+        "UPDATE journal_events SET applied_at = ?2 WHERE applied_at IS NULL AND seq IN (SELECT value FROM json_each(?1))",
+    )?
+    .execute(params![list, crate::time::now_text()])?)
+}
+
+/// This journal's instance identity: the stored one, else `generated` (stored now, once).
+pub fn instance_identity(c: &Connection, generated: &str) -> Result<String, DbError> {
+    c.prepare_cached("INSERT INTO journal_meta (name, value) VALUES ('instance_id', ?1) ON CONFLICT(name) DO NOTHING")?
+        .execute([generated])?;
+    Ok(
+        c.prepare_cached("SELECT value FROM journal_meta WHERE name = 'instance_id'")?
+            .query_row([], |r| r.get(0))?,
+    )
 }
 
 /// Latest rows of every trace id that still has unshipped events, or an event the ledger
@@ -294,16 +389,18 @@ pub fn quarantine_count(c: &Connection) -> Result<u64, DbError> {
         .query_row([], |r| r.get::<_, i64>(0))? as u64)
 }
 
-/// Delete events shipped before `cutoff`, and final trace ids last touched before it that
-/// have nothing left to ship. Returns (events, trace ids) deleted.
+/// Delete events shipped before `cutoff` (and applied to the counters), and final trace
+/// ids last touched before it that have nothing left to ship or apply. Returns (events,
+/// trace ids) deleted.
 pub fn compact(c: &Connection, cutoff: &str) -> Result<(usize, usize), DbError> {
     let events = c.execute(
-        "DELETE FROM journal_events WHERE shipped_at IS NOT NULL AND shipped_at < ?1",
+        "DELETE FROM journal_events WHERE shipped_at IS NOT NULL AND shipped_at < ?1 AND applied_at IS NOT NULL",
         [cutoff],
     )?;
     let traces = c.execute(
         "DELETE FROM journal_traces WHERE status <> 'reserved' AND updated_at < ?1
-           AND NOT EXISTS (SELECT 1 FROM journal_events e WHERE e.trace_id = journal_traces.trace_id AND e.shipped_at IS NULL)",
+           AND NOT EXISTS (SELECT 1 FROM journal_events e WHERE e.trace_id = journal_traces.trace_id
+             AND (e.shipped_at IS NULL OR e.applied_at IS NULL))",
         [cutoff],
     )?;
     Ok((events, traces))
@@ -383,6 +480,10 @@ struct Backlog {
     pg_up: bool,
     /// Events in `journal_quarantine` now.
     quarantined: u64,
+    /// Events not yet applied to the shared counters (`None`: no applier).
+    unapplied: Option<u64>,
+    /// Per target: every event up to this sequence number has reached it.
+    progress: std::collections::BTreeMap<String, i64>,
 }
 
 /// The shared-mode [`Journal`]: local SQLite outbox in front of the Postgres ledger.
@@ -394,6 +495,8 @@ pub struct Outbox {
     backlog: Mutex<Backlog>,
     /// Events this process set aside (`tollgate_journal_quarantined_total`).
     quarantined_total: std::sync::atomic::AtomicU64,
+    /// Settles and releases wait for an applier (shared counters in Redis).
+    to_apply: std::sync::atomic::AtomicBool,
 }
 
 impl Outbox {
@@ -412,9 +515,31 @@ impl Outbox {
                 oldest,
                 pg_up: false,
                 quarantined,
+                ..Backlog::default()
             }),
             quarantined_total: std::sync::atomic::AtomicU64::new(0),
+            to_apply: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// From now on settles and releases are written for an applier to apply (see
+    /// [`append_seq`]).
+    pub fn expect_applier(&self) {
+        self.to_apply
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn to_apply(&self) -> bool {
+        self.to_apply.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Record the applier's backlog (events not yet applied to the shared counters) and
+    /// the progress of both targets.
+    pub fn note_applier(&self, unapplied: u64, p: Progress) {
+        let mut b = self.backlog.lock();
+        b.unapplied = Some(unapplied);
+        b.progress.insert("redis".into(), p.applied_through);
+        b.progress.insert("postgres".into(), p.shipped_through);
     }
 
     pub fn db(&self) -> &Db {
@@ -483,27 +608,29 @@ impl Journal for Outbox {
         Ok(out)
     }
 
-    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<bool, DbError> {
+    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<Option<i64>, DbError> {
         let t = trace_id.to_string();
+        let to_apply = self.to_apply();
         let done = self
             .db
-            .call_deferred(move |c| settle_sync(c, &t, &s))
+            .call_deferred(move |c| settle_sync(c, &t, &s, to_apply))
             .await?
-            .is_some();
-        if done {
+            .map(|(seq, _)| seq);
+        if done.is_some() {
             self.note_append();
         }
         Ok(done)
     }
 
-    async fn release(&self, trace_id: &str, http_status: i64) -> Result<bool, DbError> {
+    async fn release(&self, trace_id: &str, http_status: i64) -> Result<Option<i64>, DbError> {
         let t = trace_id.to_string();
+        let to_apply = self.to_apply();
         let done = self
             .db
-            .call_deferred(move |c| release_sync(c, &t, http_status))
+            .call_deferred(move |c| release_sync(c, &t, http_status, to_apply))
             .await?
-            .is_some();
-        if done {
+            .map(|(seq, _)| seq);
+        if done.is_some() {
             self.note_append();
         }
         Ok(done)
@@ -540,9 +667,8 @@ impl Journal for Outbox {
         }
     }
 
-    async fn open_rows(&self, instance_id: &str) -> Result<Vec<Transaction>, DbError> {
-        let i = instance_id.to_string();
-        self.db.call(move |c| open_rows_sync(c, &i)).await
+    async fn open_rows(&self) -> Result<Vec<Transaction>, DbError> {
+        self.db.call(open_rows_sync).await
     }
 
     fn status(&self) -> JournalStatus {
@@ -558,6 +684,10 @@ impl Journal for Outbox {
         s.quarantined_total = self
             .quarantined_total
             .load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(n) = b.unapplied {
+            s.backlog.insert("redis".into(), n);
+            s.progress = b.progress.clone();
+        }
         s
     }
 
@@ -623,16 +753,16 @@ mod tests {
             matches!(ob.is_taken("zz").await, Err(DbError::Unavailable(_))),
             "an Idempotency-Key no store can vouch for is refused, not forwarded"
         );
-        assert_eq!(ob.open_rows("i1").await.unwrap().len(), 1);
-        assert!(ob.settle("a", settlement()).await.unwrap());
+        assert_eq!(ob.open_rows().await.unwrap().len(), 1);
+        assert!(ob.settle("a", settlement()).await.unwrap().is_some());
         assert!(
-            !ob.settle("a", settlement()).await.unwrap(),
+            ob.settle("a", settlement()).await.unwrap().is_none(),
             "settle is exactly once"
         );
-        assert!(!ob.release("a", 500).await.unwrap());
+        assert!(ob.release("a", 500).await.unwrap().is_none());
         // Released ids may be reserved again; settled ones may not.
         ob.open_reservation(row("b")).await.unwrap();
-        assert!(ob.release("b", 502).await.unwrap());
+        assert!(ob.release("b", 502).await.unwrap().is_some());
         assert!(!ob.is_taken("b").await.unwrap());
         assert_eq!(
             ob.open_reservation(row("b")).await.unwrap(),
@@ -692,7 +822,7 @@ mod tests {
             price_version: Some("0123456789abcdef".into()),
             ..settlement()
         };
-        settle_sync(&conn, "a", &s).unwrap().unwrap();
+        settle_sync(&conn, "a", &s, false).unwrap().unwrap();
         let events = events_after(&conn, 0, 10, false).unwrap();
         let settled = from_json(&events[1].payload).unwrap();
         assert_eq!(
@@ -706,7 +836,7 @@ mod tests {
         );
         // A release clears them (nothing was priced).
         open_reservation_sync(&conn, &row("b")).unwrap();
-        let released = release_sync(&conn, "b", 500).unwrap().unwrap();
+        let (_, released) = release_sync(&conn, "b", 500, false).unwrap().unwrap();
         assert_eq!((released.tool_calls, released.price_version), (0, None));
         // An event journaled before these fields existed (an upgrade with a backlog)
         // still reads, with 0 / null.

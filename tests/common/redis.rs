@@ -103,6 +103,27 @@ impl RedisServer {
         }
     }
 
+    /// Freeze the server (SIGSTOP): connections are accepted but never answered, like a
+    /// partition; its data is kept for [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Unfreeze a paused server (SIGCONT), data intact.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// Start again on the same port, empty.
     pub fn restart(&mut self) {
         self.kill();

@@ -153,6 +153,26 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// One `PING`, bounded by `limit`: whether the server answers at all.
+    pub async fn ping(&self, limit: Duration) -> Result<(), QuotaError> {
+        let call = async {
+            let cmd = ::redis::cmd("PING");
+            match self.clone() {
+                Conn::Single(mut c) => cmd.query_async::<String>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<String>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(r) => r.map(|_| ()).map_err(classify),
+            Err(_) => Err(QuotaError::Unavailable(format!(
+                "redis: no answer within {} ms",
+                limit.as_millis()
+            ))),
+        }
+    }
+}
+
 /// Transient failures (the store may come back: I/O, timeouts, refused or dropped
 /// connections, cluster reconfiguration, loading) are `Unavailable`, which the caller answers
 /// with its `on_unavailable` policy; everything else (a script error, a wrong URL, denied

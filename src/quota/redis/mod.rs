@@ -350,6 +350,18 @@ impl RedisStore {
         }
     }
 
+    /// Drop the hold of `trace_id` on the counters of `plan` (release_v1, idempotent).
+    async fn release_plan(&self, trace_id: &str, plan: &Plan) -> Result<(), QuotaError> {
+        let mut inv = self.scripts.release.prepare_invoke();
+        for k in plan.keys(trace_id) {
+            inv.key(k);
+        }
+        inv.arg(trace_id).arg(plan.counters.len());
+        self.call(&inv).await?;
+        self.holds.lock().remove(trace_id);
+        Ok(())
+    }
+
     async fn settle_plan(
         &self,
         trace_id: &str,
@@ -475,17 +487,27 @@ impl QuotaStore for RedisStore {
     async fn release(&self, trace_id: &str) -> Result<(), QuotaError> {
         let Some(plan) = self.holds.lock().get(trace_id).cloned() else {
             // Not held by this instance (or already released): a hold of a previous process
-            // expires by its TTL.
+            // expires by its TTL, or goes with the journal's replay of the release.
             return Ok(());
         };
-        let mut inv = self.scripts.release.prepare_invoke();
-        for k in plan.keys(trace_id) {
-            inv.key(k);
-        }
-        inv.arg(trace_id).arg(plan.counters.len());
-        self.call(&inv).await?;
-        self.holds.lock().remove(trace_id);
-        Ok(())
+        self.release_plan(trace_id, &plan).await
+    }
+
+    async fn replay_release(
+        &self,
+        trace_id: &str,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        let known = self.holds.lock().get(trace_id).cloned();
+        let plan = match known {
+            Some(p) => p,
+            None => Plan::new(self.tag_for(limits, trace_id), limits),
+        };
+        self.release_plan(trace_id, &plan).await
+    }
+
+    async fn ping(&self) -> Result<(), QuotaError> {
+        self.conn.ping(self.opts.connect.call_timeout).await
     }
 
     /// No longer refresh `trace_id`'s hold: it expires after `reservation_ttl` unless a

@@ -1,0 +1,359 @@
+//! The applier: brings the shared counters (Redis) up to date from the journal.
+//!
+//! The journal is the only path for a counter change. Every settle and release is an
+//! event in the local journal first ([`crate::shared::outbox`]), written *unapplied*; the
+//! applier applies it to the counters and marks it applied. Two callers share one code
+//! path:
+//!
+//! - **the request path** ([`Applier::settle`], [`Applier::release`]): right after its
+//!   event is journaled, with the admission's own limits, through the counters in force
+//!   (Redis, or the local fallback while Redis is down — then the event stays unapplied);
+//! - **the replay** ([`Applier::replay_pending`]): every unapplied event, oldest first, to
+//!   Redis only (never to a local fallback), with the limits of the row's key as the key
+//!   directory has them now. It runs at start (settles of a crashed run's recovery, and of
+//!   a run that died between the journal and Redis), every [`PASS_EVERY`], and before a
+//!   down Redis is authoritative again (the fallback's probe asks for it).
+//!
+//! **Exactly once per event.** An event is claimed (in memory) by whichever caller takes
+//! it first; the other skips it. Marks are written in batches (one journal write per
+//! flush, not per event), so a crash can lose the marks of the last few ms: those events
+//! are applied again at the next start, which changes nothing — Redis remembers every
+//! settle of a trace id for `RedisOptions::settled_ttl` (≥ 1 h) and a release of a gone
+//! hold is a no-op.
+//!
+//! Bound: an instance that dies and never restarts leaves its unapplied events (at most
+//! the settles and releases of its requests in flight and of a Redis outage) out of the
+//! shared counters; its holds expire by `quota.reservation_ttl` and `tollgate reconcile
+//! --fix` reseeds the counters from the ledger.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chrono::Utc;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::ledger::Transaction;
+use crate::quota::fallback::Backlog;
+use crate::quota::store::{Amounts, AppliedLimit, QuotaError, QuotaStore};
+use crate::shared::outbox::{self, Outbox};
+
+/// Events read per replay batch.
+pub const BATCH: usize = 1000;
+/// Replayed events in flight to Redis at once.
+pub const PARALLEL: usize = 32;
+/// How often the background loop flushes marks and looks for unapplied events.
+pub const PASS_EVERY: Duration = Duration::from_millis(250);
+/// Marks waiting past this many are flushed at once.
+const FLUSH_AT: usize = 512;
+
+/// The limits a journaled row counts against: its key's, user's, tenant's and plan's for
+/// its upstream, as the key directory has them now.
+pub trait LimitsOf: Send + Sync {
+    fn limits_of(&self, row: &Transaction) -> Vec<AppliedLimit>;
+}
+
+pub struct Applier {
+    outbox: Arc<Outbox>,
+    store: Arc<dyn QuotaStore>,
+    limits: Weak<dyn LimitsOf>,
+    /// Events taken by a caller and not yet marked in the journal.
+    claimed: Mutex<HashSet<i64>>,
+    /// Events applied, waiting for their mark.
+    done: Mutex<Vec<i64>>,
+    wake: Notify,
+    /// One replay at a time (the background loop and the probe).
+    pass: tokio::sync::Mutex<()>,
+}
+
+/// What one event asks of the counters.
+enum Change {
+    Settle {
+        trace: String,
+        actual: Amounts,
+        started_at: chrono::DateTime<Utc>,
+    },
+    Release {
+        trace: String,
+    },
+    Nothing,
+}
+
+fn change_of(row: &Transaction) -> Change {
+    match row.status.as_str() {
+        "settled" => Change::Settle {
+            trace: row.trace_id.clone(),
+            actual: Amounts {
+                requests: 1,
+                input_tokens: row.input_tokens,
+                output_tokens: row.output_tokens,
+                cost_micros: row.cost_micros,
+            },
+            started_at: crate::time::from_text(&row.started_at).unwrap_or_else(Utc::now),
+        },
+        "released" => Change::Release {
+            trace: row.trace_id.clone(),
+        },
+        _ => Change::Nothing,
+    }
+}
+
+impl Applier {
+    /// An applier over `outbox` into `store`; from now on the outbox writes settles and
+    /// releases unapplied.
+    pub fn new(
+        outbox: Arc<Outbox>,
+        store: Arc<dyn QuotaStore>,
+        limits: Weak<dyn LimitsOf>,
+    ) -> Arc<Applier> {
+        outbox.expect_applier();
+        Arc::new(Applier {
+            outbox,
+            store,
+            limits,
+            claimed: Mutex::new(HashSet::new()),
+            done: Mutex::new(Vec::new()),
+            wake: Notify::new(),
+            pass: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn claim(&self, seq: i64) -> bool {
+        self.claimed.lock().insert(seq)
+    }
+
+    fn unclaim(&self, seq: i64) {
+        self.claimed.lock().remove(&seq);
+    }
+
+    fn applied(&self, seq: i64) {
+        let n = {
+            let mut d = self.done.lock();
+            d.push(seq);
+            d.len()
+        };
+        if n >= FLUSH_AT {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The request path: apply the journaled settle `seq` to the counters in force.
+    /// `Unavailable` when only a local fallback took it (the replay brings it to Redis).
+    pub async fn settle(
+        &self,
+        seq: i64,
+        trace_id: &str,
+        actual: Amounts,
+        started_at: chrono::DateTime<Utc>,
+        limits: &[AppliedLimit],
+    ) -> Result<(), QuotaError> {
+        if !self.claim(seq) {
+            return Ok(());
+        }
+        let r = self
+            .store
+            .settle(trace_id, actual, started_at, limits)
+            .await;
+        self.finish(seq, r)
+    }
+
+    /// The request path: apply the journaled release `seq` to the counters in force.
+    pub async fn release(&self, seq: i64, trace_id: &str) -> Result<(), QuotaError> {
+        if !self.claim(seq) {
+            return Ok(());
+        }
+        let r = self.store.release(trace_id).await;
+        self.finish(seq, r)
+    }
+
+    fn finish(&self, seq: i64, r: Result<(), QuotaError>) -> Result<(), QuotaError> {
+        match r {
+            Ok(()) => {
+                self.applied(seq);
+                Ok(())
+            }
+            Err(e) => {
+                self.unclaim(seq);
+                Err(e)
+            }
+        }
+    }
+
+    /// Write the marks of applied events (one journal write), then let them go.
+    pub async fn flush(&self) -> Result<usize, QuotaError> {
+        let seqs = std::mem::take(&mut *self.done.lock());
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let marked = seqs.clone();
+        match self
+            .outbox
+            .db()
+            .call(move |c| outbox::mark_applied(c, &marked))
+            .await
+        {
+            Ok(n) => {
+                let mut claimed = self.claimed.lock();
+                for s in &seqs {
+                    claimed.remove(s);
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                self.done.lock().extend(seqs);
+                Err(QuotaError::Other(format!("journal: {e}")))
+            }
+        }
+    }
+
+    /// Apply every unapplied event to the shared counters (never a local fallback),
+    /// oldest first, [`PARALLEL`] at a time. Stops at the first failure (the events not
+    /// applied stay unapplied). Returns how many were applied.
+    pub async fn replay_pending(&self) -> Result<u64, QuotaError> {
+        let _pass = self.pass.lock().await;
+        let Some(limits_of) = self.limits.upgrade() else {
+            return Ok(0);
+        };
+        let mut cursor = 0;
+        let mut applied = 0u64;
+        loop {
+            let events = self
+                .outbox
+                .reader()
+                .read(move |c| outbox::unapplied_after(c, cursor, BATCH))
+                .await
+                .map_err(|e| QuotaError::Other(format!("journal: {e}")))?;
+            let Some(last) = events.last() else { break };
+            cursor = last.seq;
+            let full = events.len() == BATCH;
+            let mine: Vec<outbox::Event> =
+                events.into_iter().filter(|e| self.claim(e.seq)).collect();
+            let mut failed: Option<QuotaError> = None;
+            for chunk in mine.chunks(PARALLEL) {
+                let mut set = tokio::task::JoinSet::new();
+                for e in chunk {
+                    let store = self.store.clone();
+                    let limits_of = limits_of.clone();
+                    let (seq, payload) = (e.seq, e.payload.clone());
+                    set.spawn(async move {
+                        let row: Transaction = match serde_json::from_str(&payload) {
+                            Ok(r) => r,
+                            Err(err) => {
+                                // Only a damaged file gets here; it must not stop the rest.
+                                tracing::error!(seq, error = %err, "unreadable journal event not applied to the counters");
+                                return (seq, Ok(()));
+                            }
+                        };
+                        let r = match change_of(&row) {
+                            Change::Settle {
+                                trace,
+                                actual,
+                                started_at,
+                            } => {
+                                let limits = limits_of.limits_of(&row);
+                                store
+                                    .replay_settle(&trace, actual, started_at, &limits)
+                                    .await
+                            }
+                            Change::Release { trace } => {
+                                let limits = limits_of.limits_of(&row);
+                                store.replay_release(&trace, &limits).await
+                            }
+                            Change::Nothing => Ok(()),
+                        };
+                        (seq, r)
+                    });
+                }
+                while let Some(joined) = set.join_next().await {
+                    match joined {
+                        Ok((seq, Ok(()))) => {
+                            self.applied(seq);
+                            applied += 1;
+                        }
+                        Ok((seq, Err(e))) => {
+                            self.unclaim(seq);
+                            failed.get_or_insert(e);
+                        }
+                        Err(e) => {
+                            failed.get_or_insert(QuotaError::Other(format!("replay task: {e}")));
+                        }
+                    }
+                }
+                if failed.is_some() {
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                // Tasks that did not finish (a join error) leave their claim: release
+                // every claim of this batch that was neither applied nor released.
+                let done: HashSet<i64> = self.done.lock().iter().copied().collect();
+                {
+                    let mut claimed = self.claimed.lock();
+                    for ev in &mine {
+                        if !done.contains(&ev.seq) {
+                            claimed.remove(&ev.seq);
+                        }
+                    }
+                }
+                let _ = self.flush().await;
+                return Err(e);
+            }
+            if !full {
+                break;
+            }
+        }
+        self.flush().await?;
+        if applied > 0 {
+            tracing::info!(
+                events = applied,
+                "journaled counter changes applied to the shared counters"
+            );
+        }
+        Ok(applied)
+    }
+
+    /// Record the backlog and progress in the outbox (for `journal status`, `/readyz`).
+    pub async fn refresh_status(&self) {
+        let r = self
+            .outbox
+            .reader()
+            .read(|c| Ok((outbox::unapplied_sync(c)?, outbox::progress_sync(c)?)))
+            .await;
+        match r {
+            Ok(((n, _), p)) => self.outbox.note_applier(n, p),
+            Err(e) => tracing::warn!(error = %e, "cannot count the counters backlog"),
+        }
+    }
+
+    /// Run forever: flush marks, replay what is unapplied while Redis is up, refresh
+    /// the status; every [`PASS_EVERY`] or when many marks wait.
+    pub async fn run(self: Arc<Self>) {
+        let mut failing = false;
+        loop {
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "cannot mark journal events applied; will retry");
+            }
+            if self.store.shared_up() {
+                match self.replay_pending().await {
+                    Ok(_) => failing = false,
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %e, "cannot apply journal events to the shared counters; will retry");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+            self.refresh_status().await;
+            let _ = tokio::time::timeout(PASS_EVERY, self.wake.notified()).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backlog for Applier {
+    async fn replay(&self) -> Result<(), QuotaError> {
+        self.replay_pending().await.map(|_| ())
+    }
+}
