@@ -4,7 +4,7 @@
 //! Postgres ledger plus this instance's unshipped journal rows).
 //!
 //! Every limit that applies to a known key (its own, its user's, its tenant's and its
-//! plan's) is checked once per counter. A settle that lands between the two reads shows
+//! plan's) is checked once per counter, key by key ([`limit_groups`]). A settle that lands between the two reads shows
 //! up as a transient difference of that one request; run it again to confirm.
 
 use std::collections::BTreeSet;
@@ -61,53 +61,69 @@ impl Report {
     }
 }
 
-/// Every counter that applies to a known key, once each.
-pub fn all_limits(engine: &Engine) -> Vec<AppliedLimit> {
+/// Every counter that applies to a known key, once each, grouped by key: the counters of
+/// one group are those one request of that key touches, so a shared store finds them
+/// together (in Redis, under the hash tag of that key's widest subject). One call over
+/// every key's limits at once would look for all of them under one tag.
+pub fn limit_groups(engine: &Engine) -> Vec<Vec<AppliedLimit>> {
     let dir = engine.authenticator().directory();
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for (p, _) in dir.principals() {
-        for l in engine.applicable_limits(p, None) {
-            if seen.insert(l.counter_key()) {
-                out.push(l);
-            }
+        let group: Vec<AppliedLimit> = engine
+            .applicable_limits(p, None)
+            .into_iter()
+            .filter(|l| seen.insert(l.counter_key()))
+            .collect();
+        if !group.is_empty() {
+            out.push(group);
         }
     }
     out
 }
 
+/// Every counter that applies to a known key, once each.
+pub fn all_limits(engine: &Engine) -> Vec<AppliedLimit> {
+    limit_groups(engine).into_iter().flatten().collect()
+}
+
 /// Compare the engine's counters with the ledger; with `fix`, rewrite the differing
 /// counters from the ledger (holds of requests in flight are kept).
 pub async fn reconcile(engine: &Engine, fix: bool) -> Result<Report, QuotaError> {
-    let limits = all_limits(engine);
-    let states = engine.store().usage(&limits).await?;
     let loader = engine.journal().ledger_loader();
     let tz = engine.config().quota.timezone;
     let now = chrono::Utc::now();
-    let mut report = Report {
-        checked: states.len(),
-        ..Default::default()
-    };
-    for st in states {
-        let mut fresh = Counter::new(st.limit.spec.window, tz);
-        loader.load(&st.limit, &mut fresh, now).await?;
-        let ledger = fresh.used(now);
-        if ledger != st.used {
-            report.differences.push(Difference {
-                limit: st.limit,
-                counter: st.used,
-                ledger,
-            });
+    let mut report = Report::default();
+    let mut to_fix: Vec<Vec<AppliedLimit>> = Vec::new();
+    for group in limit_groups(engine) {
+        let states = engine.store().usage(&group).await?;
+        report.checked += states.len();
+        let mut differing = Vec::new();
+        for st in states {
+            let mut fresh = Counter::new(st.limit.spec.window, tz);
+            loader.load(&st.limit, &mut fresh, now).await?;
+            let ledger = fresh.used(now);
+            if ledger != st.used {
+                differing.push(st.limit.clone());
+                report.differences.push(Difference {
+                    limit: st.limit,
+                    counter: st.used,
+                    ledger,
+                });
+            }
+        }
+        if !differing.is_empty() {
+            to_fix.push(differing);
         }
     }
     // Drift is what an operator must hear about, whether or not this run fixes it.
     engine
         .metrics()
         .set_reconcile_differences(report.differences.len());
-    if fix && !report.differences.is_empty() {
-        let targets: Vec<AppliedLimit> =
-            report.differences.iter().map(|d| d.limit.clone()).collect();
-        engine.store().rebuild(&targets).await?;
+    if fix && !to_fix.is_empty() {
+        for targets in &to_fix {
+            engine.store().rebuild(targets).await?;
+        }
         report.fixed = true;
     }
     Ok(report)

@@ -812,3 +812,58 @@ async fn local_holds_do_not_outlive_their_outage() {
     settled_in_pg(&env.pg, &key_id, 4).await;
     assert_used(&proxy, &key_id, 4, "requests used").await;
 }
+
+/// Issue 10, defect 12: `tollgate reconcile` reads every key's counters where the request
+/// path keeps them (one hash tag per key's widest subject). Before the fix it passed every
+/// key's limits in one call under one tag: for every key but one it found nothing, seeded a
+/// stray copy from the ledger and compared the ledger with itself (`"differences": []`).
+#[tokio::test]
+async fn reconcile_reads_each_keys_own_counters() {
+    let env = env().await;
+    let proxy = env.proxy("local", "sidecar-a").await;
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        keys.push(
+            proxy
+                .create_live_key(&["--limit", "requests:total=100"])
+                .await,
+        );
+    }
+    for (id, key) in &keys {
+        assert_eq!(chat(&proxy, key).await.status, 200);
+        settled_in_pg(&env.pg, id, 1).await;
+        assert_used(&proxy, id, 1, "requests used").await;
+    }
+    reconcile_clean(&proxy);
+    // Another instance billed every key once more (its rows reached Postgres directly).
+    let c = env.pg.client().await;
+    for (i, (id, _)) in keys.iter().enumerate() {
+        c.execute(
+            "INSERT INTO billing_transactions (trace_id, key_id, upstream, model, status, input_tokens, output_tokens,
+               reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id)
+             VALUES ($1, $2, 'openai', 'gpt-4o-mini', 'settled', 10, 10, 100, 50, 'upstream', false, 200, now(), now(), 'sidecar-b')",
+            &[&format!("other-{i}"), id],
+        )
+        .await
+        .unwrap();
+    }
+    let (code, out, err) = proxy.cli(&["reconcile", "--json"]);
+    assert_eq!(code, 1, "{out} {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let diffs = v["differences"].as_array().unwrap();
+    assert_eq!(diffs.len(), 3, "every key's counter is one short: {v}");
+    for d in diffs {
+        assert_eq!(
+            (d["counter"].as_i64(), d["ledger"].as_i64()),
+            (Some(1), Some(2)),
+            "{v}"
+        );
+    }
+    // --fix rebuilds the counters the request path uses.
+    let (code, out, _) = proxy.cli(&["reconcile", "--fix", "--json"]);
+    assert_eq!(code, 1, "{out}");
+    reconcile_clean(&proxy);
+    for (id, _) in &keys {
+        assert_used(&proxy, id, 2, "rebuilt from the ledger").await;
+    }
+}
