@@ -17,7 +17,8 @@
 //!   whose cost differs from the price table's cost of its tokens;
 //! - **overspend** per capped key, printed beside the bound docs/architecture.md states;
 //! - **counters vs ledger**: each limit's live `used` on each instance against the ledger;
-//! - **reconcile**: what `GET /admin/reconcile` reports on each instance.
+//! - **reconcile**: what `GET /admin/reconcile` reports on each instance, and
+//!   **reconcile-sees**: every difference measured under `counters` is among them.
 //!
 //! Some guarantees wait on fixes still in progress; those checks are printed and marked
 //! `pending (defect N)` instead of failing the run, until they are listed as enforced in
@@ -59,8 +60,7 @@ const PENDING: &[(&str, &str)] = &[
     ),
     (
         "reconcile",
-        "issue 10 defect 12: reconcile reads every key's own hash tag (until then it can \
-         compare the ledger with itself and report nothing)",
+        "issue 10 defects 3 and 13: what reconcile finds is the drift of `counters`",
     ),
 ];
 
@@ -687,6 +687,8 @@ async fn judge(
 
     // Live counters against the ledger, on every instance.
     let mut counter_diffs = Vec::new();
+    // (instance, subject, spec) of every measured difference, for reconcile to find.
+    let mut drifted: Vec<(usize, String, String)> = Vec::new();
     for (i, p) in proxies.iter().enumerate() {
         for k in keys {
             let Some(v) = admin_get(p, &format!("/admin/usage?key={}", k.id)).await else {
@@ -706,6 +708,11 @@ async fn judge(
                     other => other.as_i64().unwrap_or(-1),
                 };
                 if used != ledger_used {
+                    drifted.push((
+                        i,
+                        format!("key:{}", k.id),
+                        l["spec"].as_str().unwrap_or("").to_string(),
+                    ));
                     counter_diffs.push(format!(
                         "instance {i} {} {}: counter {used} ledger {ledger_used}",
                         k.id,
@@ -716,16 +723,29 @@ async fn judge(
         }
     }
     let mut reconcile = Vec::new();
+    let mut seen: HashSet<(usize, String, String)> = HashSet::new();
     for (i, p) in proxies.iter().enumerate() {
         match admin_get(p, "/admin/reconcile").await {
             Some(v) => {
                 for d in v["differences"].as_array().cloned().unwrap_or_default() {
+                    seen.insert((
+                        i,
+                        d["subject"].as_str().unwrap_or("").to_string(),
+                        d["spec"].as_str().unwrap_or("").to_string(),
+                    ));
                     reconcile.push(format!("instance {i}: {d}"));
                 }
             }
             None => reconcile.push(format!("instance {i}: no answer")),
         }
     }
+    // Whatever the drift, reconcile must see it (issue 10 defect 12: it compared the
+    // ledger with itself and reported nothing).
+    let blind: Vec<String> = drifted
+        .iter()
+        .filter(|d| !seen.contains(*d))
+        .map(|(i, subject, spec)| format!("instance {i}: {subject} {spec}"))
+        .collect();
 
     let short = |v: &[String]| v.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
     vec![
@@ -782,6 +802,14 @@ async fn judge(
             name: "reconcile",
             found: reconcile.len() as i64,
             detail: short(&reconcile),
+        },
+        Check {
+            name: "reconcile-sees",
+            found: blind.len() as i64,
+            detail: format!(
+                "measured counter differences reconcile did not report {}",
+                short(&blind)
+            ),
         },
     ]
 }
