@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CONFIG ?= config.toml
 
-.PHONY: setup run build test lint fmt bench soak clean
+.PHONY: setup run build test lint fmt bench bench-spend soak clean
 
 setup:
 	./scripts/setup.sh
@@ -38,6 +38,11 @@ soak:
 
 bench: setup
 	./benches/load.sh
+
+# Spend reports over 1,000,000 generated ledger rows in SQLite and a private PostgreSQL
+# (SPEND_ROWS to change the count); figures and plans in docs/performance.md.
+bench-spend:
+	$(CARGO) bench --bench spend
 
 clean:
 	$(CARGO) clean

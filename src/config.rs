@@ -86,6 +86,7 @@ pub const STORAGE_KEYS: &[&str] = &[
     "on_unavailable",
     "durability",
     "journal_retention",
+    "retention",
 ];
 /// Keys of `[quota]`.
 pub const QUOTA_KEYS: &[&str] = &[
@@ -263,7 +264,15 @@ pub struct StorageConfig {
     pub durability: Durability,
     /// Shared mode: how long shipped journal events (and final trace ids) are kept locally.
     pub journal_retention: Duration,
+    /// How long settled and released ledger rows are kept once counted in the hourly
+    /// rollups (`None`: keep everything). At least [`MIN_RETENTION`].
+    pub retention: Option<Duration>,
 }
+
+/// Shortest `storage.retention`: a rolling window that reaches before the retention
+/// watermark is then at least this long, so counting its first hour from the hourly
+/// rollups stays within the 1/60 of its length that a rolling window is exact to.
+pub const MIN_RETENTION: Duration = Duration::from_secs(3 * 86_400);
 
 #[derive(Debug, Clone)]
 pub struct QuotaConfig {
@@ -469,6 +478,7 @@ impl Config {
                 "on_unavailable": self.storage.on_unavailable,
                 "durability": self.storage.durability,
                 "journal_retention": humantime::format_duration(self.storage.journal_retention).to_string(),
+                "retention": self.storage.retention.map(|d| humantime::format_duration(d).to_string()),
             },
             "quota": {
                 "timezone": self.quota.timezone.name(),
@@ -539,6 +549,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parse a duration such as `500ms`, `20s`, `10m`, `5h`.
+/// Whether `tz` has been a whole number of hours from UTC on every day of 2000–2040 (the
+/// days a ledger can hold rows of), so its calendar windows start on whole UTC hours.
+pub fn whole_hour_offsets(tz: chrono_tz::Tz) -> bool {
+    use chrono::{Offset, TimeZone};
+    let start = chrono::DateTime::from_timestamp(946_684_800, 0).unwrap_or_default();
+    (0..41 * 366).all(|day| {
+        let t = start + chrono::Duration::days(day);
+        tz.offset_from_utc_datetime(&t.naive_utc())
+            .fix()
+            .local_minus_utc()
+            % 3_600
+            == 0
+    })
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration like \"20s\" or \"500ms\": {e}"))
@@ -964,6 +989,16 @@ impl Reader<'_> {
             Duration::from_secs(24 * 3600),
             parse_duration,
         );
+        let retention = self.parsed(t, p, "retention", None, |s| {
+            let d = parse_duration(s)?;
+            if d < MIN_RETENTION {
+                return Err(format!(
+                    "`{s}` is shorter than {}; use a window such as \"90d\" (or leave it out to keep every row)",
+                    humantime::format_duration(MIN_RETENTION)
+                ));
+            }
+            Ok(Some(d))
+        });
         StorageConfig {
             mode,
             journal_path,
@@ -972,6 +1007,7 @@ impl Reader<'_> {
             on_unavailable,
             durability,
             journal_retention,
+            retention,
         }
     }
 
@@ -1342,6 +1378,19 @@ impl Reader<'_> {
             }
             None
         };
+        if cfg.storage.retention.is_some() && !whole_hour_offsets(cfg.quota.timezone) {
+            // Limits' calendar windows start at local midnight; once their first rows are
+            // deleted they are counted from UTC-hour rollups, which cannot cut a window
+            // starting at :30 or :45.
+            self.issue(
+                "storage.retention",
+                span_of(&["storage", "retention"]),
+                format!(
+                    "needs a [quota].timezone whose UTC offset is a whole number of hours; {} is not",
+                    cfg.quota.timezone.name()
+                ),
+            );
+        }
         if cfg.storage.mode == StorageMode::Shared {
             if cfg.storage.redis_url.is_none() {
                 self.issue(

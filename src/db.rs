@@ -62,6 +62,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../migrations/sqlite/0006_journal_progress.sql"),
     ),
+    (
+        7,
+        include_str!("../migrations/sqlite/0007_spend_rollups.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -415,11 +419,26 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&conn).unwrap(), vec![4, 5, 6]);
+        assert_eq!(migrate(&conn).unwrap(), vec![4, 5, 6, 7]);
         let row = crate::ledger::get(&conn, "old").unwrap().unwrap();
         assert_eq!((row.cache_write_tokens, row.cost_micros), (700, 4321));
         assert_eq!((row.cache_write_1h_tokens, row.tool_calls), (0, 0));
         assert_eq!((row.service_tier, row.price_version), (None, None));
+        // Version 7 counted the row already in the ledger in both hourly rollups.
+        for table in ["spend_hourly", "spend_hourly_model"] {
+            let (hour, requests, cost): (String, i64, i64) = conn
+                .query_row(
+                    &format!("SELECT hour, requests, cost_micros FROM {table}"),
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (hour.as_str(), requests, cost),
+                ("2026-11-01T00:00:00.000000Z", 1, 4321),
+                "{table}"
+            );
+        }
     }
 
     #[tokio::test]

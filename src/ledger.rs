@@ -57,9 +57,9 @@ pub struct Transaction {
     pub price_version: Option<String>,
 }
 
-const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id, cache_write_1h_tokens, tool_calls, service_tier, price_version";
+pub(crate) const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id, cache_write_1h_tokens, tool_calls, service_tier, price_version";
 
-fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
+pub(crate) fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
     Ok(Transaction {
         trace_id: r.get(0)?,
         key_id: r.get(1)?,
@@ -266,7 +266,22 @@ fn subject_clause(s: &Subject) -> (&'static str, String) {
     }
 }
 
-/// Fill `counter` with the settled rows of `limit`'s subject, scope and window.
+/// The retention watermark as ledger text, inside SQL: settled and released rows that
+/// started before it were deleted by a retention pass and are counted only in
+/// `spend_hourly` (see migrations/sqlite/0004_spend_rollups.sql).
+const RETAINED_BEFORE: &str = "COALESCE((SELECT strftime('%Y-%m-%dT%H:%M:%S.000000Z', value, 'unixepoch') \
+     FROM meta WHERE name = 'retained_before'), '1970-01-01T00:00:00.000000Z')";
+
+/// Fill `counter` with the settled rows of `limit`'s subject, scope and window: the rows
+/// from the retention watermark on, and the hourly rollups before it (one statement, so
+/// one snapshot: a retention pass running meanwhile changes neither part).
+///
+/// Accuracy across the watermark: calendar windows and `total` start on a whole hour
+/// (`storage.retention` requires a `[quota].timezone` with whole-hour offsets), so their
+/// rollup hours are exact. A rolling window that reaches before the watermark is longer
+/// than the retention (at least 3 days): its first, partial hour counts whole, at the
+/// window start — at most one hour of usage early, within the 1/60 of its length that a
+/// rolling window is exact to.
 pub fn load_counter(
     c: &Connection,
     limit: &AppliedLimit,
@@ -279,26 +294,39 @@ pub fn load_counter(
         _ => counter.window_start(now),
     };
     let since_text = since.map(crate::time::to_text);
+    let since_hour = since.map(|s| crate::time::to_text(crate::spend::hour_floor(s)));
     let metric = limit.spec.metric;
     let expr = match metric {
-        Metric::Requests => "1",
-        Metric::InputTokens => "input_tokens",
-        Metric::OutputTokens => "output_tokens",
-        Metric::Tokens => "input_tokens + output_tokens",
-        Metric::Usd => "cost_micros",
+        Metric::Requests => ("1", "requests"),
+        Metric::InputTokens => ("input_tokens", "input_tokens"),
+        Metric::OutputTokens => ("output_tokens", "output_tokens"),
+        Metric::Tokens => (
+            "input_tokens + output_tokens",
+            "input_tokens + output_tokens",
+        ),
+        Metric::Usd => ("cost_micros", "cost_micros"),
     };
     let sql = format!(
-        "SELECT started_at, SUM({expr}) FROM billing_transactions
-         WHERE {who} AND status='settled' AND (?2 IS NULL OR upstream = ?2) AND (?3 IS NULL OR started_at >= ?3)
-         GROUP BY {}",
+        "SELECT at, SUM(amount) FROM (
+           SELECT started_at AS at, {row} AS amount FROM billing_transactions
+           WHERE {who} AND status='settled' AND (?2 IS NULL OR upstream = ?2) AND (?3 IS NULL OR started_at >= ?3)
+             AND started_at >= {RETAINED_BEFORE}
+           UNION ALL
+           SELECT CASE WHEN ?3 IS NULL OR hour >= ?3 THEN hour ELSE ?3 END AS at, {rollup} AS amount
+           FROM spend_hourly
+           WHERE {who} AND status='settled' AND (?2 IS NULL OR upstream = ?2) AND (?4 IS NULL OR hour >= ?4)
+             AND hour < {RETAINED_BEFORE}
+         ) GROUP BY {}",
         match limit.spec.window {
             // Rolling windows need amounts per start time (bucketed by the counter).
-            Window::Rolling(_) => "started_at",
+            Window::Rolling(_) => "at",
             _ => "NULL",
-        }
+        },
+        row = expr.0,
+        rollup = expr.1,
     );
     let mut st = c.prepare_cached(&sql)?;
-    let mut rows = st.query(params![id, limit.spec.upstream, since_text])?;
+    let mut rows = st.query(params![id, limit.spec.upstream, since_text, since_hour])?;
     while let Some(r) = rows.next()? {
         let at: Option<String> = r.get(0)?;
         let amount: Option<i64> = r.get(1)?;

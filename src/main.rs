@@ -73,6 +73,9 @@ enum Command {
     /// Spend over a period from the ledger of record, by day, model, key… (a table with a
     /// totals row; `--json` or `--csv` for machines).
     Report(ReportArgs),
+    /// Ledger rows of a period, every status, oldest first, as JSON lines (default) or
+    /// CSV on stdout — to archive them before `storage.retention` deletes them.
+    Export(ExportArgs),
     /// Journal backlog (`status`) or ship it now (`replay`).
     Journal {
         #[command(subcommand)]
@@ -151,6 +154,25 @@ struct ReportArgs {
     /// CSV rows (header line, no totals row).
     #[arg(long, conflicts_with = "json")]
     csv: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// First row's start: RFC 3339 time, a date (local midnight in [quota].timezone) or
+    /// 36h / 7d / 2w ago.
+    #[arg(long)]
+    since: String,
+    /// End (exclusive), same forms; default now.
+    #[arg(long)]
+    until: Option<String>,
+    /// CSV with a header line instead of JSON lines.
+    #[arg(long, conflicts_with = "jsonl")]
+    csv: bool,
+    /// JSON lines, one row per line (the default).
+    #[arg(long)]
+    jsonl: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -325,6 +347,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report(args) => report_cmd(&args),
+        Command::Export(args) => export_cmd(&args),
         Command::Journal { cmd } => journal_cmd(cmd),
         Command::Reconcile { fix, common } => reconcile_cmd(fix, &common),
         Command::Keys { cmd } => keys_cmd(cmd),
@@ -738,6 +761,39 @@ fn report_cmd(args: &ReportArgs) -> Result<ExitCode> {
     } else {
         print_line(&tollgate::spend::table(&v));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tollgate export`: rows straight from the ledger of record (the embedded SQLite file,
+/// or Postgres in shared mode), streamed to stdout.
+fn export_cmd(args: &ExportArgs) -> Result<ExitCode> {
+    use tollgate::spend::export::{self, Format, Writer};
+    let cfg = load(&args.common)?;
+    let now = chrono::Utc::now();
+    let tz = cfg.quota.timezone;
+    let since = tollgate::spend::parse_time("since", &args.since, now, tz)?;
+    let until = match &args.until {
+        Some(v) => tollgate::spend::parse_time("until", v, now, tz)?,
+        None => now,
+    };
+    if since >= until {
+        bail!("`--since` must be before `--until`");
+    }
+    let format = if args.csv { Format::Csv } else { Format::Jsonl };
+    let stdout = std::io::stdout();
+    let mut w = Writer::new(std::io::BufWriter::new(stdout.lock()), format)?;
+    match cfg.storage.mode {
+        StorageMode::Embedded => {
+            // Apply pending migrations first (the file may predate this version).
+            drop(open_db(&cfg)?);
+            export::from_sqlite(&cfg.storage.journal_path, since, until, &mut w)?;
+        }
+        StorageMode::Shared => {
+            let pg = tollgate::shared::pg::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
+            runtime()?.block_on(export::from_pg(&pg, since, until, &mut w))?;
+        }
+    }
+    w.finish()?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -190,7 +190,7 @@ pub fn price_table(config: &Config) -> Result<PriceTable, StartError> {
 }
 
 /// Background work of a running instance: key directory refresh, DNS, admin listener,
-/// alert delivery.
+/// alert delivery, ledger retention.
 struct Background {
     engine: Arc<Engine>,
     outbox: Option<Arc<Outbox>>,
@@ -206,6 +206,14 @@ impl BackgroundService for Background {
             tokio::spawn(crate::shared::shipper::Shipper::new(ob, retention).run())
         });
         let applier = e.applier().map(|a| tokio::spawn(a.clone().run()));
+        // `storage.retention`: passes over the ledger of record (Postgres in shared mode).
+        let retention = e.config().storage.retention.map(|keep| {
+            let target = match &self.outbox {
+                Some(ob) => crate::spend::retention::Target::Postgres(ob.pg().clone()),
+                None => crate::spend::retention::Target::Embedded(e.db().clone()),
+            };
+            tokio::spawn(crate::spend::retention::run_loop(target, keep))
+        });
         let dns = tokio::spawn(resolve_loop(e.upstreams().clone()));
         let probe = tokio::spawn(probe_loop(e.clone()));
         let plans = tokio::spawn(plan_watch(e.clone()));
@@ -218,6 +226,9 @@ impl BackgroundService for Background {
         }
         if let Some(a) = applier {
             a.abort();
+        }
+        if let Some(r) = retention {
+            r.abort();
         }
         dns.abort();
         probe.abort();

@@ -453,7 +453,7 @@ fn row(trace: &str, status: &str, started: &str, cost: i64) -> Transaction {
 async fn ledger_upserts_only_move_rows_forward() {
     let pg = TestPg::start();
     let ledger = PgLedger::new(&pg.url()).unwrap();
-    assert_eq!(ledger.migrate().await.unwrap(), vec![1, 2]);
+    assert_eq!(ledger.migrate().await.unwrap(), vec![1, 2, 3]);
     assert!(ledger.migrate().await.unwrap().is_empty(), "applied once");
     let (t1, t2) = ("2026-01-01T00:00:00.000001Z", "2026-01-01T00:00:05.000000Z");
     let reserve1 = row("a", "reserved", t1, 0);
@@ -507,6 +507,37 @@ async fn ledger_upserts_only_move_rows_forward() {
         .collect();
     assert_eq!(ledger.upsert_rows(&many).await.unwrap(), 10_000);
     assert_eq!(ledger.upsert_rows(&many).await.unwrap(), 0);
+    // After every forward move, refused replay and reuse above, the hourly rollups hold
+    // exactly the ledger's settled and released rows: a (settled, 42), c (settled, 7) and
+    // the 10,000 rows of `many`; b went from released back to reserved.
+    let client = pg.client().await;
+    let sums = |table: &'static str| {
+        let client = &client;
+        async move {
+            let r = client
+                .query_one(
+                    &format!(
+                        "SELECT status, SUM(requests)::bigint, SUM(cost_micros)::bigint FROM {table}
+                         GROUP BY status HAVING SUM(requests) <> 0"
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            (
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2),
+            )
+        }
+    };
+    let expected = (
+        "settled".to_string(),
+        10_002,
+        42 + 7 + (0..10_000).sum::<i64>(),
+    );
+    assert_eq!(sums("spend_hourly").await, expected);
+    assert_eq!(sums("spend_hourly_model").await, expected);
     // Postgres gone: a transient error, quickly.
     pg.stop();
     let t0 = Instant::now();

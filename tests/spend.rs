@@ -311,11 +311,27 @@ fn insert_sqlite(c: &rusqlite::Connection, rows: &[Row]) {
         )
         .unwrap();
     }
+    // Every third row goes back to `reserved` and is settled again, so the rollups see
+    // updates (old row out, new row in) as well as inserts.
+    for i in (1..rows.len()).step_by(3) {
+        let r = &rows[i];
+        c.execute(
+            "UPDATE billing_transactions SET status = 'reserved', cost_micros = 0 WHERE trace_id = ?1",
+            [format!("t{i}")],
+        )
+        .unwrap();
+        c.execute(
+            "UPDATE billing_transactions SET status = ?2, cost_micros = ?3 WHERE trace_id = ?1",
+            rusqlite::params![format!("t{i}"), r.status, r.cost],
+        )
+        .unwrap();
+    }
     c.execute_batch("COMMIT").unwrap();
 }
 
 async fn insert_pg(c: &tokio_postgres::Client, rows: &[Row]) {
-    c.batch_execute("TRUNCATE billing_transactions")
+    // TRUNCATE fires no row or statement delete trigger: clear the rollups with it.
+    c.batch_execute("TRUNCATE billing_transactions, spend_hourly, spend_hourly_model")
         .await
         .unwrap();
     let st = c
@@ -347,6 +363,21 @@ async fn insert_pg(c: &tokio_postgres::Client, rows: &[Row]) {
                 &(if r.estimated { "estimated" } else { "upstream" }),
                 &tollgate::time::to_text(r.started_at),
             ],
+        )
+        .await
+        .unwrap();
+    }
+    for i in (1..rows.len()).step_by(3) {
+        let r = &rows[i];
+        c.execute(
+            "UPDATE billing_transactions SET status = 'reserved', cost_micros = 0 WHERE trace_id = $1",
+            &[&format!("t{i}")],
+        )
+        .await
+        .unwrap();
+        c.execute(
+            "UPDATE billing_transactions SET status = $2, cost_micros = $3 WHERE trace_id = $1",
+            &[&format!("t{i}"), &r.status, &r.cost],
         )
         .await
         .unwrap();

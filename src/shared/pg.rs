@@ -32,6 +32,10 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../../migrations/postgres/0002_price_fields.sql"),
     ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_spend_rollups.sql"),
+    ),
 ];
 
 /// Advisory lock key held while migrating (ASCII "tollgate" folded into an i64), so that
@@ -250,6 +254,14 @@ impl PgLedger {
     /// Settled amounts of `metric` for one subject, scope and window start, excluding
     /// `exclude` trace ids. Rows are `(started_at in µs since the epoch, amount)` per start
     /// time when `per_start`, else one `(None, sum)` row.
+    ///
+    /// Rows that started before the retention watermark (`meta.retained_before`) are read
+    /// from the hourly rollups instead (a retention pass deleted them, or will), in the same
+    /// statement and so the same snapshot. An hour's rollup starting before `since` (a
+    /// rolling window's first, partial hour) counts at `since`; see
+    /// [`crate::ledger::load_counter`] for why that stays within the window's accuracy.
+    /// Excluded trace ids are journal rows not yet shipped — recent, so after the
+    /// watermark.
     pub async fn settled_sums(
         &self,
         subject: &Subject,
@@ -265,17 +277,34 @@ impl PgLedger {
             Subject::Tenant(t) => ("tenant_id", t.as_str()),
         };
         let expr = metric_expr(metric);
+        let rollup_expr = match metric {
+            Metric::Requests => "requests",
+            _ => expr,
+        };
         let at = if per_start {
-            "(extract(epoch FROM started_at) * 1000000)::bigint"
+            "(extract(epoch FROM at) * 1000000)::bigint"
         } else {
             "NULL::bigint"
         };
         let sql = format!(
-            "SELECT {at} AS at, SUM({expr})::bigint FROM billing_transactions
-             WHERE {who} = $1 AND status = 'settled'
-               AND ($2::text IS NULL OR upstream = $2)
-               AND ($3::text IS NULL OR started_at >= ($3::text)::timestamptz)
-               AND NOT (trace_id = ANY($4::text[]))
+            "WITH w AS (SELECT COALESCE((SELECT to_timestamp(value) FROM meta
+                                         WHERE name = 'retained_before'), 'epoch') AS w)
+             SELECT {at} AS at_us, SUM(amount)::bigint FROM (
+               SELECT started_at AS at, {expr} AS amount FROM billing_transactions, w
+               WHERE {who} = $1 AND status = 'settled'
+                 AND ($2::text IS NULL OR upstream = $2)
+                 AND ($3::text IS NULL OR started_at >= ($3::text)::timestamptz)
+                 AND started_at >= w.w
+                 AND NOT (trace_id = ANY($4::text[]))
+               UNION ALL
+               SELECT GREATEST(hour, COALESCE(($3::text)::timestamptz, hour)) AS at,
+                      {rollup_expr} AS amount
+               FROM spend_hourly, w
+               WHERE {who} = $1 AND status = 'settled'
+                 AND ($2::text IS NULL OR upstream = $2)
+                 AND ($3::text IS NULL OR hour > ($3::text)::timestamptz - interval '1 hour')
+                 AND hour < w.w
+             ) s
              GROUP BY 1"
         );
         let client = self.client().await?;
@@ -296,44 +325,50 @@ impl PgLedger {
     pub async fn all_rows(&self) -> Result<Vec<Transaction>, PgError> {
         let client = self.client().await?;
         let sql = format!(
-            "SELECT trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens,
-                    cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
-                    reserved_micros, cost_micros, usage_source, stream, http_status::bigint,
-                    to_char(started_at AT TIME ZONE 'UTC', {TS_TEXT}),
-                    to_char(settled_at AT TIME ZONE 'UTC', {TS_TEXT}), instance_id,
-                    cache_write_1h_tokens, tool_calls, service_tier, price_version
-             FROM billing_transactions ORDER BY started_at, trace_id"
+            "SELECT {} FROM billing_transactions ORDER BY started_at, trace_id",
+            row_select()
         );
         let rows = client.query(&sql, &[]).await?;
-        Ok(rows
-            .iter()
-            .map(|r| Transaction {
-                trace_id: r.get(0),
-                key_id: r.get(1),
-                user_id: r.get(2),
-                tenant_id: r.get(3),
-                upstream: r.get(4),
-                model: r.get(5),
-                status: r.get(6),
-                input_tokens: r.get(7),
-                cached_input_tokens: r.get(8),
-                cache_write_tokens: r.get(9),
-                output_tokens: r.get(10),
-                reasoning_tokens: r.get(11),
-                reserved_micros: r.get(12),
-                cost_micros: r.get(13),
-                usage_source: r.get(14),
-                stream: r.get(15),
-                http_status: r.get(16),
-                started_at: r.get(17),
-                settled_at: r.get(18),
-                instance_id: r.get(19),
-                cache_write_1h_tokens: r.get(20),
-                tool_calls: r.get(21),
-                service_tier: r.get(22),
-                price_version: r.get(23),
-            })
-            .collect())
+        Ok(rows.iter().map(row_to_tx).collect())
+    }
+
+    /// Hand the rows with `since <= started_at < until` (ledger text), oldest first, to
+    /// `f`, without holding them all: a cursor is read [`EXPORT_BATCH`] rows at a time,
+    /// in one read-only snapshot.
+    pub async fn each_row(
+        &self,
+        since: &str,
+        until: &str,
+        mut f: impl FnMut(Transaction) -> std::io::Result<()>,
+    ) -> Result<u64, PgError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let sql = format!(
+            "SELECT {} FROM billing_transactions
+             WHERE started_at >= ($1::text)::timestamptz AND started_at < ($2::text)::timestamptz
+             ORDER BY started_at, trace_id",
+            row_select()
+        );
+        let st = tx.prepare(&sql).await?;
+        let portal = tx.bind(&st, &[&since, &until]).await?;
+        let mut n = 0u64;
+        loop {
+            let rows = tx.query_portal(&portal, EXPORT_BATCH).await?;
+            for row in &rows {
+                f(row_to_tx(row)).map_err(|e| PgError::Query(format!("writing a row: {e}")))?;
+                n += 1;
+            }
+            if rows.len() < EXPORT_BATCH as usize {
+                break;
+            }
+        }
+        tx.commit().await?;
+        Ok(n)
     }
 
     // ----- keys and limits -----
@@ -517,6 +552,50 @@ fn metric_expr(metric: Metric) -> &'static str {
         Metric::OutputTokens => "output_tokens",
         Metric::Tokens => "input_tokens + output_tokens",
         Metric::Usd => "cost_micros",
+    }
+}
+
+/// The ledger columns in [`row_to_tx`]'s order, times as ledger text.
+/// Rows fetched per round trip by [`PgLedger::each_row`].
+pub const EXPORT_BATCH: i32 = 1_000;
+
+fn row_select() -> String {
+    format!(
+        "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens,
+         cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
+         reserved_micros, cost_micros, usage_source, stream, http_status::bigint,
+         to_char(started_at AT TIME ZONE 'UTC', {TS_TEXT}),
+         to_char(settled_at AT TIME ZONE 'UTC', {TS_TEXT}), instance_id,
+         cache_write_1h_tokens, tool_calls, service_tier, price_version"
+    )
+}
+
+fn row_to_tx(r: &tokio_postgres::Row) -> Transaction {
+    Transaction {
+        trace_id: r.get(0),
+        key_id: r.get(1),
+        user_id: r.get(2),
+        tenant_id: r.get(3),
+        upstream: r.get(4),
+        model: r.get(5),
+        status: r.get(6),
+        input_tokens: r.get(7),
+        cached_input_tokens: r.get(8),
+        cache_write_tokens: r.get(9),
+        output_tokens: r.get(10),
+        reasoning_tokens: r.get(11),
+        reserved_micros: r.get(12),
+        cost_micros: r.get(13),
+        usage_source: r.get(14),
+        stream: r.get(15),
+        http_status: r.get(16),
+        started_at: r.get(17),
+        settled_at: r.get(18),
+        instance_id: r.get(19),
+        cache_write_1h_tokens: r.get(20),
+        tool_calls: r.get(21),
+        service_tier: r.get(22),
+        price_version: r.get(23),
     }
 }
 

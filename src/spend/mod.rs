@@ -28,7 +28,9 @@
 //! totals still cover every matching row); each backend runs at most [`CONCURRENT_REPORTS`]
 //! reports at once; filters are at most [`MAX_FILTER_LEN`] bytes.
 
+pub mod export;
 pub mod pg;
+pub mod retention;
 pub mod sqlite;
 
 use std::path::Path;
@@ -55,6 +57,9 @@ pub const DEFAULT_DAYS: i64 = 7;
 pub const MAX_FILTER_LEN: usize = 256;
 /// Reports one backend runs at once; more wait their turn.
 pub const CONCURRENT_REPORTS: usize = 2;
+/// Most UTC hours a report sums from ledger rows beside the hourly rollups; a report that
+/// would cut more hours than this (bucket bounds off the hour) reads every row instead.
+pub const MAX_CUT_HOURS: usize = 24;
 
 /// Why a report could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +216,12 @@ pub struct Plan {
     /// `(ledger column, value)` pairs every counted row must match.
     pub filters: Vec<(&'static str, String)>,
     pub limit: usize,
+    /// Where the sums come from. `Some(hours)`: whole UTC hours inside the period from the
+    /// hourly rollups, except these hours (each one contains `since`, `until` or a bucket
+    /// bound that is not on a whole hour), which are summed from the ledger's rows.
+    /// `None`: every row from the ledger (more than [`MAX_CUT_HOURS`] hours would need
+    /// cutting — a time zone whose offset is not whole hours, grouped by hour or day).
+    pub cut_hours: Option<Vec<DateTime<Utc>>>,
 }
 
 impl Plan {
@@ -356,6 +367,7 @@ pub fn plan(p: &SpendParams, now: DateTime<Utc>, tz: Tz) -> Result<Plan, SpendEr
             }
         },
     };
+    let cut_hours = cut_hours(since, until, &bounds);
     Ok(Plan {
         since,
         until,
@@ -364,7 +376,34 @@ pub fn plan(p: &SpendParams, now: DateTime<Utc>, tz: Tz) -> Result<Plan, SpendEr
         bounds,
         filters,
         limit,
+        cut_hours,
     })
+}
+
+/// The start of the UTC hour containing `t`.
+pub fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    let secs = t.timestamp().div_euclid(3_600) * 3_600;
+    DateTime::from_timestamp(secs, 0).unwrap_or(t)
+}
+
+/// The hours a report must sum from ledger rows: those containing `since`, `until` or a
+/// bucket bound strictly inside (not at) their start. `None` when there are more than
+/// [`MAX_CUT_HOURS`].
+fn cut_hours(
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+    bounds: &[DateTime<Utc>],
+) -> Option<Vec<DateTime<Utc>>> {
+    let interior = bounds.iter().copied().filter(|b| since < *b && *b < until);
+    let mut hours: Vec<DateTime<Utc>> = [since, until]
+        .into_iter()
+        .chain(interior)
+        .filter(|t| hour_floor(*t) != *t)
+        .map(hour_floor)
+        .collect();
+    hours.sort();
+    hours.dedup();
+    (hours.len() <= MAX_CUT_HOURS).then_some(hours)
 }
 
 /// The calendar buckets of `unit` covering `[since, until)`: every start, then the last end.
@@ -586,17 +625,20 @@ pub mod sql {
         Postgres,
     }
 
-    /// What each summed field adds per row, in [`super::Sums::FIELDS`] order.
-    const PER_ROW: [&str; 8] = [
-        "1",
+    /// The summed columns of the source ([`source`]), in [`super::Sums::FIELDS`] order.
+    const SUMMED: [&str; 8] = [
+        "requests",
         "input_tokens",
         "cached_input_tokens",
         "cache_write_tokens",
         "output_tokens",
         "reasoning_tokens",
         "cost_micros",
-        "CASE WHEN usage_source = 'estimated' THEN 1 ELSE 0 END",
+        "estimated",
     ];
+
+    /// The dimension columns every source row carries.
+    const DIMS: &str = "key_id, user_id, tenant_id, upstream, model, status";
 
     impl Dialect {
         fn param(self, i: usize) -> String {
@@ -654,18 +696,89 @@ pub mod sql {
         )
     }
 
-    /// `WHERE` conditions after the status test, and the parameters they bind (all text):
+    /// The rows a report sums, as a subquery of `started_at, key_id, user_id, tenant_id,
+    /// upstream, model, status` and the [`SUMMED`] columns, inside `since <= started_at <
+    /// until`, settled and released: whole hours from `spend_hourly` (a rollup row's
+    /// `started_at` is its hour) and the plan's cut hours from the ledger's own rows (see
+    /// [`Plan::cut_hours`]); or, without cut hours, every ledger row. Binds `since` and
+    /// `until` as parameters 1 and 2.
+    fn source(d: Dialect, plan: &Plan) -> String {
+        let ledger = |lo: String, hi: String| {
+            format!(
+                "SELECT started_at, {DIMS}, 1 AS requests, input_tokens, cached_input_tokens, \
+                 cache_write_tokens, output_tokens, reasoning_tokens, cost_micros, \
+                 CASE WHEN usage_source = 'estimated' THEN 1 ELSE 0 END AS estimated \
+                 FROM billing_transactions WHERE status IN ('settled', 'released') \
+                 AND started_at >= {lo} AND started_at < {hi}"
+            )
+        };
+        let Some(cut) = &plan.cut_hours else {
+            return format!("({}) AS src", ledger(d.time_param(1), d.time_param(2)));
+        };
+        let text = |t| d.time_literal(&crate::time::to_text(t));
+        let first = super::hour_floor(plan.since);
+        let first = if first < plan.since {
+            first + chrono::Duration::hours(1)
+        } else {
+            first
+        };
+        // The narrow rollup when no key, user or tenant is asked for.
+        let subjects = ["key_id", "user_id", "tenant_id"];
+        let by_subject = plan
+            .other_dims()
+            .iter()
+            .filter_map(|d| d.column())
+            .chain(plan.filters.iter().map(|(c, _)| *c))
+            .any(|c| subjects.contains(&c));
+        let (table, who) = if by_subject {
+            (
+                "spend_hourly",
+                "key_id, NULLIF(user_id, '') AS user_id, NULLIF(tenant_id, '') AS tenant_id",
+            )
+        } else {
+            (
+                "spend_hourly_model",
+                "NULL AS key_id, NULL AS user_id, NULL AS tenant_id",
+            )
+        };
+        // The whole hours inside the period (its bounds, parameters 1 and 2, are implied;
+        // the query names them so both branches bind the same parameters).
+        let mut rollup = format!(
+            "SELECT hour AS started_at, {who}, upstream, model, status, {} \
+             FROM {table} WHERE hour >= {} AND hour < {} AND hour >= {} AND hour < {} \
+             AND requests <> 0",
+            SUMMED.join(", "),
+            text(first),
+            text(super::hour_floor(plan.until)),
+            d.time_param(1),
+            d.time_param(2),
+        );
+        if cut.is_empty() {
+            return format!("({rollup}) AS src");
+        }
+        let list: Vec<String> = cut.iter().map(|h| text(*h)).collect();
+        rollup.push_str(&format!(" AND hour NOT IN ({})", list.join(", ")));
+        // One index range per cut hour, clipped to the period.
+        let rows: Vec<String> = cut
+            .iter()
+            .map(|h| {
+                let lo = (*h).max(plan.since);
+                let hi = (*h + chrono::Duration::hours(1)).min(plan.until);
+                ledger(text(lo), text(hi))
+            })
+            .collect();
+        let rows = rows.join(" UNION ALL ");
+        format!("({rollup} UNION ALL {rows}) AS src")
+    }
+
+    /// The filter conditions on the source, and the parameters of the query (all text):
     /// `since`, `until`, then each filter value.
     fn conditions(d: Dialect, plan: &Plan) -> (String, Vec<String>) {
         let mut params = vec![
             crate::time::to_text(plan.since),
             crate::time::to_text(plan.until),
         ];
-        let mut sql = format!(
-            "started_at >= {} AND started_at < {}",
-            d.time_param(1),
-            d.time_param(2)
-        );
+        let mut sql = String::new();
         for (column, value) in &plan.filters {
             params.push(value.clone());
             sql.push_str(&format!(" AND {column} = {}", d.param(params.len())));
@@ -700,7 +813,7 @@ pub mod sql {
                 group.push(c.to_string());
             }
         }
-        select.extend(PER_ROW.iter().map(|e| d.sum(e)));
+        select.extend(SUMMED.iter().map(|e| d.sum(e)));
         order.push(format!("{} DESC", d.sum("cost_micros")));
         for dim in plan.other_dims() {
             if let Some(c) = dim.column() {
@@ -708,8 +821,9 @@ pub mod sql {
             }
         }
         let mut sql = format!(
-            "SELECT {} FROM billing_transactions WHERE status = 'settled' AND {cond}",
-            select.join(", ")
+            "SELECT {} FROM {} WHERE status = 'settled'{cond}",
+            select.join(", "),
+            source(d, plan)
         );
         if !group.is_empty() {
             sql.push_str(&format!(
@@ -725,15 +839,16 @@ pub mod sql {
     /// The totals query: the settled sums, then the number of released rows.
     pub fn totals(d: Dialect, plan: &Plan) -> (String, Vec<String>) {
         let (cond, params) = conditions(d, plan);
-        let mut select: Vec<String> = PER_ROW
+        let mut select: Vec<String> = SUMMED
             .iter()
             .map(|e| d.sum(&format!("CASE WHEN status = 'settled' THEN {e} ELSE 0 END")))
             .collect();
-        select.push(d.sum("CASE WHEN status = 'released' THEN 1 ELSE 0 END"));
+        select.push(d.sum("CASE WHEN status = 'released' THEN requests ELSE 0 END"));
         (
             format!(
-                "SELECT {} FROM billing_transactions WHERE status IN ('settled', 'released') AND {cond}",
-                select.join(", ")
+                "SELECT {} FROM {} WHERE true{cond}",
+                select.join(", "),
+                source(d, plan)
             ),
             params,
         )

@@ -174,7 +174,9 @@ fn the_sql_binds_every_user_value() {
         // 4 day buckets: a binary search of depth 2.
         assert_eq!(q.matches("CASE WHEN started_at <").count(), 3, "{q}");
         let (t, params) = sql::totals(d, &p);
-        assert!(t.contains("status IN ('settled', 'released')"), "{t}");
+        // Whole UTC days: every hour from the rollups, none from the ledger's rows.
+        assert!(t.contains("FROM spend_hourly "), "{t}");
+        assert!(!t.contains("FROM billing_transactions"), "{t}");
         assert_eq!(params.len(), 3);
     }
 }
