@@ -83,6 +83,12 @@ pub trait Journal: Send + Sync {
     /// Loads counters from the ledger as this journal feeds it (settled rows of a window),
     /// for counter rebuilds and `reconcile`.
     fn ledger_loader(&self) -> Arc<dyn CounterLoader>;
+    /// The loader `reconcile` compares with: like [`Journal::ledger_loader`], but it
+    /// refuses while the ledger of record is unreachable (a partial ledger would report
+    /// false differences, and `--fix` would lower counters toward it).
+    fn reconcile_loader(&self) -> Arc<dyn CounterLoader> {
+        self.ledger_loader()
+    }
 }
 
 /// The embedded ledger as the journal: the behaviour of embedded mode.

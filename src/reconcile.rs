@@ -90,7 +90,7 @@ pub fn all_limits(engine: &Engine) -> Vec<AppliedLimit> {
 /// Compare the engine's counters with the ledger; with `fix`, rewrite the differing
 /// counters from the ledger (holds of requests in flight are kept).
 pub async fn reconcile(engine: &Engine, fix: bool) -> Result<Report, QuotaError> {
-    let loader = engine.journal().ledger_loader();
+    let loader = engine.journal().reconcile_loader();
     let tz = engine.config().quota.timezone;
     let now = chrono::Utc::now();
     let mut report = Report::default();

@@ -17,7 +17,7 @@ use crate::ledger::SqliteLoader;
 use crate::proxy::Gateway;
 use crate::proxy::listener::Guarded;
 use crate::proxy::upstream::{Upstream, resolve_loop};
-use crate::quota::fallback::{Backlog, FallbackStore};
+use crate::quota::fallback::{Backlog, FallbackStore, LastKnown};
 use crate::quota::memory::{CounterLoader, MemoryStore};
 use crate::quota::redis::RedisOptions;
 use crate::quota::shared::{DirectoryRoots, LazyRedis};
@@ -97,10 +97,20 @@ pub fn build_engine_parts(
     let mut fallback: Option<Arc<FallbackStore>> = None;
     let store: Arc<dyn QuotaStore> = match (&config.storage.mode, &config.storage.redis_url) {
         (StorageMode::Shared, Some(url)) => {
+            // Redis's counters outlive an outage: a reseed while Postgres is unreachable
+            // never goes below the last state Redis reported (SPEC §4).
+            let known = Arc::new(LastKnown::default());
+            let seed: Arc<dyn CounterLoader> = match &outbox {
+                Some(ob) => Arc::new(
+                    crate::shared::loader::SharedLoader::new(ob.pg().clone(), ob.reader().clone())
+                        .not_below(known.clone()),
+                ),
+                None => loader.clone(),
+            };
             let redis = Arc::new(LazyRedis::new(
                 url.expose().to_string(),
                 RedisOptions::new(config.quota.timezone, config.quota.reservation_ttl),
-                Some(loader.clone()),
+                Some(seed),
                 Arc::new(DirectoryRoots { auth: auth.clone() }),
             ));
             let f = Arc::new(FallbackStore::new(
@@ -108,6 +118,7 @@ pub fn build_engine_parts(
                 config.storage.on_unavailable,
                 config.quota.timezone,
                 Some(loader),
+                known,
             ));
             fallback = Some(f.clone());
             f

@@ -867,3 +867,46 @@ async fn reconcile_reads_each_keys_own_counters() {
         assert_used(&proxy, id, 2, "rebuilt from the ledger").await;
     }
 }
+
+/// Issue 10, defect 3: Redis flushed while Postgres is down. The reseed may read only this
+/// instance's journal, which lacks what other instances billed; it must not go below the
+/// last state Redis reported (before: rebuilt from the journal alone, toward the full
+/// allowance — with a cap of 5, 9 settled). A counter nothing is known of is refused.
+#[tokio::test]
+async fn a_reseed_while_postgres_is_down_never_lowers_what_redis_reported() {
+    let env = env().await;
+    let a = env.proxy("local", "sidecar-a").await;
+    let b = env.proxy("local", "sidecar-b").await;
+    let (key_id, key) = a.create_live_key(&["--limit", "requests:total=10"]).await;
+    wait_key(&b, &key).await;
+    assert_eq!(chat(&a, &key).await.status, 200);
+    for _ in 0..4 {
+        assert_eq!(chat(&b, &key).await.status, 200);
+    }
+    assert_used(&a, &key_id, 5, "a sees b's usage in redis").await;
+    // a's last reserve is what Redis last told a: 5 used + its own hold.
+    assert_eq!(chat(&a, &key).await.status, 200);
+    settled_in_pg(&env.pg, &key_id, 6).await;
+    assert_used(&a, &key_id, 6, "requests used").await;
+
+    env.pg.stop();
+    assert_eq!(env.redis.cli(&["FLUSHALL"]).trim(), "OK");
+    // a's journal holds 2 of the 6; Redis last said 6.
+    let statuses = burst(&[&a], &key, 10).await;
+    assert_eq!(count(&statuses, 200), 4, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 6, "{statuses:?}");
+    // b knows nothing of another key's counter: a key it never saw is refused, not
+    // rebuilt from nothing.
+    let (_, other) = {
+        env.pg.start_again();
+        let k = a.create_live_key(&["--limit", "requests:total=10"]).await;
+        wait_key(&b, &k.1).await;
+        env.pg.stop();
+        assert_eq!(env.redis.cli(&["FLUSHALL"]).trim(), "OK");
+        k
+    };
+    let r = chat(&b, &other).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    env.pg.start_again();
+    settled_in_pg(&env.pg, &key_id, 10).await;
+}

@@ -52,6 +52,38 @@ pub trait Backlog: Send + Sync {
     async fn replay(&self) -> Result<(), QuotaError>;
 }
 
+/// The last `used + reserved` the primary reported per counter, with its window: what is
+/// known of a counter when the ledger of record cannot be read (SPEC §4: a rebuild never
+/// goes below it). Holds count as used: most requests in flight settle, and erring high
+/// keeps a rebuild from admitting past the cap.
+#[derive(Default)]
+pub struct LastKnown {
+    /// Counter key → (used + reserved, start of its window).
+    map: Mutex<HashMap<String, Reported>>,
+}
+
+type Reported = (i64, Option<DateTime<Utc>>);
+
+impl LastKnown {
+    pub fn record(&self, states: &[LimitState]) {
+        let mut m = self.map.lock();
+        for st in states {
+            m.insert(
+                st.limit.counter_key(),
+                (st.used.saturating_add(st.reserved), st.window_start),
+            );
+        }
+    }
+
+    /// What the primary last reported for `limit`'s counter in the window starting at
+    /// `window_start`; `None` when nothing is known of that window.
+    pub fn known(&self, limit: &AppliedLimit, window_start: Option<DateTime<Utc>>) -> Option<i64> {
+        let m = self.map.lock();
+        let (used, start) = m.get(&limit.counter_key())?;
+        (*start == window_start).then_some(*used)
+    }
+}
+
 /// The answer to a settle or release the primary did not take.
 fn pending() -> QuotaError {
     QuotaError::Unavailable(
@@ -67,8 +99,6 @@ struct State {
     local: HashSet<String>,
     /// Trace ids whose settle the local counters already count.
     counted_locally: HashSet<String>,
-    /// Last `used + reserved` the primary reported per counter, with its window.
-    last_known: HashMap<String, (i64, Option<DateTime<Utc>>)>,
     /// Requests held in the primary and not yet settled or released (policy `local`
     /// only): carried over into the local counters when the primary goes down.
     primary_holds: HashMap<String, ReserveRequest>,
@@ -85,12 +115,13 @@ pub struct FallbackStore {
     handover: tokio::sync::RwLock<()>,
     /// Replays the journal to the primary before it is authoritative again.
     backlog: OnceLock<Weak<dyn Backlog>>,
+    known: Arc<LastKnown>,
 }
 
 /// Seeds local counters: durable history first, the primary's last report otherwise.
 struct LocalSeed {
     inner: Option<Arc<dyn CounterLoader>>,
-    state: Arc<Mutex<State>>,
+    known: Arc<LastKnown>,
 }
 
 #[async_trait::async_trait]
@@ -108,29 +139,25 @@ impl CounterLoader for LocalSeed {
                 return Ok(());
             }
         }
-        let known = self
-            .state
-            .lock()
-            .last_known
-            .get(&limit.counter_key())
-            .copied();
-        if let Some((used, window_start)) = known {
-            // Still the same window? Then start from what the primary last said.
-            if window_start == counter.window_start(now) {
-                counter.add(window_start.unwrap_or(now), used, now);
-            }
+        // Still the same window? Then start from what the primary last said.
+        let window_start = counter.window_start(now);
+        if let Some(used) = self.known.known(limit, window_start) {
+            counter.add(window_start.unwrap_or(now), used, now);
         }
         Ok(())
     }
 }
 
 impl FallbackStore {
-    /// `loader` seeds local counters (durable history); `tz` as for every counter.
+    /// `loader` seeds local counters (durable history); `tz` as for every counter;
+    /// `known` receives what the primary reports (share it with whatever rebuilds the
+    /// primary's counters).
     pub fn new(
         primary: Arc<dyn QuotaStore>,
         policy: OnUnavailable,
         tz: chrono_tz::Tz,
         loader: Option<Arc<dyn CounterLoader>>,
+        known: Arc<LastKnown>,
     ) -> FallbackStore {
         let state = Arc::new(Mutex::new(State {
             primary_up: true,
@@ -138,7 +165,7 @@ impl FallbackStore {
         }));
         let seed = Arc::new(LocalSeed {
             inner: loader,
-            state: state.clone(),
+            known: known.clone(),
         });
         FallbackStore {
             primary,
@@ -147,6 +174,7 @@ impl FallbackStore {
             state,
             handover: tokio::sync::RwLock::new(()),
             backlog: OnceLock::new(),
+            known,
         }
     }
 
@@ -205,15 +233,7 @@ impl FallbackStore {
     }
 
     fn remember(&self, states: &[LimitState]) {
-        let mut s = self.state.lock();
-        for st in states {
-            // Holds count as used: most requests in flight settle, and erring high keeps
-            // the local fallback from admitting past the cap.
-            s.last_known.insert(
-                st.limit.counter_key(),
-                (st.used.saturating_add(st.reserved), st.window_start),
-            );
-        }
+        self.known.record(states);
     }
 
     /// Probe a down primary once: a real round trip; when it answers, have the journal's
@@ -547,6 +567,7 @@ mod tests {
             policy,
             chrono_tz::UTC,
             loader,
+            Arc::new(LastKnown::default()),
         ));
         let journal = Arc::new(Journal::default());
         let _ = journal.store.set(Arc::downgrade(&store));

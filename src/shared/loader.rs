@@ -22,6 +22,9 @@ use chrono::{DateTime, TimeZone, Utc};
 
 use crate::keys::Subject;
 use crate::ledger::Transaction;
+use std::sync::Arc;
+
+use crate::quota::fallback::LastKnown;
 use crate::quota::memory::CounterLoader;
 use crate::quota::store::{Amounts, AppliedLimit, QuotaError};
 use crate::quota::window::{Counter, Window};
@@ -31,11 +34,42 @@ use crate::shared::pg::PgLedger;
 pub struct SharedLoader {
     pg: PgLedger,
     reader: Reader,
+    degraded: Degraded,
+}
+
+/// What a load does when the ledger of record cannot be read.
+#[derive(Clone)]
+enum Degraded {
+    /// This instance's journal alone (local counters, dropped when Redis is back).
+    JournalOnly,
+    /// The journal, never below the last state the shared store reported; nothing known
+    /// of the counter → refuse (fail closed). For counters written into Redis, which
+    /// outlive the outage.
+    NotBelow(Arc<LastKnown>),
+    /// Refuse (`reconcile`: comparing with or fixing from a partial ledger would lie).
+    Refuse,
 }
 
 impl SharedLoader {
     pub fn new(pg: PgLedger, reader: Reader) -> SharedLoader {
-        SharedLoader { pg, reader }
+        SharedLoader {
+            pg,
+            reader,
+            degraded: Degraded::JournalOnly,
+        }
+    }
+
+    /// A loader for the shared store's counters: with the ledger of record unreachable it
+    /// never goes below `known`, and refuses a counter it knows nothing of.
+    pub fn not_below(mut self, known: Arc<LastKnown>) -> SharedLoader {
+        self.degraded = Degraded::NotBelow(known);
+        self
+    }
+
+    /// A loader that refuses while the ledger of record is unreachable.
+    pub fn strict(mut self) -> SharedLoader {
+        self.degraded = Degraded::Refuse;
+        self
     }
 }
 
@@ -126,6 +160,7 @@ impl CounterLoader for SharedLoader {
                 rolling,
             )
             .await;
+        let pg_failed = sums.is_err();
         match sums {
             Ok(rows) => {
                 for (at, amount) in rows {
@@ -137,10 +172,15 @@ impl CounterLoader for SharedLoader {
                 }
             }
             Err(e) => {
+                if matches!(self.degraded, Degraded::Refuse) {
+                    return Err(QuotaError::Unavailable(format!(
+                        "the ledger of record is unreachable: {e}"
+                    )));
+                }
                 tracing::warn!(
                     limit = %limit.describe(),
                     error = %e,
-                    "postgres unavailable for a counter rebuild; using this instance's journal only (other instances' usage is missing until `tollgate reconcile --fix`)"
+                    "postgres unavailable for a counter rebuild; using this instance's journal (other instances' usage is missing until `tollgate reconcile --fix`)"
                 );
                 let local = self
                     .reader
@@ -158,6 +198,25 @@ impl CounterLoader for SharedLoader {
         }
         // 3. This instance's unshipped rows.
         add_rows(limit, mine.into_iter(), since, counter, now);
+        // 4. Postgres unreachable and the counter outlives the outage: never below what
+        // the shared store last reported, and nothing known → refuse.
+        if pg_failed && let Degraded::NotBelow(known) = &self.degraded {
+            let start = counter.window_start(now);
+            match known.known(limit, start) {
+                Some(k) => {
+                    let have = counter.used(now);
+                    if k > have {
+                        counter.add(start.unwrap_or(now), k - have, now);
+                    }
+                }
+                None => {
+                    return Err(QuotaError::Other(format!(
+                        "cannot rebuild {}: the ledger of record is unreachable and nothing is known of this counter; refused until it is back",
+                        limit.describe()
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 }

@@ -697,6 +697,12 @@ impl Journal for Outbox {
             self.reader.clone(),
         ))
     }
+
+    fn reconcile_loader(&self) -> Arc<dyn CounterLoader> {
+        Arc::new(
+            crate::shared::loader::SharedLoader::new(self.pg.clone(), self.reader.clone()).strict(),
+        )
+    }
 }
 
 #[cfg(test)]
