@@ -5,7 +5,8 @@
 //! plans. Each report's totals are checked against a direct sum over the rows.
 //!
 //! `cargo bench --bench spend` (or `make bench-spend`); `cargo test --all-targets` runs it
-//! with 20,000 rows as a smoke test.
+//! with 20,000 rows as a smoke test. `SPEND_ROWS` and `SPEND_RUNS` (timed runs per report,
+//! default 15) change the sizes.
 //!
 //! The rows: 200 keys (40 users, 8 tenants), each key sending to 2 of 12 models (7
 //! OpenAI, 5 Anthropic), one row in 50 released, one in 20 estimated.
@@ -224,7 +225,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if full { 1_000_000 } else { 20_000 });
-    let runs = if full { 15 } else { 2 };
+    let runs: usize = std::env::var("SPEND_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { 15 } else { 2 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
