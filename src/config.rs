@@ -94,6 +94,8 @@ pub const QUOTA_KEYS: &[&str] = &[
     "reservation_ttl",
     "default_max_output_tokens",
     "unknown_model",
+    "passthrough_rate",
+    "passthrough_burst",
 ];
 /// Keys of each `[[upstreams]]` table.
 pub const UPSTREAM_KEYS: &[&str] = &[
@@ -280,6 +282,10 @@ pub struct QuotaConfig {
     pub reservation_ttl: Duration,
     pub default_max_output_tokens: u64,
     pub unknown_model: UnknownModel,
+    /// Passthrough requests (unmetered) one key may send per second, on average.
+    pub passthrough_rate: u32,
+    /// Passthrough requests one key may send at once before the rate applies.
+    pub passthrough_burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -485,6 +491,8 @@ impl Config {
                 "reservation_ttl": humantime::format_duration(self.quota.reservation_ttl).to_string(),
                 "default_max_output_tokens": self.quota.default_max_output_tokens,
                 "unknown_model": self.quota.unknown_model,
+                "passthrough_rate": self.quota.passthrough_rate,
+                "passthrough_burst": self.quota.passthrough_burst,
             },
             "upstreams": self.upstreams.iter().map(|u| json!({
                 "name": u.name,
@@ -1037,11 +1045,15 @@ impl Reader<'_> {
                 ("free", UnknownModel::Free),
             ],
         );
+        let passthrough_rate = self.integer(t, p, "passthrough_rate", 10, 1, 100_000) as u32;
+        let passthrough_burst = self.integer(t, p, "passthrough_burst", 20, 1, 1_000_000) as u32;
         QuotaConfig {
             timezone,
             reservation_ttl,
             default_max_output_tokens,
             unknown_model,
+            passthrough_rate,
+            passthrough_burst,
         }
     }
 

@@ -164,6 +164,7 @@ pub struct Engine {
     /// Requests between the proxy's `new_ctx` and `logging`.
     in_flight: std::sync::atomic::AtomicUsize,
     metrics: Metrics,
+    passthrough_rate: crate::passthrough::PassthroughRate,
     alerts: crate::alerts::Alerts,
     /// Shared mode with Redis: counter changes go through the journal's applier.
     applier: std::sync::OnceLock<Arc<crate::shared::applier::Applier>>,
@@ -205,8 +206,13 @@ impl Engine {
             &config.server.instance_id,
             Some(db.clone()),
         );
+        let passthrough_rate = crate::passthrough::PassthroughRate::new(
+            config.quota.passthrough_rate,
+            config.quota.passthrough_burst,
+        );
         Ok(Engine {
             alerts,
+            passthrough_rate,
             config,
             auth,
             journal: Arc::new(EmbeddedJournal::new(db.clone())),
@@ -364,25 +370,59 @@ impl Engine {
         })
     }
 
-    /// Rate-limit headers for a passthrough answer: the limits as they stand (nothing is
-    /// admitted). One counter read, and only when `p` has a request or token limit.
-    pub async fn passthrough_headers(
+    /// Whether a passthrough request of `p` may go (nothing is held, counted or written: it
+    /// is not metered): refused 429 past the key's `quota.passthrough_rate`, or when one of
+    /// its `requests:*` limits on the route's upstream is used up. On success, the
+    /// rate-limit headers of the limits as they stand (one counter read, and only when
+    /// `p` has a request or token limit).
+    pub async fn passthrough_admit(
         &self,
         p: &Principal,
         route: &Route,
-    ) -> Vec<(&'static str, String)> {
+    ) -> Result<Vec<(&'static str, String)>, ApiError> {
+        if !self
+            .passthrough_rate
+            .try_take(&p.key_id, std::time::Instant::now())
+        {
+            let mut e = ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "quota exceeded: more than {} passthrough requests a second on key {}",
+                    self.config.quota.passthrough_rate, p.key_id
+                ),
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
         let limits: Vec<AppliedLimit> = self
             .applicable_limits(p, Some(&route.upstream_name))
             .into_iter()
             .filter(|l| l.spec.metric != Metric::Usd)
             .collect();
         if limits.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        match self.store.usage(&limits).await {
-            Ok(states) => ratelimit_headers(&states, Utc::now()),
-            Err(_) => Vec::new(),
+        let Ok(states) = self.store.usage(&limits).await else {
+            return Ok(Vec::new());
+        };
+        let now = Utc::now();
+        let headers = ratelimit_headers(&states, now);
+        if let Some(s) = states.iter().find(|s| {
+            s.metric() == Metric::Requests && s.limit.spec.value > 0 && s.remaining() == 0
+        }) {
+            let mut e = ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!("quota exceeded: {}", s.limit.describe()),
+            );
+            if !matches!(s.limit.spec.window, Window::Total) {
+                e.retry_after = s.resets_at.map(|at| {
+                    crate::quota::window::ceil_secs((at - now).to_std().unwrap_or_default()).max(1)
+                });
+            }
+            e.headers = headers;
+            return Err(e);
         }
+        Ok(headers)
     }
 
     /// The principal of a presented secret (from [`presented_secret`]).

@@ -237,3 +237,76 @@ mod tests {
         }
     }
 }
+
+/// The per-key rate of passthrough requests (`quota.passthrough_rate` per second, bursts
+/// of `quota.passthrough_burst`): a token bucket per key id, in memory. Passthrough
+/// requests are not metered, but each carries the operator's provider key and spends the
+/// provider-side rate limits every tenant shares.
+#[derive(Debug)]
+pub struct PassthroughRate {
+    /// Tokens per second.
+    rate: u64,
+    /// Bucket size, in tokens.
+    burst: u64,
+    /// key id → (milli-tokens left, when last refilled).
+    buckets: parking_lot::Mutex<std::collections::HashMap<String, (u64, std::time::Instant)>>,
+}
+
+impl PassthroughRate {
+    pub fn new(rate: u32, burst: u32) -> PassthroughRate {
+        PassthroughRate {
+            rate: u64::from(rate.max(1)),
+            burst: u64::from(burst.max(1)),
+            buckets: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Take one request's token for `key_id` at `now`; `false` when its bucket is empty.
+    pub fn try_take(&self, key_id: &str, now: std::time::Instant) -> bool {
+        const MILLI: u64 = 1000;
+        let full = self.burst * MILLI;
+        let mut buckets = self.buckets.lock();
+        let (left, at) = buckets.entry(key_id.to_string()).or_insert((full, now));
+        let elapsed_ms =
+            u64::try_from(now.saturating_duration_since(*at).as_millis()).unwrap_or(u64::MAX);
+        // rate tokens a second = rate milli-tokens a millisecond.
+        *left = left
+            .saturating_add(elapsed_ms.saturating_mul(self.rate))
+            .min(full);
+        *at = now;
+        if *left >= MILLI {
+            *left -= MILLI;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_key_gets_its_burst_then_its_rate() {
+        let r = PassthroughRate::new(10, 3);
+        let t = Instant::now();
+        assert!((0..3).all(|_| r.try_take("k_a", t)), "the burst");
+        assert!(!r.try_take("k_a", t), "past the burst");
+        assert!(r.try_take("k_b", t), "another key has its own bucket");
+        assert!(
+            !r.try_take("k_a", t + Duration::from_millis(50)),
+            "half a token"
+        );
+        assert!(
+            r.try_take("k_a", t + Duration::from_millis(100)),
+            "one token in 100 ms"
+        );
+        assert!(!r.try_take("k_a", t + Duration::from_millis(100)));
+        // A long pause refills to the burst, no more.
+        let later = t + Duration::from_secs(3600);
+        assert!((0..3).all(|_| r.try_take("k_a", later)));
+        assert!(!r.try_take("k_a", later));
+    }
+}

@@ -137,17 +137,92 @@ async fn models_and_count_tokens_pass_through_unbilled() {
     let rows = proxy.ledger();
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["key_id"], id.as_str());
-    // Passthrough still works for a key whose quota is used up.
+    // A key whose request limit is used up is refused on passthrough routes too: they are
+    // not metered, but each spends the operator's provider-side rate limits.
+    mock.clear_recorded();
+    for _ in 0..3 {
+        let r = send(
+            "GET",
+            &proxy.url("/v1/models"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            429,
+            "passthrough past requests:total=1: {}",
+            r.text()
+        );
+        assert_eq!(r.json()["error"]["code"], "quota_exceeded");
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+        assert_eq!(
+            r.header("x-should-retry"),
+            Some("false"),
+            "a total never frees"
+        );
+    }
     let r = send(
-        "GET",
-        &proxy.url("/v1/models"),
-        &[("authorization", &auth)],
-        "",
+        "POST",
+        &proxy.url("/v1/messages/count_tokens"),
+        &[
+            ("x-api-key", &key),
+            ("anthropic-version", "2023-06-01"),
+            ("content-type", "application/json"),
+        ],
+        serde_json::to_vec(&body).unwrap(),
     )
     .await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(
+        mock.recorded().is_empty(),
+        "a refused passthrough reached the upstream"
+    );
     assert_eq!(proxy.ledger().len(), 1);
+}
+
+#[tokio::test]
+async fn passthrough_requests_of_one_key_are_rate_bounded() {
+    let (mock, proxy) = start_with(ProxyOptions {
+        extra: "[quota]\npassthrough_rate = 1\npassthrough_burst = 2\n".into(),
+        ..Default::default()
+    })
+    .await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let (_, other) = proxy.create_live_key(&[]).await;
+    let models = |k: String| {
+        let url = proxy.url("/v1/models");
+        async move {
+            send(
+                "GET",
+                &url,
+                &[("authorization", &format!("Bearer {k}"))],
+                "",
+            )
+            .await
+        }
+    };
+    // Two at once (the burst), then one a second: six in a row cannot all pass.
+    let mut statuses = Vec::new();
+    let mut refusal = None;
+    for _ in 0..6 {
+        let r = models(key.clone()).await;
+        statuses.push(r.status);
+        if r.status == 429 {
+            refusal = Some(r);
+        }
+    }
+    assert_eq!(&statuses[..2], &[200, 200], "{statuses:?}");
+    let refusal = refusal.unwrap_or_else(|| panic!("no passthrough refused: {statuses:?}"));
+    assert_eq!(refusal.json()["error"]["code"], "quota_exceeded");
+    assert_eq!(refusal.header("retry-after"), Some("1"));
+    assert!(
+        mock.recorded().len() < 6,
+        "every passthrough reached the upstream"
+    );
+    // Another key has its own budget; nothing was written to the ledger.
+    assert_eq!(models(other).await.status, 200);
+    assert!(proxy.ledger().is_empty());
 }
 
 #[tokio::test]
@@ -598,13 +673,15 @@ async fn every_answer_keeps_the_connection() {
         429,
     )
     .await;
-    twice_on_one_connection(
+    // A 401 is the exception: a request without a valid key has its connection closed
+    // after the answer, so a stranger cannot keep a slot (tests/request_bodies.rs).
+    let r = on_one_connection(
         addr,
         "401 without a body",
-        || request("GET", &u("/v1/models"), &[], ""),
-        401,
+        vec![request("GET", &u("/v1/models"), &[], "")],
     )
     .await;
+    assert_eq!(r[0].status, 401);
     twice_on_one_connection(
         addr,
         "404 without a body",

@@ -474,6 +474,10 @@ impl ProxyHttp for Gateway {
         }
 
         let Some(route) = self.engine.route(&method, &path, ctx.anthropic_client) else {
+            // A known key keeps its connection after the 404; a stranger's is closed.
+            if let Ok(p) = &principal {
+                ctx.principal = Some(p.clone());
+            }
             return self
                 .refuse(
                     session,
@@ -554,8 +558,11 @@ impl ProxyHttp for Gateway {
             {
                 return self.refuse(session, ctx, &e).await;
             }
-            if let (Some(p), Some(r)) = (ctx.principal.as_ref(), ctx.route.as_ref()) {
-                ctx.passthrough_headers = self.engine.passthrough_headers(p, r).await;
+            if let (Some(p), Some(r)) = (ctx.principal.clone(), ctx.route.clone()) {
+                match self.engine.passthrough_admit(&p, &r).await {
+                    Ok(headers) => ctx.passthrough_headers = headers,
+                    Err(e) => return self.refuse(session, ctx, &e).await,
+                }
             }
             ctx.replacement = Some(body.clone());
         } else if let Err(e) = self.admit(ctx, body.clone()).await {
