@@ -312,9 +312,32 @@ fn checkpoint_loop(conn: Connection, state: Arc<CheckpointState>) {
 
 /// Open a connection with the pragmas every tollgate process uses (WAL, so other
 /// processes such as the CLI can read while the proxy writes).
+///
+/// A database tollgate creates is readable by its own user only (0600, and its directory
+/// 0700 when tollgate creates that too): the ledger names every key, user and tenant and
+/// their spend. SQLite gives the `-wal` and `-shm` files the main file's mode.
 pub fn open_connection(path: &Path, durability: Durability) -> Result<Connection, DbError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        let _ = std::fs::create_dir_all(dir);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            b.mode(0o700);
+        }
+        let _ = b.create(dir);
+    }
+    #[cfg(unix)]
+    if !path.exists() {
+        use std::os::unix::fs::OpenOptionsExt;
+        // An empty file is an empty database; SQLite takes it as it is.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
     }
     let conn = Connection::open(path).map_err(|source| DbError::Open {
         path: path.to_path_buf(),
@@ -537,5 +560,34 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod mode_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_database_and_its_wal_are_private_to_the_owner() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("state").join("tollgate.db");
+        let db = Db::open(&path, Durability::Normal).unwrap();
+        db.call_blocking(|c| {
+            c.execute_batch("CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES (1);")?;
+            Ok(())
+        })
+        .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600, "database");
+        for suffix in ["-wal", "-shm"] {
+            let side = PathBuf::from(format!("{}{suffix}", path.display()));
+            assert_eq!(mode(&side), 0o600, "{}", side.display());
+        }
+        assert_eq!(
+            mode(path.parent().unwrap()),
+            0o700,
+            "directory tollgate created"
+        );
     }
 }
