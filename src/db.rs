@@ -66,6 +66,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../migrations/sqlite/0007_spend_rollups.sql"),
     ),
+    (8, include_str!("../migrations/sqlite/0008_rerate.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -442,7 +443,7 @@ mod tests {
             [],
         )
         .unwrap();
-        assert_eq!(migrate(&conn).unwrap(), vec![4, 5, 6, 7]);
+        assert_eq!(migrate(&conn).unwrap(), vec![4, 5, 6, 7, 8]);
         let row = crate::ledger::get(&conn, "old").unwrap().unwrap();
         assert_eq!((row.cache_write_tokens, row.cost_micros), (700, 4321));
         assert_eq!((row.cache_write_1h_tokens, row.tool_calls), (0, 0));

@@ -55,9 +55,25 @@ pub struct Transaction {
     /// a row settled before it was recorded).
     #[serde(default)]
     pub price_version: Option<String>,
+    /// Audio input tokens (part of `input_tokens`).
+    #[serde(default)]
+    pub audio_input_tokens: i64,
+    /// Audio output tokens (part of `output_tokens`).
+    #[serde(default)]
+    pub audio_output_tokens: i64,
+    /// The Anthropic speed the row was priced at; `None` = standard.
+    #[serde(default)]
+    pub speed: Option<String>,
+    /// The Anthropic inference region the row was priced at; `None` = standard.
+    #[serde(default)]
+    pub inference_geo: Option<String>,
+    /// On an adjustment row written by `tollgate rerate`: the trace id of the row it
+    /// re-rates. `None` on a request's own row.
+    #[serde(default)]
+    pub adjusts: Option<String>,
 }
 
-pub(crate) const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id, cache_write_1h_tokens, tool_calls, service_tier, price_version";
+pub(crate) const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id, cache_write_1h_tokens, tool_calls, service_tier, price_version, audio_input_tokens, audio_output_tokens, speed, inference_geo, adjusts";
 
 pub(crate) fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> {
     Ok(Transaction {
@@ -85,6 +101,11 @@ pub(crate) fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> 
         tool_calls: r.get(21)?,
         service_tier: r.get(22)?,
         price_version: r.get(23)?,
+        audio_input_tokens: r.get(24)?,
+        audio_output_tokens: r.get(25)?,
+        speed: r.get(26)?,
+        inference_geo: r.get(27)?,
+        adjusts: r.get(28)?,
     })
 }
 
@@ -101,7 +122,7 @@ pub fn open_reservation(c: &Connection, t: &Transaction) -> Result<Opened, DbErr
     // Cached: parsing this statement cost more than running it (every request runs it).
     let n = c.prepare_cached(
         &format!(
-            "INSERT INTO billing_transactions ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,'reserved',?7,0,0,?8,0,?9,0,NULL,?10,NULL,?11,NULL,?12,0,0,NULL,NULL)
+            "INSERT INTO billing_transactions ({COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,'reserved',?7,0,0,?8,0,?9,0,NULL,?10,NULL,?11,NULL,?12,0,0,NULL,NULL,0,0,NULL,NULL,NULL)
              ON CONFLICT(trace_id) DO UPDATE SET
                key_id=excluded.key_id, user_id=excluded.user_id, tenant_id=excluded.tenant_id,
                upstream=excluded.upstream, model=excluded.model, status='reserved',
@@ -110,7 +131,8 @@ pub fn open_reservation(c: &Connection, t: &Transaction) -> Result<Opened, DbErr
                reserved_micros=excluded.reserved_micros, cost_micros=0, usage_source=NULL,
                stream=excluded.stream, http_status=NULL, started_at=excluded.started_at,
                settled_at=NULL, instance_id=excluded.instance_id, cache_write_1h_tokens=0,
-               tool_calls=0, service_tier=NULL, price_version=NULL
+               tool_calls=0, service_tier=NULL, price_version=NULL, audio_input_tokens=0,
+               audio_output_tokens=0, speed=NULL, inference_geo=NULL, adjusts=NULL
              WHERE billing_transactions.status = 'released'"
         ),
     )?
@@ -164,6 +186,11 @@ pub struct Settlement {
     /// [`crate::billing::price::Price::version`] of the entry that priced it; `None` when no
     /// entry did.
     pub price_version: Option<String>,
+    pub audio_input_tokens: i64,
+    pub audio_output_tokens: i64,
+    /// The speed and region the request was priced at.
+    pub speed: Option<String>,
+    pub inference_geo: Option<String>,
     pub cost_micros: i64,
     pub usage_source: &'static str,
     /// Status the client got; `None` when unknown (recovered after a crash).
@@ -177,7 +204,8 @@ pub fn settle_row(c: &Connection, trace_id: &str, s: &Settlement) -> Result<bool
             "UPDATE billing_transactions SET status='settled', input_tokens=?2, cached_input_tokens=?3,
            cache_write_tokens=?4, output_tokens=?5, reasoning_tokens=?6, cost_micros=?7,
            usage_source=?8, http_status=?9, settled_at=?10, cache_write_1h_tokens=?11,
-           tool_calls=?12, service_tier=?13, price_version=?14
+           tool_calls=?12, service_tier=?13, price_version=?14, audio_input_tokens=?15,
+           audio_output_tokens=?16, speed=?17, inference_geo=?18
          WHERE trace_id=?1 AND status='reserved'",
         )?
         .execute(params![
@@ -194,7 +222,11 @@ pub fn settle_row(c: &Connection, trace_id: &str, s: &Settlement) -> Result<bool
             s.cache_write_1h_tokens,
             s.tool_calls,
             s.service_tier,
-            s.price_version
+            s.price_version,
+            s.audio_input_tokens,
+            s.audio_output_tokens,
+            s.speed,
+            s.inference_geo
         ])?;
     Ok(n == 1)
 }
@@ -206,6 +238,7 @@ pub fn release_row(c: &Connection, trace_id: &str, http_status: i64) -> Result<b
             "UPDATE billing_transactions SET status='released', input_tokens=0, cached_input_tokens=0,
            cache_write_tokens=0, output_tokens=0, reasoning_tokens=0, cost_micros=0,
            cache_write_1h_tokens=0, tool_calls=0, service_tier=NULL, price_version=NULL,
+           audio_input_tokens=0, audio_output_tokens=0, speed=NULL, inference_geo=NULL,
            http_status=?2, settled_at=?3
          WHERE trace_id=?1 AND status='reserved'",
         )?
@@ -232,6 +265,69 @@ pub fn get(c: &Connection, trace_id: &str) -> Result<Option<Transaction>, DbErro
         row_to_tx,
     )
     .optional()?)
+}
+
+/// Settled request rows (not adjustments) started in `[since, until)`, optionally of one
+/// model, oldest first.
+pub fn settled_in(
+    c: &Connection,
+    since: &str,
+    until: Option<&str>,
+    model: Option<&str>,
+) -> Result<Vec<Transaction>, DbError> {
+    let mut st = c.prepare(&format!(
+        "SELECT {COLUMNS} FROM billing_transactions
+         WHERE status = 'settled' AND adjusts IS NULL AND started_at >= ?1
+           AND (?2 IS NULL OR started_at < ?2) AND (?3 IS NULL OR model = ?3)
+         ORDER BY started_at, trace_id"
+    ))?;
+    let rows = st
+        .query_map(params![since, until, model], row_to_tx)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Insert a final row as it is (an adjustment row); a trace id already present is left
+/// alone. Returns 1 when written, 0 when the trace id existed.
+pub fn insert_final(c: &Connection, t: &Transaction) -> Result<usize, DbError> {
+    let n = c
+        .prepare_cached(&format!(
+            "INSERT INTO billing_transactions ({COLUMNS}) VALUES
+             (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23,?24,?25,?26,?27,?28,?29)
+             ON CONFLICT(trace_id) DO NOTHING"
+        ))?
+        .execute(params![
+            t.trace_id,
+            t.key_id,
+            t.user_id,
+            t.tenant_id,
+            t.upstream,
+            t.model,
+            t.status,
+            t.input_tokens,
+            t.cached_input_tokens,
+            t.cache_write_tokens,
+            t.output_tokens,
+            t.reasoning_tokens,
+            t.reserved_micros,
+            t.cost_micros,
+            t.usage_source,
+            t.stream as i64,
+            t.http_status,
+            t.started_at,
+            t.settled_at,
+            t.instance_id,
+            t.cache_write_1h_tokens,
+            t.tool_calls,
+            t.service_tier,
+            t.price_version,
+            t.audio_input_tokens,
+            t.audio_output_tokens,
+            t.speed,
+            t.inference_geo,
+            t.adjusts
+        ])?;
+    Ok(n)
 }
 
 /// Filter for listing transactions, newest first.
@@ -297,7 +393,8 @@ pub fn load_counter(
     let since_hour = since.map(|s| crate::time::to_text(crate::spend::hour_floor(s)));
     let metric = limit.spec.metric;
     let expr = match metric {
-        Metric::Requests => ("1", "requests"),
+        // An adjustment row (`tollgate rerate`) changes money, never the request count.
+        Metric::Requests => ("CASE WHEN adjusts IS NULL THEN 1 ELSE 0 END", "requests"),
         Metric::InputTokens => ("input_tokens", "input_tokens"),
         Metric::OutputTokens => ("output_tokens", "output_tokens"),
         Metric::Tokens => (

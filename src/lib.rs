@@ -29,6 +29,7 @@
 //! | [`metrics`] | Prometheus metrics of one instance |
 //! | [`alerts`] | threshold alerts: log events and webhook deliveries |
 //! | [`journal`], [`shared`], [`reconcile`] | the `Journal` trait; shared mode's Postgres ledger, outbox and shipper; counter/ledger reconciliation |
+//! | [`rerate`] | re-rating settled rows under the current price table: adjustment rows |
 //! | [`spend`] | spend reports over the ledger of record (`/admin/spend`, `tollgate report`), SQLite and Postgres |
 //! | [`passthrough`] | unmetered provider routes (`GET /v1/models`, …): patterns and matching |
 //! | [`mock`] | the fake OpenAI/Anthropic upstream |
@@ -53,6 +54,7 @@ pub mod passthrough;
 pub mod proxy;
 pub mod quota;
 pub mod reconcile;
+pub mod rerate;
 pub mod server;
 pub mod shared;
 pub mod spend;

@@ -89,6 +89,11 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Recompute what settled rows cost under the current price table (per model: rows,
+    /// old total, new total, difference). Dry run unless `--apply`, which writes the
+    /// differences as adjustment rows (never rewriting a settled row); running it again
+    /// writes nothing.
+    Rerate(RerateArgs),
     /// Run the built-in fake OpenAI + Anthropic upstream.
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9099")]
@@ -173,6 +178,25 @@ struct ExportArgs {
     /// JSON lines, one row per line (the default).
     #[arg(long)]
     jsonl: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct RerateArgs {
+    /// Start of the rows' `started_at`: RFC 3339 time, a date (local midnight in
+    /// [quota].timezone) or 36h / 7d / 2w ago.
+    #[arg(long)]
+    since: String,
+    /// End (exclusive), same forms; default: every row since `--since`.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only rows of this model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Write the adjustment rows (default: print what would change and write nothing).
+    #[arg(long)]
+    apply: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -350,6 +374,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => export_cmd(&args),
         Command::Journal { cmd } => journal_cmd(cmd),
         Command::Reconcile { fix, common } => reconcile_cmd(fix, &common),
+        Command::Rerate(args) => rerate_cmd(&args),
         Command::Keys { cmd } => keys_cmd(cmd),
         Command::Limits { cmd } => limits_cmd(cmd),
         Command::Usage { who, common } => usage_cmd(&who, &common),
@@ -866,6 +891,122 @@ fn journal_cmd(cmd: JournalCmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `tollgate rerate`: read the settled rows of the range from the ledger of record (the
+/// SQLite file in embedded mode, Postgres in shared mode), re-rate them under the config's
+/// price table, print per model what changes, and with `--apply` write the adjustment rows
+/// there, then bring the live counters to the ledger (the running instance's reconcile
+/// `--fix`; in shared mode without one, the same here against Redis).
+fn rerate_cmd(args: &RerateArgs) -> Result<ExitCode> {
+    let cfg = Arc::new(load(&args.common)?);
+    let table = tollgate::server::price_table(&cfg)?;
+    let now = chrono::Utc::now();
+    let tz = cfg.quota.timezone;
+    let time = |name: &str, v: &str| -> Result<String> {
+        let t =
+            tollgate::spend::parse_time(name, v, now, tz).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(tollgate::time::to_text(t))
+    };
+    let filter = tollgate::rerate::Filter {
+        since: time("since", &args.since)?,
+        until: args
+            .until
+            .as_deref()
+            .map(|u| time("until", u))
+            .transpose()?,
+        model: args.model.clone(),
+    };
+    let rt = runtime()?;
+    let now_text = tollgate::time::to_text(now);
+    let (plan, written) = match cfg.storage.mode {
+        StorageMode::Embedded => {
+            let conn =
+                tollgate::db::open_connection(&cfg.storage.journal_path, cfg.storage.durability)?;
+            tollgate::db::migrate(&conn)?;
+            let (rows, adjusted) = tollgate::rerate::sqlite_rows(&conn, &filter)?;
+            let plan = tollgate::rerate::plan(&rows, &adjusted, &table, &now_text);
+            let written = if args.apply {
+                tollgate::rerate::sqlite_write(&conn, &plan.adjustments)? as u64
+            } else {
+                0
+            };
+            (plan, written)
+        }
+        StorageMode::Shared => {
+            let pg = tollgate::shared::pg::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
+            rt.block_on(async {
+                let (rows, adjusted) = tollgate::rerate::pg_rows(&pg, &filter).await?;
+                let plan = tollgate::rerate::plan(&rows, &adjusted, &table, &now_text);
+                let written = if args.apply {
+                    tollgate::rerate::pg_write(&pg, &plan.adjustments).await?
+                } else {
+                    0
+                };
+                Ok::<_, tollgate::shared::pg::PgError>((plan, written))
+            })?
+        }
+    };
+    // Live counters: rebuilt from the ledger, which now holds the adjustments.
+    let mut counters = "unchanged";
+    if written > 0 {
+        counters = match rt.block_on(admin_call(&cfg, "POST", "/admin/reconcile?fix=true")) {
+            Some((200, _)) => "rebuilt by the running instance",
+            Some((_, v)) => bail!(
+                "adjustments written, but the running instance could not rebuild its counters ({}); run `tollgate reconcile --fix`",
+                v["error"]["message"].as_str().unwrap_or("unknown error")
+            ),
+            None if cfg.storage.mode == StorageMode::Shared => {
+                let db = open_db(&cfg)?;
+                let engine = tollgate::server::build_engine(cfg.clone(), db)?;
+                rt.block_on(tollgate::reconcile::reconcile(&engine, true))?;
+                "rebuilt in Redis"
+            }
+            None => "loaded from the ledger at the next start",
+        };
+    }
+    let mut v = plan.to_json();
+    v["applied"] = json!(args.apply);
+    v["written"] = json!(written);
+    v["counters"] = json!(counters);
+    if args.common.json {
+        print_json(&v);
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_line(&format!(
+        "{:<32} {:>8} {:>16} {:>16} {:>16}",
+        "model", "rows", "old total", "new total", "difference"
+    ));
+    let models = v["models"].as_array().cloned().unwrap_or_default();
+    for m in models.iter().chain(std::iter::once(&v["total"])) {
+        print_line(&format!(
+            "{:<32} {:>8} {:>16} {:>16} {:>16}",
+            m["model"].as_str().unwrap_or("total"),
+            m["rows"],
+            m["old_total"].as_str().unwrap_or(""),
+            m["new_total"].as_str().unwrap_or(""),
+            m["difference"].as_str().unwrap_or("")
+        ));
+    }
+    let skipped = &v["skipped"];
+    if skipped["unversioned"] != 0 || skipped["unpriced"] != 0 {
+        print_line(&format!(
+            "skipped: {} rows without a recorded price version, {} rows of models without a price",
+            skipped["unversioned"], skipped["unpriced"]
+        ));
+    }
+    if args.apply {
+        print_line(&format!(
+            "wrote {written} adjustment rows ({} differences); counters {counters}",
+            plan.adjustments.len()
+        ));
+    } else {
+        print_line(&format!(
+            "dry run: {} adjustment rows would be written; pass --apply to write them",
+            plan.adjustments.len()
+        ));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn reconcile_cmd(fix: bool, common: &Common) -> Result<ExitCode> {

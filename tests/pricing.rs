@@ -686,14 +686,46 @@ fn the_price_examples_in_the_configuration_reference_are_valid() {
     .unwrap();
     let section = doc.split("## `[prices.\"MODEL\"]`").nth(1).unwrap();
     let mut blocks = 0;
+    let mut examples = String::new();
     for block in section.split("```toml").skip(1) {
         let toml = block.split("```").next().unwrap();
         let file = tollgate::billing::table::parse_price_file(toml)
             .unwrap_or_else(|e| panic!("{e}\n{toml}"));
         assert!(!file.prices.is_empty());
         blocks += 1;
+        examples.push_str(toml);
     }
     assert!(blocks >= 1);
+    // Every key of an entry and of its long-context band is documented in the key tables
+    // and used in an example (written `key = …` on a line or inside an inline table).
+    let used = |key: &str, text: &str| {
+        text.lines().any(|l| {
+            let l = l.trim_start();
+            l.starts_with(&format!("{key} = "))
+                || l.contains(&format!(" {key} = "))
+                || l.contains(&format!("{{ {key} = "))
+        })
+    };
+    for key in tollgate::billing::price::ENTRY_KEYS
+        .iter()
+        .chain(tollgate::billing::price::LONG_CONTEXT_KEYS)
+    {
+        assert!(
+            section.contains(&format!("| `{key}` |")),
+            "`{key}` has no row"
+        );
+        assert!(used(key, &examples), "`{key}` has no example");
+    }
+    let band = section
+        .split("[prices.\"gpt-audio-long\".long_context]")
+        .nth(1)
+        .unwrap();
+    for key in tollgate::billing::price::LONG_CONTEXT_KEYS {
+        assert!(
+            used(key, band.split("```").next().unwrap()),
+            "long_context `{key}`"
+        );
+    }
 }
 
 /// The price entry versions `tollgate prices` shows, by model.
@@ -825,4 +857,207 @@ async fn settled_rows_record_what_priced_them() {
         tx["price_version"].as_str(),
         Some(versions["claude-opus-4-8"].as_str())
     );
+}
+
+/// µUSD as the CLI writes USD (`"0.001234"`, `"-0.000050"`).
+fn usd_text(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let m = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
+}
+
+/// `ceil(input × in_rate + output × out_rate)` µUSD, rates in µUSD per token ×1000 (so
+/// 0.15 USD / 1M = 150).
+fn cost_at(input: i64, output: i64, in_milli: i64, out_milli: i64) -> i64 {
+    (input * in_milli + output * out_milli + 999) / 1000
+}
+
+#[tokio::test]
+async fn rerate_writes_exact_adjustments_once_and_everything_counts_them() {
+    let price = |input: &str, output: &str| {
+        format!("[prices.\"gpt-4o-mini\"]\ninput = {input}\noutput = {output}\n")
+    };
+    let (_mock, proxy, _) = setup(&price("0.15", "0.60")).await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "usd:day=100", "--limit", "requests:day=100"])
+        .await;
+    for stream in [false, true, false] {
+        let r = post_json(
+            &proxy.url("/v1/chat/completions"),
+            &key,
+            &chat("gpt-4o-mini", stream, "Tell me a story"),
+            &[],
+        )
+        .await;
+        row_of(&proxy, &r).await;
+    }
+    // Another model's row is left alone by --model.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &chat("gpt-4.1", false, "hi"),
+        &[],
+    )
+    .await;
+    row_of(&proxy, &r).await;
+    let originals: Vec<Value> = proxy
+        .ledger()
+        .into_iter()
+        .filter(|r| r["model"] == "gpt-4o-mini")
+        .collect();
+    assert_eq!(originals.len(), 3);
+    let tokens = |r: &Value| (int(&r["input_tokens"]), int(&r["output_tokens"]));
+    for r in &originals {
+        let (i, o) = tokens(r);
+        assert_eq!(int(&r["cost_micros"]), cost_at(i, o, 150, 600));
+    }
+    let old_total: i64 = originals.iter().map(|r| int(&r["cost_micros"])).sum();
+
+    // The price was wrong: 0.30 / 1.50. Correct the config and re-rate.
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        text.replace(&price("0.15", "0.60"), &price("0.30", "1.50")),
+    )
+    .unwrap();
+    let expect: Vec<i64> = originals
+        .iter()
+        .map(|r| {
+            let (i, o) = tokens(r);
+            cost_at(i, o, 300, 1500)
+        })
+        .collect();
+    let new_total: i64 = expect.iter().sum();
+    let rerate = |extra: &[&str]| {
+        let mut args = vec![
+            "rerate",
+            "--since",
+            "1h",
+            "--model",
+            "gpt-4o-mini",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = proxy.cli(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    // Dry run: the per-model figures, nothing written.
+    let dry = rerate(&[]);
+    let m = &dry["models"][0];
+    assert_eq!(m["model"], "gpt-4o-mini");
+    assert_eq!(m["rows"], 3);
+    assert_eq!(m["old_total"], usd_text(old_total));
+    assert_eq!(m["new_total"], usd_text(new_total));
+    assert_eq!(m["difference"], usd_text(new_total - old_total));
+    assert_eq!(
+        (dry["adjustments"].as_i64(), dry["written"].as_i64()),
+        (Some(3), Some(0))
+    );
+    assert_eq!(proxy.ledger().len(), 4, "a dry run writes nothing");
+
+    // Apply: one adjustment per row, exactly the difference, the original untouched.
+    let applied = rerate(&["--apply"]);
+    assert_eq!(applied["written"], 3, "{applied}");
+    assert_eq!(applied["counters"], "rebuilt by the running instance");
+    let ledger = proxy.ledger();
+    for (orig, want) in originals.iter().zip(&expect) {
+        let now = ledger
+            .iter()
+            .find(|r| r["trace_id"] == orig["trace_id"])
+            .unwrap();
+        assert_eq!(now, orig, "a settled row is never rewritten");
+        let adj: Vec<&Value> = ledger
+            .iter()
+            .filter(|r| r["adjusts"] == orig["trace_id"])
+            .collect();
+        assert_eq!(adj.len(), 1);
+        let a = adj[0];
+        assert_eq!(int(&a["cost_micros"]), want - int(&orig["cost_micros"]));
+        assert_eq!((tokens(a), a["status"].as_str()), ((0, 0), Some("settled")));
+        assert_eq!(
+            (&a["key_id"], &a["model"]),
+            (&orig["key_id"], &orig["model"])
+        );
+        assert_eq!(
+            a["started_at"], orig["started_at"],
+            "same window and period"
+        );
+        assert!(a["trace_id"].as_str().unwrap().starts_with("rerate:"));
+    }
+    // Twice changes nothing.
+    let again = rerate(&["--apply"]);
+    assert_eq!(
+        (again["written"].as_i64(), again["adjustments"].as_i64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(again["models"][0]["old_total"], usd_text(new_total));
+    assert_eq!(proxy.ledger().len(), 7);
+
+    // Counters, reconcile, usage and reports include the adjustments; requests do not grow.
+    let other: i64 = ledger
+        .iter()
+        .filter(|r| r["model"] == "gpt-4.1")
+        .map(|r| int(&r["cost_micros"]))
+        .sum();
+    let (_, out, _) = proxy.cli(&["usage", "--key", &key_id, "--json"]);
+    let u: Value = serde_json::from_str(&out).unwrap();
+    let limit = |spec: &str| {
+        u["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["spec"] == spec)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(limit("usd:day=100")["used"], usd_text(new_total + other));
+    assert_eq!(limit("requests:day=100")["used"], 4);
+    let (code, out, _) = proxy.cli(&["reconcile", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = proxy.cli(&["report", "--since", "1h", "--by", "model", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rep: Value = serde_json::from_str(&out).unwrap();
+    let mini = rep["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == "gpt-4o-mini")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (int(&mini["cost_micros"]), int(&mini["requests"])),
+        (new_total, 3),
+        "{mini}"
+    );
+
+    // The price goes down: negative adjustments, after the earlier ones.
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        text.replace(&price("0.30", "1.50"), &price("0.10", "0.40")),
+    )
+    .unwrap();
+    let cheaper: i64 = originals
+        .iter()
+        .map(|r| {
+            let (i, o) = tokens(r);
+            cost_at(i, o, 100, 400)
+        })
+        .sum();
+    let down = rerate(&["--apply"]);
+    assert_eq!(down["written"], 3);
+    assert_eq!(
+        down["models"][0]["difference"],
+        usd_text(cheaper - new_total)
+    );
+    let billed: i64 = proxy
+        .ledger()
+        .iter()
+        .filter(|r| r["model"] == "gpt-4o-mini")
+        .map(|r| int(&r["cost_micros"]))
+        .sum();
+    assert_eq!(billed, cheaper);
+    let (code, out, _) = proxy.cli(&["reconcile", "--json"]);
+    assert_eq!(code, 0, "{out}");
 }

@@ -453,7 +453,7 @@ fn row(trace: &str, status: &str, started: &str, cost: i64) -> Transaction {
 async fn ledger_upserts_only_move_rows_forward() {
     let pg = TestPg::start();
     let ledger = PgLedger::new(&pg.url()).unwrap();
-    assert_eq!(ledger.migrate().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(ledger.migrate().await.unwrap(), vec![1, 2, 3, 4]);
     assert!(ledger.migrate().await.unwrap().is_empty(), "applied once");
     let (t1, t2) = ("2026-01-01T00:00:00.000001Z", "2026-01-01T00:00:05.000000Z");
     let reserve1 = row("a", "reserved", t1, 0);
@@ -873,4 +873,103 @@ async fn an_unconfigured_instance_identity_is_kept_in_the_journal() {
     assert_eq!(ids.len(), 2);
     assert_eq!(ids[0], ids[1], "one identity across restarts: {ids:?}");
     assert!(!ids[0].ends_with(&format!("-{port}")), "{ids:?}");
+}
+
+#[tokio::test]
+async fn rerate_writes_adjustments_to_the_ledger_of_record_once() {
+    // Shared mode: the CLI re-rates the Postgres ledger, writes adjustment rows there (never
+    // rewriting a settled row), a second run writes nothing, and the running instance's
+    // counters and reports agree with it.
+    let (pg, _mock, proxy) = setup().await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "usd:day=100", "--limit", "requests:day=100"])
+        .await;
+    for stream in [false, true, false] {
+        let r = chat(&proxy, &key, stream, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let originals = pg
+        .wait_ledger("3 settled rows", |rows| {
+            rows.len() == 3 && rows.iter().all(|r| r["status"] == "settled")
+        })
+        .await;
+    let int = |v: &serde_json::Value| v.as_i64().unwrap();
+    // Shipped gpt-4o-mini: 0.15 / 0.60; corrected: 0.30 / 1.50 (µUSD per token × 1000).
+    let cost = |r: &serde_json::Value, i: i64, o: i64| {
+        (int(&r["input_tokens"]) * i + int(&r["output_tokens"]) * o + 999) / 1000
+    };
+    for r in &originals {
+        assert_eq!(int(&r["cost_micros"]), cost(r, 150, 600));
+    }
+    let mut text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    text.push_str("\n[prices.\"gpt-4o-mini\"]\ninput = 0.30\noutput = 1.50\n");
+    std::fs::write(&proxy.config_path, text).unwrap();
+
+    let (code, v) = cli_json(&proxy, &["rerate", "--since", "1h", "--apply"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["written"], 3, "{v}");
+    assert_eq!(v["counters"], "rebuilt by the running instance");
+    let ledger = pg
+        .wait_ledger("3 adjustments", |rows| rows.len() == 6)
+        .await;
+    let mut new_total = 0;
+    for orig in &originals {
+        let now = ledger
+            .iter()
+            .find(|r| r["trace_id"] == orig["trace_id"])
+            .unwrap();
+        assert_eq!(now, orig, "a settled row is never rewritten");
+        let adj: Vec<_> = ledger
+            .iter()
+            .filter(|r| r["adjusts"] == orig["trace_id"])
+            .collect();
+        assert_eq!(adj.len(), 1);
+        let want = cost(orig, 300, 1500);
+        new_total += want;
+        assert_eq!(
+            int(&adj[0]["cost_micros"]),
+            want - int(&orig["cost_micros"])
+        );
+        assert_eq!(
+            (int(&adj[0]["input_tokens"]), int(&adj[0]["output_tokens"])),
+            (0, 0)
+        );
+        assert_eq!(adj[0]["started_at"], orig["started_at"]);
+        assert_eq!(adj[0]["status"], "settled");
+    }
+    // Again: nothing to write, the ledger unchanged.
+    let (code, again) = cli_json(&proxy, &["rerate", "--since", "1h", "--apply"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        (again["written"].as_i64(), again["adjustments"].as_i64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(pg.ledger().await, ledger);
+    // Counters, usage, reconcile and the report include the adjustments.
+    let (_, u) = cli_json(&proxy, &["usage", "--key", &key_id]);
+    let used = |spec: &str| {
+        u["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["spec"] == spec)
+            .unwrap()["used"]
+            .clone()
+    };
+    assert_eq!(
+        used("usd:day=100"),
+        format!("{}.{:06}", new_total / 1_000_000, new_total % 1_000_000)
+    );
+    assert_eq!(used("requests:day=100"), 3);
+    let (code, v) = cli_json(&proxy, &["reconcile"]);
+    assert_eq!(code, 0, "{v}");
+    let (code, rep) = cli_json(&proxy, &["report", "--since", "1h", "--by", "model"]);
+    assert_eq!(code, 0, "{rep}");
+    assert_eq!(
+        (
+            int(&rep["totals"]["cost_micros"]),
+            int(&rep["totals"]["requests"])
+        ),
+        (new_total, 3)
+    );
 }

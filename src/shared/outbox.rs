@@ -150,6 +150,10 @@ pub fn settle_sync(
     row.tool_calls = s.tool_calls;
     row.service_tier = s.service_tier.clone();
     row.price_version = s.price_version.clone();
+    row.audio_input_tokens = s.audio_input_tokens;
+    row.audio_output_tokens = s.audio_output_tokens;
+    row.speed = s.speed.clone();
+    row.inference_geo = s.inference_geo.clone();
     row.cost_micros = s.cost_micros;
     row.usage_source = Some(s.usage_source.to_string());
     row.http_status = s.http_status;
@@ -179,6 +183,10 @@ pub fn release_sync(
     row.tool_calls = 0;
     row.service_tier = None;
     row.price_version = None;
+    row.audio_input_tokens = 0;
+    row.audio_output_tokens = 0;
+    row.speed = None;
+    row.inference_geo = None;
     row.cost_micros = 0;
     row.http_status = Some(http_status);
     row.settled_at = Some(crate::time::now_text());

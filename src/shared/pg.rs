@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../../migrations/postgres/0003_spend_rollups.sql"),
     ),
+    (4, include_str!("../../migrations/postgres/0004_rerate.sql")),
 ];
 
 /// Advisory lock key held while migrating (ASCII "tollgate" folded into an i64), so that
@@ -323,12 +324,35 @@ impl PgLedger {
 
     /// Every ledger row, oldest first (for tools and tests).
     pub async fn all_rows(&self) -> Result<Vec<Transaction>, PgError> {
+        self.rows_where("TRUE", &[]).await
+    }
+
+    /// Insert rows that must not replace anything (adjustment rows), in one transaction: a
+    /// trace id already present is left alone. Returns how many were written.
+    pub async fn insert_new_rows(&self, rows: &[Transaction]) -> Result<u64, PgError> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let n = write_rows(&tx, rows, INSERT_NEW).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Ledger rows matching `condition` (SQL over `billing_transactions`, with `params`),
+    /// oldest first.
+    pub async fn rows_where(
+        &self,
+        condition: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Transaction>, PgError> {
         let client = self.client().await?;
         let sql = format!(
-            "SELECT {} FROM billing_transactions ORDER BY started_at, trace_id",
+            "SELECT {} FROM billing_transactions WHERE {condition} ORDER BY started_at, trace_id",
             row_select()
         );
-        let rows = client.query(&sql, &[]).await?;
+        let rows = client.query(&sql, params).await?;
         Ok(rows.iter().map(row_to_tx).collect())
     }
 
@@ -547,7 +571,8 @@ impl PgLedger {
 
 fn metric_expr(metric: Metric) -> &'static str {
     match metric {
-        Metric::Requests => "1",
+        // An adjustment row (`tollgate rerate`) changes money, never the request count.
+        Metric::Requests => "CASE WHEN adjusts IS NULL THEN 1 ELSE 0 END",
         Metric::InputTokens => "input_tokens",
         Metric::OutputTokens => "output_tokens",
         Metric::Tokens => "input_tokens + output_tokens",
@@ -566,7 +591,8 @@ fn row_select() -> String {
          reserved_micros, cost_micros, usage_source, stream, http_status::bigint,
          to_char(started_at AT TIME ZONE 'UTC', {TS_TEXT}),
          to_char(settled_at AT TIME ZONE 'UTC', {TS_TEXT}), instance_id,
-         cache_write_1h_tokens, tool_calls, service_tier, price_version"
+         cache_write_1h_tokens, tool_calls, service_tier, price_version,
+         audio_input_tokens, audio_output_tokens, speed, inference_geo, adjusts"
     )
 }
 
@@ -596,6 +622,11 @@ fn row_to_tx(r: &tokio_postgres::Row) -> Transaction {
         tool_calls: r.get(21),
         service_tier: r.get(22),
         price_version: r.get(23),
+        audio_input_tokens: r.get(24),
+        audio_output_tokens: r.get(25),
+        speed: r.get(26),
+        inference_geo: r.get(27),
+        adjusts: r.get(28),
     }
 }
 
@@ -605,24 +636,37 @@ fn same_counter(stored: &str, spec: &LimitSpec) -> bool {
     })
 }
 
-const UPSERT: &str = "INSERT INTO billing_transactions (trace_id, key_id, user_id, tenant_id, upstream, model, status,
+/// The `INSERT … SELECT … FROM UNNEST(…)` of ledger rows, without its conflict clause.
+macro_rules! insert_rows {
+    () => {
+        "INSERT INTO billing_transactions (trace_id, key_id, user_id, tenant_id, upstream, model, status,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
         reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id,
-        cache_write_1h_tokens, tool_calls, service_tier, price_version)
+        cache_write_1h_tokens, tool_calls, service_tier, price_version,
+        audio_input_tokens, audio_output_tokens, speed, inference_geo, adjusts)
     SELECT t.trace_id, t.key_id, t.user_id, t.tenant_id, t.upstream, t.model, t.status,
         t.input_tokens, t.cached_input_tokens, t.cache_write_tokens, t.output_tokens, t.reasoning_tokens,
         t.reserved_micros, t.cost_micros, t.usage_source, t.stream, t.http_status::integer,
         t.started_at::timestamptz, t.settled_at::timestamptz, t.instance_id,
-        t.cache_write_1h_tokens, t.tool_calls, t.service_tier, t.price_version
+        t.cache_write_1h_tokens, t.tool_calls, t.service_tier, t.price_version,
+        t.audio_input_tokens, t.audio_output_tokens, t.speed, t.inference_geo, t.adjusts
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
         $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], $14::int8[],
         $15::text[], $16::bool[], $17::int8[], $18::text[], $19::text[], $20::text[],
-        $21::int8[], $22::int8[], $23::text[], $24::text[])
+        $21::int8[], $22::int8[], $23::text[], $24::text[],
+        $25::int8[], $26::int8[], $27::text[], $28::text[], $29::text[])
       AS t(trace_id, key_id, user_id, tenant_id, upstream, model, status,
         input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens,
         reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id,
-        cache_write_1h_tokens, tool_calls, service_tier, price_version)
-    ON CONFLICT (trace_id) DO UPDATE SET
+        cache_write_1h_tokens, tool_calls, service_tier, price_version,
+        audio_input_tokens, audio_output_tokens, speed, inference_geo, adjusts)
+"
+    };
+}
+
+const UPSERT: &str = concat!(
+    insert_rows!(),
+    "ON CONFLICT (trace_id) DO UPDATE SET
         key_id = EXCLUDED.key_id, user_id = EXCLUDED.user_id, tenant_id = EXCLUDED.tenant_id,
         upstream = EXCLUDED.upstream, model = EXCLUDED.model, status = EXCLUDED.status,
         input_tokens = EXCLUDED.input_tokens, cached_input_tokens = EXCLUDED.cached_input_tokens,
@@ -633,15 +677,29 @@ const UPSERT: &str = "INSERT INTO billing_transactions (trace_id, key_id, user_i
         started_at = EXCLUDED.started_at, settled_at = EXCLUDED.settled_at,
         instance_id = EXCLUDED.instance_id, cache_write_1h_tokens = EXCLUDED.cache_write_1h_tokens,
         tool_calls = EXCLUDED.tool_calls, service_tier = EXCLUDED.service_tier,
-        price_version = EXCLUDED.price_version
+        price_version = EXCLUDED.price_version, audio_input_tokens = EXCLUDED.audio_input_tokens,
+        audio_output_tokens = EXCLUDED.audio_output_tokens, speed = EXCLUDED.speed,
+        inference_geo = EXCLUDED.inference_geo, adjusts = EXCLUDED.adjusts
     WHERE (EXCLUDED.started_at > billing_transactions.started_at
            AND billing_transactions.status <> 'settled')
        OR (EXCLUDED.started_at = billing_transactions.started_at
-           AND billing_transactions.status = 'reserved' AND EXCLUDED.status <> 'reserved')";
+           AND billing_transactions.status = 'reserved' AND EXCLUDED.status <> 'reserved')"
+);
+
+/// Insert rows, leaving any trace id already present alone (adjustment rows).
+const INSERT_NEW: &str = concat!(insert_rows!(), "    ON CONFLICT (trace_id) DO NOTHING");
 
 async fn upsert_in(
     tx: &deadpool_postgres::Transaction<'_>,
     rows: &[Transaction],
+) -> Result<u64, PgError> {
+    write_rows(tx, rows, UPSERT).await
+}
+
+async fn write_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    rows: &[Transaction],
+    sql: &str,
 ) -> Result<u64, PgError> {
     let col = |f: fn(&Transaction) -> String| rows.iter().map(f).collect::<Vec<String>>();
     let opt =
@@ -671,7 +729,12 @@ async fn upsert_in(
     let tool_calls = int(|t| t.tool_calls);
     let service_tier = opt(|t| t.service_tier.clone());
     let price_version = opt(|t| t.price_version.clone());
-    let st = tx.prepare_cached(UPSERT).await?;
+    let audio_input = int(|t| t.audio_input_tokens);
+    let audio_output = int(|t| t.audio_output_tokens);
+    let speed = opt(|t| t.speed.clone());
+    let inference_geo = opt(|t| t.inference_geo.clone());
+    let adjusts = opt(|t| t.adjusts.clone());
+    let st = tx.prepare_cached(sql).await?;
     Ok(tx
         .execute(
             &st,
@@ -700,6 +763,11 @@ async fn upsert_in(
                 &tool_calls,
                 &service_tier,
                 &price_version,
+                &audio_input,
+                &audio_output,
+                &speed,
+                &inference_geo,
+                &adjusts,
             ],
         )
         .await?)

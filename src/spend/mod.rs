@@ -705,7 +705,7 @@ pub mod sql {
     fn source(d: Dialect, plan: &Plan) -> String {
         let ledger = |lo: String, hi: String| {
             format!(
-                "SELECT started_at, {DIMS}, 1 AS requests, input_tokens, cached_input_tokens, \
+                "SELECT started_at, {DIMS}, CASE WHEN adjusts IS NULL THEN 1 ELSE 0 END AS requests, input_tokens, cached_input_tokens, \
                  cache_write_tokens, output_tokens, reasoning_tokens, cost_micros, \
                  CASE WHEN usage_source = 'estimated' THEN 1 ELSE 0 END AS estimated \
                  FROM billing_transactions WHERE status IN ('settled', 'released') \

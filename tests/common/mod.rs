@@ -295,7 +295,7 @@ impl Proxy {
     pub fn ledger(&self) -> Vec<serde_json::Value> {
         let c = rusqlite::Connection::open(self.db_path()).unwrap();
         let mut st = c
-            .prepare("SELECT trace_id, key_id, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, upstream, model, cache_write_1h_tokens, tool_calls, service_tier, price_version, started_at FROM billing_transactions ORDER BY started_at")
+            .prepare("SELECT trace_id, key_id, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, upstream, model, cache_write_1h_tokens, tool_calls, service_tier, price_version, started_at, adjusts FROM billing_transactions ORDER BY started_at")
             .unwrap();
         st.query_map([], |r| {
             Ok(serde_json::json!({
@@ -319,6 +319,7 @@ impl Proxy {
                 "service_tier": r.get::<_, Option<String>>(17)?,
                 "price_version": r.get::<_, Option<String>>(18)?,
                 "started_at": r.get::<_, String>(19)?,
+                "adjusts": r.get::<_, Option<String>>(20)?,
             }))
         })
         .unwrap()

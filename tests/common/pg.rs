@@ -146,7 +146,8 @@ impl TestPg {
                 "SELECT trace_id, key_id, status, input_tokens, cached_input_tokens, cache_write_tokens,
                         output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream,
                         http_status, upstream, model, instance_id, settled_at IS NOT NULL,
-                        cache_write_1h_tokens, tool_calls, service_tier, price_version
+                        cache_write_1h_tokens, tool_calls, service_tier, price_version, adjusts,
+                        to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
                  FROM billing_transactions ORDER BY started_at, trace_id",
                 &[],
             )
@@ -176,6 +177,8 @@ impl TestPg {
                     "tool_calls": r.get::<_, i64>(18),
                     "service_tier": r.get::<_, Option<String>>(19),
                     "price_version": r.get::<_, Option<String>>(20),
+                    "adjusts": r.get::<_, Option<String>>(21),
+                    "started_at": r.get::<_, String>(22),
                 })
             })
             .collect()
