@@ -484,7 +484,12 @@ impl Config {
                 "on_unavailable": self.storage.on_unavailable,
                 "durability": self.storage.durability,
                 "journal_retention": humantime::format_duration(self.storage.journal_retention).to_string(),
-                "retention": self.storage.retention.map(|d| humantime::format_duration(d).to_string()),
+                // Whole days as written ("90d"); humantime would print 90 days as months.
+                "retention": self.storage.retention.map(|d| if d.as_secs() % 86_400 == 0 {
+                    format!("{}d", d.as_secs() / 86_400)
+                } else {
+                    humantime::format_duration(d).to_string()
+                }),
             },
             "quota": {
                 "timezone": self.quota.timezone.name(),
