@@ -71,6 +71,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "admin_hosts",
     "header_timeout",
     "body_timeout",
+    "send_timeout",
     "max_connections",
     "max_connections_per_ip",
     "keepalive_timeout",
@@ -109,6 +110,7 @@ pub const UPSTREAM_KEYS: &[&str] = &[
     "first_byte_timeout",
     "idle_timeout",
     "forward_headers",
+    "allow_insecure_http",
 ];
 /// Keys of each `[plans.NAME]` table.
 pub const PLAN_KEYS: &[&str] = &["limits"];
@@ -244,6 +246,9 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     /// Longest time a request body may take to arrive, whole (proxy listener).
     pub body_timeout: Duration,
+    /// Longest time a write to a client may make no progress before its connection is
+    /// closed (both listeners): a client that stops reading does not hold a slot.
+    pub send_timeout: Duration,
     /// Most client connections the proxy listener holds open at once.
     pub max_connections: usize,
     /// Most proxy connections one client address holds open at once.
@@ -309,6 +314,9 @@ pub struct UpstreamConfig {
     /// Account-selecting request headers ([`ACCOUNT_HEADERS`]) callers may set for this
     /// upstream, lower-cased; every other account header from a caller is dropped.
     pub forward_headers: Vec<String>,
+    /// `base_url` may be `http://` to a host that is not loopback (the provider key then
+    /// travels in clear); refused at load without it.
+    pub allow_insecure_http: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -359,6 +367,36 @@ fn render_issues(file: &str, issues: &[ConfigIssue]) -> String {
 }
 
 impl Config {
+    /// `text` (an error from a store, say) with every secret of this config masked: the
+    /// store URLs by their [`redact_url`] form, their passwords, the webhook URL, the
+    /// upstream keys and the admin token. For the log; answers never carry such text.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        let urls = [
+            (self.storage.redis_url.as_ref(), true),
+            (self.storage.postgres_url.as_ref(), true),
+            (self.alerts.webhook.as_ref(), false),
+        ];
+        for (url, keep_path) in urls {
+            let Some(url) = url.map(Secret::expose).filter(|u| !u.is_empty()) else {
+                continue;
+            };
+            out = out.replace(url, &redact_url(url, keep_path));
+            if let Some(pw) = url_password(url) {
+                out = out.replace(pw, "***");
+            }
+        }
+        let plain = self
+            .upstreams
+            .iter()
+            .map(|u| u.api_key.expose())
+            .chain([self.server.admin_token.expose()]);
+        for secret in plain.filter(|s| !s.is_empty()) {
+            out = out.replace(secret, "***");
+        }
+        out
+    }
+
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -470,6 +508,7 @@ impl Config {
                 "admin_hosts": self.server.admin_hosts,
                 "header_timeout": humantime::format_duration(self.server.header_timeout).to_string(),
                 "body_timeout": humantime::format_duration(self.server.body_timeout).to_string(),
+                "send_timeout": humantime::format_duration(self.server.send_timeout).to_string(),
                 "max_connections": self.server.max_connections,
                 "max_connections_per_ip": self.server.max_connections_per_ip,
                 "keepalive_timeout": humantime::format_duration(self.server.keepalive_timeout).to_string(),
@@ -510,6 +549,7 @@ impl Config {
                 "first_byte_timeout": humantime::format_duration(u.first_byte_timeout).to_string(),
                 "idle_timeout": humantime::format_duration(u.idle_timeout).to_string(),
                 "forward_headers": u.forward_headers,
+                "allow_insecure_http": u.allow_insecure_http,
             })).collect::<Vec<_>>(),
             "plans": self.plans,
             "prices": self.prices.iter().map(|(k, p)| {
@@ -743,6 +783,23 @@ impl Reader<'_> {
         }
     }
 
+    fn boolean(&mut self, t: &Table, prefix: &str, key: &str, default: bool) -> bool {
+        let Some(item) = t.get(key) else {
+            return default;
+        };
+        match item.as_value() {
+            Some(Value::Boolean(b)) => *b.value(),
+            _ => {
+                self.issue(
+                    &join(prefix, key),
+                    item_span(item),
+                    "expected true or false",
+                );
+                default
+            }
+        }
+    }
+
     fn enum_value<T: Copy>(
         &mut self,
         t: &Table,
@@ -906,6 +963,7 @@ impl Reader<'_> {
         };
         let header_timeout = self.parsed(t, p, "header_timeout", Duration::from_secs(10), positive);
         let body_timeout = self.parsed(t, p, "body_timeout", Duration::from_secs(60), positive);
+        let send_timeout = self.parsed(t, p, "send_timeout", Duration::from_secs(30), positive);
         let max_connections = self.integer(t, p, "max_connections", 4096, 1, 1_000_000) as usize;
         // By default no one address may hold more than a quarter of the slots.
         let max_connections_per_ip = self.integer(
@@ -944,6 +1002,7 @@ impl Reader<'_> {
             admin_hosts,
             header_timeout,
             body_timeout,
+            send_timeout,
             max_connections,
             max_connections_per_ip,
             keepalive_timeout,
@@ -1138,6 +1197,17 @@ impl Reader<'_> {
                     }
                 },
             };
+            let allow_insecure_http = self.boolean(t, &p, "allow_insecure_http", false);
+            if !tls && !host.is_empty() && !is_loopback_host(&host) && !allow_insecure_http {
+                // Plain HTTP would carry the provider key (and every prompt) in clear
+                // across the network.
+                let span = t.get("base_url").and_then(item_span);
+                self.issue(
+                    &join(&p, "base_url"),
+                    span,
+                    "is http:// to a host that is not loopback: the provider key would travel in clear; use https://, or set allow_insecure_http = true for a network you trust",
+                );
+            }
             let api_key = match self.string(t, &p, "api_key") {
                 Some((s, span)) => {
                     if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -1229,6 +1299,7 @@ impl Reader<'_> {
                 first_byte_timeout,
                 idle_timeout,
                 forward_headers,
+                allow_insecure_http,
             });
         }
         out
@@ -1479,6 +1550,17 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
+/// Whether an upstream host (as parsed from `base_url`, IPv6 without brackets) is this
+/// machine: `localhost` (and names under it) or a loopback address. Plain HTTP is allowed
+/// there without `allow_insecure_http`.
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.to_ascii_lowercase();
+    h == "localhost"
+        || h.ends_with(".localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// `https://host[:port][/path]` → (tls, host, port, path without trailing slash).
 ///
 /// Errors never repeat the value: a URL may carry a secret (`user:password@`, a token in
@@ -1530,6 +1612,13 @@ fn normalize_host(s: &str) -> Option<String> {
 /// and query strings masked; with `keep_path = false` (webhooks, whose token may be the
 /// path or the basic-auth user) the path and user name too. A value that is not
 /// `scheme://…` is masked whole.
+///
+/// The credentials end at the *last* `@` of the URL, not at the first `/`, `?` or `#`: a
+/// password is often pasted unescaped, and `p/w?x#y` must not leak because it looks like
+/// the start of a path. A path or query that contains an `@` is then masked with the
+/// credentials — showing too little is the safe side. `redis+cluster://` lists several
+/// hosts, each with its own credentials (a password containing `,` is not supported
+/// there, by Redis's URL format either).
 pub fn redact_url(url: &str, keep_path: bool) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return if url.is_empty() {
@@ -1538,22 +1627,54 @@ pub fn redact_url(url: &str, keep_path: bool) -> String {
             "***".into()
         };
     };
-    let (authority, tail) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
+    let valid_scheme = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !valid_scheme {
+        return "***".into();
+    }
+    // Everything up to the last `@` is credentials (and whatever they swallowed).
+    let (credentials, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
     };
-    // `redis+cluster://` lists several hosts; each may carry its own credentials.
-    let hosts: Vec<String> = authority
-        .split(',')
-        .map(|h| match h.rsplit_once('@') {
-            Some((userinfo, host)) => match userinfo.split_once(':') {
-                Some((user, _)) if keep_path && !user.is_empty() => format!("{user}:***@{host}"),
-                _ => format!("***@{host}"),
-            },
-            None => h.to_string(),
-        })
-        .collect();
-    let mut out = format!("{scheme}://{}", hosts.join(","));
+    let (hosts, tail) = match after.find(['/', '?', '#']) {
+        Some(i) => after.split_at(i),
+        None => (after, ""),
+    };
+    let user_of = |userinfo: &str| -> String {
+        match userinfo.split_once(':') {
+            Some((user, _)) if keep_path && !user.is_empty() => format!("{user}:***@"),
+            _ => "***@".to_string(),
+        }
+    };
+    let authority = match credentials {
+        None => hosts.to_string(),
+        Some(creds) if scheme.ends_with("+cluster") && !creds.contains(['/', '?', '#']) => {
+            // `:a@h1:1,u:b@h2:2,h3:3`: credentials and hosts alternate; the last host's
+            // credentials are `creds`' last part.
+            let mut parts: Vec<String> = Vec::new();
+            let mut pieces = creds.split(',').peekable();
+            while let Some(piece) = pieces.next() {
+                if pieces.peek().is_none() {
+                    parts.push(format!("{}{hosts}", user_of(piece)));
+                } else {
+                    match piece.rsplit_once('@') {
+                        Some((userinfo, host)) => {
+                            parts.push(format!("{}{host}", user_of(userinfo)))
+                        }
+                        None if looks_like_host(piece) => parts.push(piece.to_string()),
+                        None => parts.push("***".to_string()),
+                    }
+                }
+            }
+            parts.join(",")
+        }
+        Some(creds) if creds.contains(['/', '?', '#']) => format!("***@{hosts}"),
+        Some(creds) => format!("{}{hosts}", user_of(creds)),
+    };
+    let mut out = format!("{scheme}://{authority}");
     let (path, query) = match tail.split_once('?') {
         Some((p, _)) => (p, true),
         None => (tail.split('#').next().unwrap_or(""), false),
@@ -1567,6 +1688,34 @@ pub fn redact_url(url: &str, keep_path: bool) -> String {
         out.push_str("?***");
     }
     out
+}
+
+/// The password of a `scheme://user:password@host…` URL (everything between the first
+/// `:` of the userinfo and its last `@`), if it has one of at least 4 characters (a
+/// shorter one would mask unrelated text).
+fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let userinfo = &rest[..rest.rfind('@')?];
+    let pw = userinfo.split_once(':')?.1;
+    (pw.len() >= 4).then_some(pw)
+}
+
+/// `name[:port]` or `[v6][:port]`: what a host in a connection URL looks like.
+fn looks_like_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') => (h, Some(p)),
+        _ => (s, None),
+    };
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.'))
+    } else {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    host_ok && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// This machine's host name (for generated instance ids).
@@ -1732,11 +1881,11 @@ mode = "shared"
 [[upstreams]]
 name = "a"
 kind = "openai"
-base_url = "http://x"
+base_url = "http://localhost"
 [[upstreams]]
 name = "a"
 kind = "openai"
-base_url = "http://y"
+base_url = "http://127.0.0.2"
 "#;
         let ConfigError::Invalid { issues, .. } = Config::parse(cfg, "c", &env).unwrap_err() else {
             panic!()
@@ -1803,7 +1952,7 @@ base_url = "http://y"
 [[upstreams]]
 name = "a"
 kind = "openai"
-base_url = "http://x"
+base_url = "http://localhost"
 routes = ["/v1/chat/completions", "/v1/custom"]
 passthrough = ["POST /v1/chat/{op}", "GET /v1/{thing}", "GET models", "GET /v1/models"]
 "#;
@@ -1819,7 +1968,7 @@ passthrough = ["POST /v1/chat/{op}", "GET /v1/{thing}", "GET models", "GET /v1/m
 [[upstreams]]
 name = "a"
 kind = "openai"
-base_url = "http://x"
+base_url = "http://localhost"
 routes = ["/v1/custom/run"]
 passthrough = ["GET /v1/custom/{x}"]
 "#;
@@ -1829,7 +1978,7 @@ passthrough = ["GET /v1/custom/{x}"]
         };
         assert_eq!(issues.len(), 1, "{issues:?}");
         assert!(issues[0].message.contains("/v1/custom/run"), "{issues:?}");
-        let none = "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://x\"\npassthrough = []\n";
+        let none = "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://localhost\"\npassthrough = []\n";
         let c = Config::parse(none, "c", &env).unwrap();
         assert!(c.upstreams[0].passthrough.is_empty());
     }
@@ -1856,6 +2005,112 @@ passthrough = ["GET /v1/custom/{x}"]
             Err(ConfigError::Invalid { issues, .. }) => issues,
             other => panic!("expected issues, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn passwords_with_url_syntax_are_masked_whole() {
+        for (url, keep, shown) in [
+            ("redis://:p/ss@h:6379/0", true, "redis://***@h:6379/0"),
+            (
+                "postgres://u:a?b#c@db:5432/l",
+                true,
+                "postgres://***@db:5432/l",
+            ),
+            (
+                "postgres://u:a#b@db/l?sslmode=require",
+                true,
+                "postgres://***@db/l?***",
+            ),
+            ("postgres://u:p@ss@db/l", true, "postgres://u:***@db/l"),
+            (
+                "https://tok/en@hooks.example/x",
+                false,
+                "https://***@hooks.example/***",
+            ),
+            (
+                "redis+cluster://u:p,w@h1:1",
+                true,
+                "redis+cluster://***,***@h1:1",
+            ),
+            (
+                "redis+cluster://:a@h1:1,h2:2",
+                true,
+                "redis+cluster://***@h1:1,h2:2",
+            ),
+            ("post gres://u:p@h", true, "***"),
+        ] {
+            assert_eq!(redact_url(url, keep), shown, "{url}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, failure_persistence: None, ..Default::default() })]
+
+        /// Whatever a password holds (`/`, `?`, `#`, `@`, `:`, any text), the shown URL
+        /// never contains it.
+        #[test]
+        fn a_redacted_url_never_shows_its_password(
+            password in "[^,]{1,24}",
+            user in "[a-z]{0,6}",
+            scheme in proptest::sample::select(vec!["redis", "rediss", "postgres", "postgresql", "https", "http", "redis+cluster"]),
+            host in proptest::sample::select(vec!["db.internal:5432", "10.0.0.2", "[::1]:6379", "h1:1,h2:2"]),
+            tail in "(/[a-z0-9@]{0,8}){0,2}(\\?[a-z=&@]{0,10})?(#[a-z]{0,4})?",
+            keep_path in proptest::bool::ANY,
+        ) {
+            let url = format!("{scheme}://{user}:{password}@{host}{tail}");
+            // A password that is also some other part of the URL proves nothing.
+            let rest = format!("{scheme}://{user}:***@{host}{tail}/***?***");
+            proptest::prop_assume!(!rest.contains(&password));
+            let shown = redact_url(&url, keep_path);
+            proptest::prop_assert!(!shown.contains(&password), "{} -> {}", url, shown);
+        }
+    }
+
+    #[test]
+    fn plain_http_upstreams_need_loopback_or_an_explicit_opt_in() {
+        let up = |url: &str, extra: &str| {
+            format!("[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"{url}\"\n{extra}")
+        };
+        for url in [
+            "http://api.openai.com",
+            "http://10.0.0.5:8000/v1",
+            "http://[2001:db8::1]",
+            "http://localhost.evil.example",
+            "http://127.0.0.1.nip.io",
+        ] {
+            let issues = issues_of(&up(url, ""), &env);
+            assert_eq!(issues.len(), 1, "{url}: {issues:?}");
+            assert_eq!(issues[0].path, "upstreams[0].base_url");
+            assert!(
+                issues[0].message.contains("allow_insecure_http"),
+                "{issues:?}"
+            );
+            let c = Config::parse(&up(url, "allow_insecure_http = true"), "c", &env).unwrap();
+            assert!(c.upstreams[0].allow_insecure_http);
+            assert!(!c.upstreams[0].tls);
+        }
+        for url in [
+            "http://127.0.0.1:8000",
+            "http://127.9.9.9",
+            "http://[::1]:9",
+            "http://localhost:8000",
+            "http://LocalHost",
+            "http://mock.localhost",
+            "https://api.openai.com",
+            "https://10.0.0.5",
+        ] {
+            let c = Config::parse(&up(url, ""), "c", &env).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert!(!c.upstreams[0].allow_insecure_http);
+        }
+        let issues = issues_of(
+            &up("http://h.example", "allow_insecure_http = \"yes\""),
+            &env,
+        );
+        let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["upstreams[0].allow_insecure_http", "upstreams[0].base_url"]
+        );
     }
 
     #[test]
@@ -1952,7 +2207,7 @@ webhook = "https://hook-user:hook-pw@hooks.example/services/T0/B0/hook-token?sig
     fn forward_headers_only_readmit_account_headers() {
         let up = |list: &str| {
             format!(
-                "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://h\"\nforward_headers = {list}\n"
+                "[[upstreams]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://[::1]\"\nforward_headers = {list}\n"
             )
         };
         let c = Config::parse(&up(r#"["OpenAI-Project"]"#), "c", &env).unwrap();
@@ -1976,6 +2231,7 @@ webhook = "https://hook-user:hook-pw@hooks.example/services/T0/B0/hook-token?sig
         let c = Config::parse("", "c", &env).unwrap();
         assert_eq!(c.server.header_timeout, Duration::from_secs(10));
         assert_eq!(c.server.body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(30));
         assert_eq!(c.server.max_connections, 4096);
         assert_eq!(c.server.max_connections_per_ip, 1024);
         assert_eq!(c.server.keepalive_timeout, Duration::from_secs(15));

@@ -597,12 +597,11 @@ impl Engine {
                     ));
                 }
                 let t = idempotent_trace_id(&p.key_id, k);
-                let taken = self.journal.is_taken(&t).await.map_err(|e| {
-                    ApiError::new(
-                        ErrorCode::StoreUnavailable,
-                        format!("ledger unavailable: {e}"),
-                    )
-                })?;
+                let taken = self
+                    .journal
+                    .is_taken(&t)
+                    .await
+                    .map_err(|e| self.store_failure(&t, "ledger", &e))?;
                 if taken {
                     return Err(duplicate(&t));
                 }
@@ -644,7 +643,7 @@ impl Engine {
                 }
                 return Err(e);
             }
-            Err(e) => return Err(ApiError::new(ErrorCode::StoreUnavailable, e.to_string())),
+            Err(e) => return Err(self.store_failure(&trace_id, "quota", &e)),
         };
 
         // Journal the reservation before anything is forwarded.
@@ -673,10 +672,7 @@ impl Engine {
             }
             Err(e) => {
                 let _ = self.store.release(&trace_id).await;
-                return Err(ApiError::new(
-                    ErrorCode::StoreUnavailable,
-                    format!("journal unavailable: {e}"),
-                ));
+                return Err(self.store_failure(&trace_id, "journal", &e));
             }
         }
 
@@ -968,18 +964,47 @@ impl Engine {
     }
 
     /// Usage JSON (SPEC §2) of every limit applying to `p`.
-    pub async fn usage_json_for(&self, p: &Principal) -> Value {
+    pub async fn usage_json_for(&self, p: &Principal, trace_id: &str) -> Value {
         let limits = self.applicable_limits(p, None);
-        self.usage_json(&limits).await
+        self.usage_json(&limits, trace_id).await
     }
 
-    pub async fn usage_json(&self, limits: &[AppliedLimit]) -> Value {
+    /// The usage of `limits`; when the quota store fails, no limits and a stable `error`
+    /// naming `trace_id` (the failure itself is logged under it).
+    pub async fn usage_json(&self, limits: &[AppliedLimit], trace_id: &str) -> Value {
         match self.store.usage(limits).await {
             Ok(states) => {
                 serde_json::json!({"limits": states.iter().map(LimitState::to_json).collect::<Vec<_>>()})
             }
-            Err(e) => serde_json::json!({"limits": [], "error": e.to_string()}),
+            Err(e) => {
+                let e = self.store_failure(trace_id, "quota", &e);
+                serde_json::json!({"limits": [], "error": e.message})
+            }
         }
+    }
+
+    /// A store failed while serving a request: log the failure (secrets masked) under
+    /// `trace_id`, and answer 503 with a stable message that names only the trace id — an
+    /// error of a database or Redis client can carry addresses, file paths, user names
+    /// and the like, none of which is the caller's business.
+    pub fn store_failure(
+        &self,
+        trace_id: &str,
+        store: &'static str,
+        error: &dyn std::fmt::Display,
+    ) -> ApiError {
+        tracing::error!(
+            trace_id,
+            store,
+            error = %self.config.scrub(&error.to_string()),
+            "store unavailable; request answered 503"
+        );
+        ApiError::new(
+            ErrorCode::StoreUnavailable,
+            format!(
+                "a store tollgate depends on is unavailable; retry later (trace id {trace_id})"
+            ),
+        )
     }
 
     /// Settle every reservation a dead process left open in this journal, whatever

@@ -169,10 +169,14 @@ pub async fn admin_route(
                 && query.is_some_and(|q| q.split('&').any(|kv| kv == "fix=true" || kv == "fix"));
             Some(match crate::reconcile::reconcile(engine, fix).await {
                 Ok(report) => (200, report.to_json()),
-                Err(e) => (
-                    503,
-                    json!({"error": {"message": e.to_string(), "code": "store_unavailable"}}),
-                ),
+                Err(e) => {
+                    let trace_id = uuid::Uuid::now_v7().to_string();
+                    let e = engine.store_failure(&trace_id, "ledger", &e);
+                    (
+                        503,
+                        json!({"error": {"message": e.message, "code": "store_unavailable", "trace_id": trace_id}}),
+                    )
+                }
             })
         }
         _ => None,

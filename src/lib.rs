@@ -32,6 +32,7 @@
 //! | [`rerate`] | re-rating settled rows under the current price table: adjustment rows |
 //! | [`spend`] | spend reports over the ledger of record (`/admin/spend`, `tollgate report`), SQLite and Postgres |
 //! | [`passthrough`] | unmetered provider routes (`GET /v1/models`, …): patterns and matching |
+//! | [`net`] | bounds on client connections shared by both listeners (stalled writes, per-address caps) |
 //! | [`mock`] | the fake OpenAI/Anthropic upstream |
 
 pub mod admin;
@@ -50,6 +51,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod mock;
 pub mod money;
+pub mod net;
 pub mod passthrough;
 pub mod proxy;
 pub mod quota;

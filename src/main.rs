@@ -570,7 +570,7 @@ fn usage_cmd(who: &Who, common: &Common) -> Result<ExitCode> {
                 let dir = engine.authenticator().directory();
                 match &subject {
                     Subject::Key(k) => match dir.by_id(k) {
-                        Some((p, _)) => Ok(engine.usage_json_for(&p).await),
+                        Some((p, _)) => Ok(engine.usage_json_for(&p, "cli").await),
                         None => Err(anyhow::anyhow!("no such key")),
                     },
                     s => {
@@ -583,7 +583,7 @@ fn usage_cmd(who: &Who, common: &Common) -> Result<ExitCode> {
                                 plan: None,
                             })
                             .collect();
-                        Ok(engine.usage_json(&limits).await)
+                        Ok(engine.usage_json(&limits, "cli").await)
                     }
                 }
             })?

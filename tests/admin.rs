@@ -875,7 +875,13 @@ async fn metrics_after_traffic_cover_the_dashboard() {
     assert_eq!(bad.status, 400);
     let huge = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(40_000)}]});
     assert_eq!(post_json(&url, &key, &huge, &[]).await.status, 413);
-    let nowhere = send("GET", &proxy.url("/v1/nowhere"), &[], "").await;
+    let nowhere = send(
+        "GET",
+        &proxy.url("/v1/nowhere"),
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    )
+    .await;
     assert_eq!(nowhere.status, 404);
 
     // Requests are counted, and settles recorded, just after each response ends (in
@@ -1209,10 +1215,11 @@ async fn admin_listener_bounds_slow_heads_and_connections() {
     // Hold connections that were served (each keeps its connection alive after a 200)
     // until one is closed unanswered: at most MAX_CONNECTIONS are held at once. (Counting
     // rather than assuming: a probe's pooled connection may still hold a slot.)
+    // From five loopback addresses, so no one address reaches its own share first.
     let mut held = Vec::new();
     let mut refused = false;
-    for _ in 0..tollgate::admin::MAX_CONNECTIONS + 4 {
-        let mut s = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    for i in 0..tollgate::admin::MAX_CONNECTIONS + 4 {
+        let mut s = connect_from(&format!("127.0.0.{}", 1 + i % 5), proxy.admin).await;
         let _ = s
             .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
             .await;
@@ -1341,4 +1348,54 @@ async fn the_cli_sends_the_admin_token_only_to_the_instance_that_proves_itself()
     );
     let used = |s: &str| serde_json::from_str::<Value>(s).unwrap()["limits"].clone();
     assert_eq!(used(&out), used(&real), "{out}\n{real}");
+}
+
+/// A connection to `to` from the loopback address `src` (any of 127.0.0.0/8).
+async fn connect_from(src: &str, to: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    sock.connect(to).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_flood_from_one_address_leaves_slots_for_another() {
+    // Connections that send nothing, held open far longer than the test runs.
+    let (_mock, proxy) = start(
+        "",
+        ProxyOptions {
+            server_extra: "header_timeout = \"120s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut flood = Vec::new();
+    for _ in 0..tollgate::admin::MAX_CONNECTIONS + 4 {
+        flood.push(connect_from("127.0.0.1", proxy.admin).await);
+    }
+    // The flood's connections beyond its address's share are closed at once...
+    let mut last = flood.pop().unwrap();
+    assert!(
+        closed_without_answer(&mut last).await,
+        "one address holds more than its share"
+    );
+    // ...and another address is served, with the token and without.
+    use tokio::io::AsyncWriteExt;
+    let mut other = connect_from("127.0.0.2", proxy.admin).await;
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_raw_reply(&mut other).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let mut other = connect_from("127.0.0.2", proxy.admin).await;
+    other
+        .write_all(
+            format!("GET /admin/keys HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let r = read_raw_reply(&mut other).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    drop(flood);
 }

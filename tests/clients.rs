@@ -517,7 +517,7 @@ fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> hyper::Request<Ful
 }
 
 #[tokio::test]
-async fn every_answer_keeps_the_connection() {
+async fn every_answer_but_a_401_keeps_the_connection() {
     let (_mock, proxy) = start_with(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let (_, off_key) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
@@ -682,6 +682,7 @@ async fn every_answer_keeps_the_connection() {
     )
     .await;
     assert_eq!(r[0].status, 401);
+    assert_eq!(r[0].header("connection"), Some("close"));
     twice_on_one_connection(
         addr,
         "404 without a body",

@@ -910,3 +910,121 @@ async fn a_reseed_while_postgres_is_down_never_lowers_what_redis_reported() {
     env.pg.start_again();
     settled_in_pg(&env.pg, &key_id, 10).await;
 }
+
+#[tokio::test]
+async fn a_failing_store_is_answered_with_a_trace_id_never_its_error_text() {
+    let mut env = env().await;
+    let proxy = env.proxy("closed", "sidecar-a").await;
+    let (key_id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=10"])
+        .await;
+    assert_eq!(chat(&proxy, &key).await.status, 200);
+    env.redis.kill();
+    env.pg.stop();
+
+    // What a Redis, Postgres or SQLite error (or our own wording of one) would show.
+    let redis_port = env.redis.url().rsplit(':').next().unwrap().to_string();
+    let internal = [
+        "os error".to_string(),
+        "refused".into(),
+        "broken pipe".into(),
+        "redis".into(),
+        "postgres".into(),
+        "sqlite".into(),
+        "127.0.0.1".into(),
+        redis_port,
+        env.pg.port.to_string(),
+        proxy.dir.path().display().to_string(),
+        "tollgate.db".into(),
+    ];
+    let check = |what: &str, body: &str| {
+        let lower = body.to_lowercase();
+        for s in &internal {
+            assert!(
+                !lower.contains(&s.to_lowercase()),
+                "{what} shows `{s}`: {body}"
+            );
+        }
+    };
+
+    // The proxy's 503, in both providers' shapes: a stable message naming the trace id,
+    // whose detail is in the log.
+    let r = chat(&proxy, &key).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    check("503", &r.text());
+    let trace = r.header("x-tollgate-trace-id").unwrap().to_string();
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains(&trace), "{message}");
+    let r = post_json(
+        &proxy.url("/v1/messages"),
+        &key,
+        &serde_json::json!({
+            "model": "claude-3-5-haiku-20241022",
+            "max_tokens": 50,
+            "messages": [{"role": "user", "content": "hello"}],
+        }),
+        &[("anthropic-version", "2023-06-01")],
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    check("anthropic 503", &r.text());
+    // The same with an Idempotency-Key (a ledger lookup comes first).
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &chat_body("gpt-4o-mini", false, "hello there"),
+        &[("idempotency-key", "retry-1")],
+    )
+    .await;
+    assert!(r.status >= 500, "{}", r.text());
+    check("503 with an idempotency key", &r.text());
+
+    // The caller's usage report and the operator's views.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/tollgate/usage"),
+        &[("authorization", &format!("Bearer {key}"))],
+        "",
+    )
+    .await;
+    check("usage", &r.text());
+    let admin = |path: String| async move {
+        send(
+            "GET",
+            &format!("http://{}{path}", proxy.admin),
+            &[("authorization", &format!("Bearer {ADMIN_TOKEN}"))],
+            "",
+        )
+        .await
+    };
+    for path in [
+        format!("/admin/usage?key={key_id}"),
+        "/admin/spend".to_string(),
+        "/admin/reconcile".to_string(),
+        "/admin/transactions".to_string(),
+        "/admin/keys".to_string(),
+    ] {
+        let r = admin(path.clone()).await;
+        check(&path, &r.text());
+        assert!(
+            r.status == 200 || r.status == 503,
+            "{path}: {} {}",
+            r.status,
+            r.text()
+        );
+        if r.status >= 500 {
+            let v = r.json();
+            let trace = v["error"]["trace_id"].as_str().unwrap_or_default();
+            assert!(!trace.is_empty(), "{path}: {v}");
+            assert_eq!(r.header("x-tollgate-trace-id"), Some(trace), "{path}");
+        }
+    }
+
+    // The log has the detail, under the trace id, with no secret.
+    let logs = proxy.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(&trace) && l.contains("store unavailable")),
+        "{logs}"
+    );
+}

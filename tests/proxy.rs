@@ -510,3 +510,42 @@ async fn a_key_whose_plan_is_no_longer_defined_is_refused_not_unlimited() {
     })
     .await;
 }
+
+#[test]
+fn check_config_refuses_plain_http_to_a_remote_upstream_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("http.toml");
+    let config = |extra: &str| {
+        format!(
+            "[server]\nadmin_token = \"{ADMIN_TOKEN}-0123456789\"\n\n[[upstreams]]\nname = \"lan\"\nkind = \"openai\"\nbase_url = \"http://llm.internal.example:8000/v1\"\napi_key = \"{OPENAI_UPSTREAM_KEY}\"\n{extra}\n\n[[upstreams]]\nname = \"local\"\nkind = \"anthropic\"\nbase_url = \"http://127.0.0.1:8001\"\n"
+        )
+    };
+    let check = |text: String| {
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("TOLLGATE_CONFIG")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The provider key would cross the network in clear: refused, naming the key path
+    // and the opt-in; the loopback upstream is fine.
+    let (code, out, err) = check(config(""));
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("http.toml:7: upstreams[0].base_url"), "{err}");
+    assert!(err.contains("allow_insecure_http"), "{err}");
+    assert!(!err.contains("upstreams[1]"), "{err}");
+    assert!(!format!("{out}{err}").contains(OPENAI_UPSTREAM_KEY));
+    // An operator who trusts the network says so.
+    let (code, out, err) = check(config("allow_insecure_http = true"));
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["upstreams"][0]["allow_insecure_http"], true);
+    assert_eq!(v["upstreams"][1]["allow_insecure_http"], false);
+}

@@ -667,3 +667,114 @@ async fn expect_continue_is_answered_once_the_head_passed() {
     let r = read_raw_reply(&mut s).await;
     assert_eq!(r.status, 401, "{r:?}");
 }
+
+/// A connection from a client that sends `request` and never reads (a small receive
+/// buffer, so its window closes soon).
+async fn never_reading(addr: SocketAddr, request: Vec<u8>) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(&request).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn clients_that_never_read_their_answers_do_not_keep_their_slots() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            server_extra: "max_connections = 4\nmax_connections_per_ip = 4\nsend_timeout = \"1s\""
+                .into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, key) = proxy.create_key(&[]);
+
+    // Without a key every path is a 401 (which closes its connection), and no answer
+    // echoes the request.
+    let long = "b".repeat(8192);
+    let r = raw_http(
+        proxy.addr,
+        format!("GET /v1/{long} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert!(!r.text().contains("bbbb"), "{}", r.text());
+    assert_eq!(r.header("connection").as_deref(), Some("close"), "{r:?}");
+    let r = raw_http(
+        proxy.addr,
+        format!(
+            "GET /v1/{long} HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert!(!r.text().contains("bbbb"), "{}", r.text());
+    assert!(r.body.len() < 1024, "{} bytes", r.body.len());
+
+    // Take every slot with a client that never reads: two send a path of most of a
+    // megabyte without a key (an answer that echoed it would be as large), two ask with
+    // a key for a long stream.
+    let mut floods = Vec::new();
+    for _ in 0..2 {
+        let path = "c".repeat(900 * 1024);
+        let req = format!("GET /v1/{path} HTTP/1.1\r\nhost: t\r\n\r\n");
+        floods.push(never_reading(proxy.addr, req.into_bytes()).await);
+    }
+    for _ in 0..2 {
+        let mut body = chat_body("gpt-4o-mini", true, "hi");
+        body["max_tokens"] = json!(200_000);
+        let body = serde_json::to_string(&body).unwrap();
+        let req = format!(
+            "POST {CHAT} HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\nx-mock-words: 100000\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        floods.push(never_reading(proxy.addr, req.into_bytes()).await);
+    }
+    // A normal client gets through once a slot is freed: each stalled answer ends at
+    // send_timeout.
+    let usage = format!(
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\nconnection: close\r\n\r\n"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut served = false;
+    while !served && std::time::Instant::now() < deadline {
+        served = raw_http(proxy.addr, usage.as_bytes()).await.status == 200;
+        if !served {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(served, "clients that never read hold every slot");
+    // Every one of them was dropped, not just one: four normal clients hold a
+    // connection each at once.
+    let keep = format!(
+        "GET /v1/tollgate/usage HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\n\r\n"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let _ = s.write_all(keep.as_bytes()).await;
+            if read_raw_reply(&mut s).await.status == 200 {
+                held.push(s);
+            }
+        }
+        if held.len() == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of 4 slots came free",
+            held.len()
+        );
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(floods);
+}

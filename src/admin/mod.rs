@@ -22,8 +22,10 @@
 //!
 //! Every answer carries `Cache-Control: no-store` (key secrets, usage and ledger data must
 //! not sit in a browser or proxy cache). The listener speaks HTTP/1.1 only, closes a
-//! connection whose request head does not arrive within `server.header_timeout`, and
-//! holds at most [`MAX_CONNECTIONS`] connections. It is plain HTTP: keep it on loopback or
+//! connection whose request head does not arrive within `server.header_timeout` (its body
+//! within `server.body_timeout`, each write within `server.send_timeout`, its whole life
+//! within [`CONNECTION_LIFETIME`]), and holds at most [`MAX_CONNECTIONS`] connections, at
+//! most [`MAX_CONNECTIONS_PER_ADDRESS`] from one client address. It is plain HTTP: keep it on loopback or
 //! behind TLS (docs/operations.md, "Threat model").
 //!
 //! The routes are listed once in [`ROUTES`]; the OpenAPI document served at
@@ -31,7 +33,8 @@
 //! checks. Handlers live in [`keys`] (keys and limits), [`usage`] (usage, ledger, spend) and
 //! [`page`] (the usage page).
 //! Bodies are JSON of at most [`MAX_BODY`] bytes; errors are
-//! `{"error": {"message", "code"}}`. Neither the admin token nor a key secret is ever
+//! `{"error": {"message", "code"}}` (plus `trace_id` for a 503/500, whose detail is only
+//! logged). Neither the admin token nor a key secret is ever
 //! logged.
 
 mod keys;
@@ -67,6 +70,15 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Most connections the admin listener holds at once; more are closed at accept. Its
 /// clients are the CLI, a metrics scraper, probes and the odd browser tab.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// Most connections one client address holds at once (a quarter of
+/// [`MAX_CONNECTIONS`]): a client flooding the listener, token or not, leaves slots for
+/// the others.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = MAX_CONNECTIONS / 4;
+
+/// Longest any admin connection lives, however busy: the longest report finishes well
+/// within it, and a client that keeps a connection busy for ever gives it up.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
 /// The OpenAPI 3 document of this listener, served at `/admin/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -115,9 +127,11 @@ pub enum AdminError {
     MethodNotAllowed(&'static str),
     #[error("request body exceeds {MAX_BODY} bytes")]
     TooLarge,
-    #[error("store unavailable: {0}")]
+    /// The detail is for the log only ([`handle`] logs it under a trace id).
+    #[error("a store tollgate depends on is unavailable; retry later")]
     Unavailable(String),
-    #[error("internal error: {0}")]
+    /// The detail is for the log only.
+    #[error("internal error")]
     Internal(String),
 }
 
@@ -153,10 +167,23 @@ impl AdminError {
     }
 
     fn response(&self) -> Resp {
-        let mut r = json(
-            self.status(),
-            &serde_json::json!({"error": {"message": self.to_string(), "code": self.code()}}),
-        );
+        self.response_traced(None)
+    }
+
+    /// The answer; a failure (503, 500) names the trace id its detail is logged under.
+    fn response_traced(&self, trace_id: Option<&str>) -> Resp {
+        let message = match trace_id {
+            Some(t) => format!("{self} (trace id {t})"),
+            None => self.to_string(),
+        };
+        let mut error = serde_json::json!({"message": message, "code": self.code()});
+        if let Some(t) = trace_id {
+            error["trace_id"] = serde_json::json!(t);
+        }
+        let mut r = json(self.status(), &serde_json::json!({ "error": error }));
+        if let Some(v) = trace_id.and_then(|t| HeaderValue::from_str(t).ok()) {
+            r.headers_mut().insert("x-tollgate-trace-id", v);
+        }
         if let AdminError::MethodNotAllowed(allow) = self {
             r.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(allow));
@@ -468,8 +495,12 @@ impl Query {
     }
 }
 
-/// Read a JSON body of at most [`MAX_BODY`] bytes.
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, AdminError> {
+/// Read a JSON body of at most [`MAX_BODY`] bytes, whole within `server.body_timeout`
+/// (a body trickled in byte by byte does not hold the connection).
+async fn read_json<T: DeserializeOwned>(
+    engine: &Engine,
+    req: Request<Incoming>,
+) -> Result<T, AdminError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -478,9 +509,15 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Adm
     if declared.is_some_and(|n| n > MAX_BODY as u64) {
         return Err(AdminError::TooLarge);
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    let timeout = engine.config().server.body_timeout;
+    let body = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect())
         .await
+        .map_err(|_| {
+            AdminError::BadRequest(format!(
+                "request body not received within server.body_timeout ({})",
+                humantime::format_duration(timeout)
+            ))
+        })?
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 AdminError::TooLarge
@@ -636,11 +673,11 @@ async fn dispatch(
         (Endpoint::Readyz, Method::GET) => Ok(readyz(engine).await),
         (Endpoint::Metrics, Method::GET) => metrics(engine).await,
         (Endpoint::Keys, Method::GET) => keys::list(engine).await,
-        (Endpoint::Keys, Method::POST) => keys::create(engine, read_json(req).await?).await,
+        (Endpoint::Keys, Method::POST) => keys::create(engine, read_json(engine, req).await?).await,
         (Endpoint::Key(id), Method::GET) => keys::show(engine, id).await,
         (Endpoint::Key(id), Method::DELETE) => keys::revoke(engine, id).await,
         (Endpoint::Limits(subject), Method::PUT) => {
-            keys::put_limits(engine, subject, read_json(req).await?).await
+            keys::put_limits(engine, subject, read_json(engine, req).await?).await
         }
         (Endpoint::Usage, Method::GET) => usage::usage(engine, &query).await,
         (Endpoint::Transactions, Method::GET) => usage::transactions(engine, &query).await,
@@ -657,10 +694,18 @@ async fn dispatch(
             )
             .await
             .unwrap_or((404, serde_json::json!({"error": {"message": "not found"}})));
-            Ok(json(
+            let mut r = json(
                 StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 &body,
-            ))
+            );
+            // A failure names the trace id its detail is logged under, as other routes do.
+            if let Some(v) = body["error"]["trace_id"]
+                .as_str()
+                .and_then(|t| HeaderValue::from_str(t).ok())
+            {
+                r.headers_mut().insert("x-tollgate-trace-id", v);
+            }
+            Ok(r)
         }
         (Endpoint::OpenApi, Method::GET) => {
             let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
@@ -686,14 +731,26 @@ async fn handle(
     let path = req.uri().path().to_string();
     let mut resp = match dispatch(&engine, &hosts, &*spend, req).await {
         Ok(r) => r,
-        Err(e) => {
-            if matches!(e, AdminError::Unavailable(_) | AdminError::Internal(_)) {
-                tracing::error!(%method, %path, error = %e, "admin request failed");
-            } else {
-                tracing::debug!(%method, %path, status = e.status().as_u16(), error = %e, "admin request refused");
+        Err(e) => match &e {
+            AdminError::Unavailable(detail) | AdminError::Internal(detail) => {
+                // The detail (a database or Redis error, a file path) goes to the log
+                // only, masked; the answer names the trace id to look it up by.
+                let trace_id = uuid::Uuid::now_v7().to_string();
+                tracing::error!(
+                    %method,
+                    %path,
+                    trace_id,
+                    status = e.status().as_u16(),
+                    error = %engine.config().scrub(detail),
+                    "admin request failed"
+                );
+                e.response_traced(Some(&trace_id))
             }
-            e.response()
-        }
+            _ => {
+                tracing::debug!(%method, %path, status = e.status().as_u16(), error = %e, "admin request refused");
+                e.response()
+            }
+        },
     };
     // Key secrets, usage and ledger rows must not be kept by a browser or a proxy.
     let h = resp.headers_mut();
@@ -716,16 +773,25 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
     // Reports read the ledger of record on their own connection (or pool), never the
     // writer's.
     let spend = crate::spend::open(engine.config(), engine.db().path());
+    let send_timeout = server.send_timeout;
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address = crate::net::PerAddress::new(MAX_CONNECTIONS_PER_ADDRESS);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "admin listener cannot accept");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Some(slot) = per_address.try_acquire(peer.ip()) else {
+            engine.metrics().connection_refused("admin");
+            tracing::debug!(
+                "admin listener: this client address holds its share of connections; connection closed"
+            );
+            continue;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             engine.metrics().connection_refused("admin");
@@ -736,14 +802,16 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
         let hosts = hosts.clone();
         let spend = spend.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             let svc = hyper::service::service_fn(move |req| {
                 handle(e.clone(), hosts.clone(), spend.clone(), req)
             });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
-            let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+            let io = TokioIo::new(crate::net::SendBounded::new(stream, send_timeout));
+            // Every phase is bounded (head, body, each write); the whole life is too.
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, http.serve_connection(io, svc)).await;
         });
     }
 }

@@ -47,9 +47,11 @@ pub(super) async fn usage(engine: &Engine, q: &Query) -> Result<Resp, AdminError
         ));
     };
     let dir = engine.authenticator().directory();
+    // Names a failure of the quota store in the answer and the log.
+    let trace_id = uuid::Uuid::now_v7().to_string();
     let body = match subject {
         Subject::Key(k) => match dir.by_id(k) {
-            Some((p, _)) => engine.usage_json_for(&p).await,
+            Some((p, _)) => engine.usage_json_for(&p, &trace_id).await,
             None => return Err(AdminError::NotFound(format!("no key with id `{k}`"))),
         },
         s => {
@@ -62,7 +64,7 @@ pub(super) async fn usage(engine: &Engine, q: &Query) -> Result<Resp, AdminError
                     plan: None,
                 })
                 .collect();
-            engine.usage_json(&limits).await
+            engine.usage_json(&limits, &trace_id).await
         }
     };
     Ok(json(StatusCode::OK, &body))

@@ -1,5 +1,6 @@
-//! The proxy listener's connection guard: a cap on open client connections and an overall
-//! deadline for every request head (slowloris).
+//! The proxy listener's connection guard: a cap on open client connections, an overall
+//! deadline for every request head (slowloris) and a bound on stalled writes (a client
+//! that never reads its answers).
 //!
 //! pingora bounds each *read* of a request head (60 s), not the whole head: a client that
 //! sends one byte every 59 s keeps a connection, and its task, forever. [`Guarded`] wraps
@@ -19,8 +20,14 @@
 //! No one client address holds more than `server.max_connections_per_ip` of the slots:
 //! a connection past its address's share is closed at once and counted like one past
 //! the global cap, so a single peer cannot lock every other client out.
+//!
+//! Writes: pingora bounds none of the writes of a response head and only some body writes,
+//! so a client that sends requests and never reads the answers would keep its connection
+//! (its slot, and the answer's buffers) for ever. Every write, flush or shutdown of a
+//! [`GuardedStream`] that makes no progress for `server.send_timeout` fails with
+//! `TimedOut` ([`WriteStall`]), which ends the connection. A write that progresses
+//! restarts the clock, so a long stream to a reader that keeps up is never cut.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -42,6 +49,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::engine::Engine;
+use crate::net::{AddressSlot, PerAddress, WriteStall};
 
 /// Clock states kept in one atomic (anything else is a deadline, see [`GuardedStream`]).
 const HEAD_DONE: u64 = 0;
@@ -54,57 +62,8 @@ pub struct Guarded<A> {
     permits: Arc<Semaphore>,
     per_address: Arc<PerAddress>,
     header_timeout: Duration,
+    send_timeout: Duration,
     engine: Arc<Engine>,
-}
-
-/// Connections held per client address, at most `cap` each.
-#[derive(Debug)]
-pub struct PerAddress {
-    cap: usize,
-    held: parking_lot::Mutex<HashMap<IpAddr, usize>>,
-}
-
-impl PerAddress {
-    pub fn new(cap: usize) -> Arc<PerAddress> {
-        Arc::new(PerAddress {
-            cap,
-            held: parking_lot::Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// A slot for one more connection from `ip`, given back when dropped; `None` when
-    /// `ip` already holds `cap`.
-    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
-        let mut held = self.held.lock();
-        let n = held.entry(ip).or_insert(0);
-        if *n >= self.cap {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot {
-            owner: self.clone(),
-            ip,
-        })
-    }
-}
-
-/// One connection's share of its address's cap.
-#[derive(Debug)]
-pub struct AddressSlot {
-    owner: Arc<PerAddress>,
-    ip: IpAddr,
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut held = self.owner.held.lock();
-        if let Some(n) = held.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                held.remove(&self.ip);
-            }
-        }
-    }
 }
 
 /// The client address of `stream` (an IPv4-mapped IPv6 address counts as its IPv4 one).
@@ -123,6 +82,7 @@ impl<A> Guarded<A> {
             permits: Arc::new(Semaphore::new(server.max_connections)),
             per_address: PerAddress::new(server.max_connections_per_ip),
             header_timeout: server.header_timeout,
+            send_timeout: server.send_timeout,
             engine,
         }
     }
@@ -158,7 +118,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             },
             None => None,
         };
-        let mut guarded = GuardedStream::new(stream, permit, self.header_timeout);
+        let mut guarded =
+            GuardedStream::new(stream, permit, self.header_timeout, self.send_timeout);
         guarded._slot = slot;
         self.app.process_new(Box::new(guarded), shutdown).await
     }
@@ -180,6 +141,8 @@ pub struct GuardedStream {
     clock: AtomicU64,
     /// Wakes a read that waits past the deadline.
     timer: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
+    /// Ends a write that makes no progress for `server.send_timeout`.
+    stall: WriteStall,
 }
 
 impl std::fmt::Debug for GuardedStream {
@@ -192,7 +155,12 @@ impl std::fmt::Debug for GuardedStream {
 }
 
 impl GuardedStream {
-    fn new(inner: Stream, permit: OwnedSemaphorePermit, header_timeout: Duration) -> Self {
+    fn new(
+        inner: Stream,
+        permit: OwnedSemaphorePermit,
+        header_timeout: Duration,
+        send_timeout: Duration,
+    ) -> Self {
         let s = GuardedStream {
             inner,
             _permit: permit,
@@ -201,6 +169,7 @@ impl GuardedStream {
             epoch: Instant::now(),
             clock: AtomicU64::new(IDLE),
             timer: None,
+            stall: WriteStall::new(send_timeout),
         };
         s.arm();
         s
@@ -298,15 +267,21 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.stall.bound(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.stall.bound(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.stall.bound(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -314,7 +289,9 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.stall.bound(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -325,7 +302,15 @@ impl AsyncWrite for GuardedStream {
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
-        self.inner.shutdown().await
+        // pingora closes a connection through this, not `poll_shutdown`: flushing what is
+        // buffered for a client that stopped reading waits for ever without a bound.
+        let bound = self.stall.timeout();
+        if tokio::time::timeout(bound, self.inner.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::debug!("client did not read the end of its answer; connection dropped");
+        }
     }
 }
 
@@ -387,26 +372,13 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn each_address_holds_at_most_its_cap() {
-        let caps = PerAddress::new(2);
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let first = caps.try_acquire(a).unwrap();
-        let _second = caps.try_acquire(a).unwrap();
-        assert!(caps.try_acquire(a).is_none(), "a third from one address");
-        let _other = caps
-            .try_acquire(b)
-            .expect("another address is not affected");
-        drop(first);
-        let _again = caps.try_acquire(a).expect("a released slot is free again");
-        assert!(caps.try_acquire(a).is_none());
-    }
-
     fn guarded(timeout: Duration) -> (GuardedStream, tokio::io::DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(1024);
         let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
-        (GuardedStream::new(Box::new(ours), permit, timeout), theirs)
+        (
+            GuardedStream::new(Box::new(ours), permit, timeout, Duration::from_secs(30)),
+            theirs,
+        )
     }
 
     #[tokio::test(start_paused = true)]

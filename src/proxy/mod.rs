@@ -4,8 +4,9 @@
 //! of pingora. The phases, in order:
 //!
 //! 1. `early_request_filter`: the head has arrived; its clock ([`listener`]) stops.
-//! 2. `request_filter`: route (404), auth (401; a key created since the last directory
-//!    refresh is looked up, see [`crate::auth`]), trace id, size (413 by
+//! 2. `request_filter`: auth (401 on every path, known or not; a key created since the
+//!    last directory refresh is looked up, see [`crate::auth`]), route (404, never echoing
+//!    the request), trace id, size (413 by
 //!    `Content-Length`), then the whole body is read — at most `server.max_request_body`
 //!    bytes (413) within `server.body_timeout` (408) — and admitted (400/409/403/429),
 //!    all *before any upstream connection is opened or any header with the provider key
@@ -457,8 +458,13 @@ impl ProxyHttp for Gateway {
                 Ok(p) => p,
                 Err(e) => return self.refuse(session, ctx, &e).await,
             };
-            let body = Bytes::from(self.engine.usage_json_for(&p).await.to_string());
             self.name_trace(session, ctx, &p);
+            let body = Bytes::from(
+                self.engine
+                    .usage_json_for(&p, &ctx.trace_id)
+                    .await
+                    .to_string(),
+            );
             ctx.principal = Some(p);
             let mut h = ResponseHeader::build(200, Some(3))?;
             h.insert_header("content-type", "application/json")?;
@@ -473,24 +479,23 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        let Some(route) = self.engine.route(&method, &path, ctx.anthropic_client) else {
-            // A known key keeps its connection after the 404; a stranger's is closed.
-            if let Ok(p) = &principal {
-                ctx.principal = Some(p.clone());
-            }
-            return self
-                .refuse(
-                    session,
-                    ctx,
-                    &ApiError::new(ErrorCode::NotFound, format!("no route for {method} {path}")),
-                )
-                .await;
-        };
-        ctx.route = Some(route);
+        // Authentication comes before routing: without a valid key a peer learns nothing
+        // about the routes (every path is a 401), and no answer to it echoes what it sent.
+        let route = self.engine.route(&method, &path, ctx.anthropic_client);
         let principal = match principal {
             Ok(p) => p,
-            Err(e) => return self.refuse(session, ctx, &e).await,
+            Err(e) => {
+                // A known route still picks the error shape of its provider.
+                ctx.route = route;
+                return self.refuse(session, ctx, &e).await;
+            }
         };
+        let Some(route) = route else {
+            // A caller with a valid key keeps its connection after a 404.
+            ctx.principal = Some(principal);
+            return self.refuse(session, ctx, &no_route()).await;
+        };
+        ctx.route = Some(route);
         if header(session, "idempotency-key").is_some_and(|v| std::str::from_utf8(v).is_err()) {
             // Ignoring it would forward a retry the client meant to deduplicate.
             let e = ApiError::new(
@@ -1047,6 +1052,15 @@ impl Drop for EndGuard {
     fn drop(&mut self) {
         self.0.request_ended();
     }
+}
+
+/// The 404 for a path no upstream serves. It names neither the method nor the path: an
+/// answer never echoes request bytes (a head may be up to pingora's limit of about 1 MiB).
+fn no_route() -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no route for this method and path; see the upstreams' routes and passthrough lists",
+    )
 }
 
 fn code_for_status(s: u16) -> ErrorCode {
