@@ -47,7 +47,7 @@ async fn revealing_upstream() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiv
                     }
                 }
                 let resp = format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nopenai-organization: org-operator-secret\r\nopenai-project: proj_operator_secret\r\nanthropic-organization-id: 0f0e-operator-org\r\nset-cookie: __cf_bm=operator-cookie; path=/; domain=.api.openai.com\r\nopenai-processing-ms: 12\r\nx-request-id: req_123\r\nconnection: close\r\n\r\n{CHAT_JSON}",
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nopenai-organization: org-operator-secret\r\nopenai-project: proj_operator_secret\r\nanthropic-organization-id: 0f0e-operator-org\r\nset-cookie: __cf_bm=operator-cookie; path=/; domain=.api.openai.com\r\nanthropic-ratelimit-requests-limit: 4000\r\nanthropic-ratelimit-tokens-remaining: 1999000\r\nx-ratelimit-limit-requests: 10000\r\nx-ratelimit-remaining-tokens: 29999000\r\nopenai-processing-ms: 12\r\nx-request-id: req_123\r\nconnection: close\r\n\r\n{CHAT_JSON}",
                     CHAT_JSON.len()
                 );
                 let _ = s.write_all(resp.as_bytes()).await;
@@ -128,6 +128,10 @@ async fn callers_cannot_choose_the_account_and_never_see_it() {
         "openai-project",
         "anthropic-organization-id",
         "set-cookie",
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-tokens-remaining",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-tokens",
     ] {
         assert!(r.header(hidden).is_none(), "{hidden} reached the caller");
     }

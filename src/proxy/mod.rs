@@ -703,6 +703,18 @@ impl ProxyHttp for Gateway {
         for name in ACCOUNT_RESPONSE_HEADERS {
             resp.remove_header(*name);
         }
+        // The provider's rate-limit headers describe the operator's whole account, shared
+        // by every tenant (a side channel on the others' traffic); tollgate's own
+        // `x-ratelimit-*` for the caller's key are added in `response_filter`.
+        let account_limits: Vec<String> = resp
+            .headers
+            .keys()
+            .map(|k| k.as_str().to_string())
+            .filter(|n| n.starts_with("anthropic-ratelimit-") || n.starts_with("x-ratelimit-"))
+            .collect();
+        for name in account_limits {
+            resp.remove_header(&name);
+        }
         Ok(())
     }
 
