@@ -606,8 +606,10 @@ async fn strangers_cannot_hold_proxy_slots_or_head_memory() {
     for _ in 0..3 {
         held.push(connect_from("127.0.0.1", proxy.addr).await);
     }
-    // Let the listener accept (and count) the three before the fourth.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Let the listener accept (and count) the three before the fourth: under load (the
+    // other tests of this file run beside it) 200 ms was not always enough, and the
+    // fourth then raced ahead of one of the three.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut fourth = connect_from("127.0.0.1", proxy.addr).await;
     let _ = fourth.write_all(usage_with_key.as_bytes()).await;
     assert_eq!(
