@@ -2,8 +2,9 @@
 --
 -- Key layout (every key shares the request's {hash tag}, so a cluster runs this on one node):
 --   KEYS[1]  hold   tg:v1:{tag}:h:<trace>   string, exists while the request is held
---   KEYS[2]  done   tg:v1:{tag}:d:<trace>   string, set by settle (cleared here: a new hold
---                                           under a released or settled trace id is a new life)
+--   KEYS[2]  done   tg:v1:{tag}:d:<trace>   string, set by settle: a settled trace id is never
+--                                           held again (`DUP`) while it is remembered; release
+--                                           does not set it, so a released id may be held again
 --   KEYS[3]  seq    tg:v1:{tag}:seq         integer, bumped by every settle (seeding races)
 --   then per counter i = 1..C, three keys:
 --   KEYS[3i+1] data  tg:v1:{tag}:c:<id>  hash; its existence is the initialization marker
@@ -27,7 +28,9 @@
 --
 -- Time: the server's TIME. Returns, always as an array whose first two items are a status and
 -- the server time in unix ms:
---   {'DUP', now}                       the trace id is already held; nothing changed
+--   {'DUP', now}                       the trace id is already held, or was settled (its
+--                                      ledger row may not have reached Postgres yet);
+--                                      nothing changed
 --   {'DISABLED', now, limit}           a limit has cap 0; nothing changed
 --   {'TIME', now}                      a calendar window passed in ARGV does not contain now;
 --                                      nothing changed, the client recomputes at `now`
@@ -50,7 +53,7 @@ local ttl = tonumber(ARGV[2])
 local C = tonumber(ARGV[3])
 local L = tonumber(ARGV[4])
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return {'DUP', now_ms}
 end
 
@@ -197,5 +200,4 @@ for i = 1, C do
   end
 end
 redis.call('SET', KEYS[1], C, 'PX', ttl)
-redis.call('DEL', KEYS[2])
 return {'OK', now_ms, with_reserved(true)}

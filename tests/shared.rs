@@ -36,6 +36,33 @@ async fn shared_proxy(pg: &TestPg, upstream: std::net::SocketAddr) -> Proxy {
     p
 }
 
+/// A proxy in shared mode on `postgres_url` with its counters in the Redis at `redis_url`.
+async fn shared_proxy_on(
+    postgres_url: &str,
+    redis_url: &str,
+    upstream: std::net::SocketAddr,
+) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
+    let text = std::fs::read_to_string(&config_path).unwrap().replace(
+        "mode = \"embedded\"",
+        &format!(
+            "mode = \"shared\"\npostgres_url = \"{postgres_url}\"\nredis_url = \"{redis_url}\"\njournal_retention = \"1h\""
+        ),
+    );
+    std::fs::write(&config_path, text).unwrap();
+    let mut p = Proxy {
+        child: None,
+        addr,
+        admin,
+        log_path: dir.path().join("proxy.log"),
+        dir,
+        config_path,
+    };
+    p.spawn().await;
+    p
+}
+
 async fn setup() -> (TestPg, tollgate::mock::MockHandle, Proxy) {
     let pg = TestPg::start();
     let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
@@ -971,5 +998,227 @@ async fn rerate_writes_adjustments_to_the_ledger_of_record_once() {
             int(&rep["totals"]["requests"])
         ),
         (new_total, 3)
+    );
+}
+
+/// Issue 10, review finding 5: an `Idempotency-Key` settled on instance a and repeated on
+/// instance b before a's row reached Postgres (a's shipper held up: here a's database role
+/// may read the ledger but not write it). b's journal has never seen it and Postgres does
+/// not have it yet; before the fix Redis forgot the settle too (reserve cleared its done
+/// marker), so b forwarded it again (200): the upstream was paid twice, Redis counted both,
+/// and the ledger kept one. Now Redis remembers the settle and b answers 409.
+#[tokio::test]
+async fn a_repeated_idempotency_key_settled_but_not_yet_shipped_is_refused_on_another_instance() {
+    let pg = TestPg::start();
+    let redis = common::redis::RedisServer::start();
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let ledger = PgLedger::new(&pg.url()).unwrap();
+    ledger.migrate().await.unwrap();
+    let admin = pg.client().await;
+    admin
+        .batch_execute(
+            "CREATE ROLE slow_shipper LOGIN;
+             GRANT ALL ON SCHEMA public TO slow_shipper;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO slow_shipper;
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO slow_shipper;
+             REVOKE INSERT, UPDATE ON billing_transactions FROM slow_shipper;",
+        )
+        .await
+        .unwrap();
+    let a_url = pg
+        .url()
+        .replace("postgres://postgres@", "postgres://slow_shipper@");
+    let a = shared_proxy_on(&a_url, &redis.url(), mock.addr).await;
+    let b = shared_proxy_on(&pg.url(), &redis.url(), mock.addr).await;
+    let (key_id, key) = b.create_live_key(&[]).await;
+    let auth = format!("Bearer {key}");
+    let mut live = false;
+    for _ in 0..100 {
+        let r = send(
+            "GET",
+            &a.url("/v1/tollgate/usage"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+        if r.status == 200 {
+            live = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(live, "the key reaches instance a");
+    let once = [("idempotency-key", "order-1")];
+    let trace = format!("{key_id}:order-1");
+
+    let r = chat(&a, &key, false, &once).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    eventually("a's settle journaled", || {
+        journal_rows(&a)
+            .iter()
+            .any(|t| t.trace_id == trace && t.status == "settled")
+    })
+    .await;
+    // Settled in Redis too (the client has its answer just before that).
+    let redis_has = |pattern: String| {
+        !redis
+            .cli(&["--scan", "--pattern", &pattern])
+            .trim()
+            .is_empty()
+    };
+    eventually("a's settle counted", || {
+        redis_has(format!("*:d:{trace}")) && !redis_has(format!("*:h:{trace}"))
+    })
+    .await;
+    assert!(backlog(&a) > 0, "a's settle has not shipped");
+    assert!(
+        pg.ledger()
+            .await
+            .iter()
+            .all(|r| r["trace_id"] != trace.as_str())
+    );
+
+    let before = mock.recorded().len();
+    let r = chat(&b, &key, false, &once).await;
+    assert_eq!(
+        r.status,
+        409,
+        "forwarded a second time, the ledger would keep one: {}",
+        r.text()
+    );
+    assert_eq!(r.json()["error"]["code"], "duplicate_request");
+    assert_eq!(r.header("x-tollgate-trace-id"), Some(trace.as_str()));
+    assert_eq!(mock.recorded().len(), before, "nothing forwarded");
+
+    // A released trace id is still free to use again: an upstream error releases order-2
+    // on a, and b serves its retry.
+    let r = chat(
+        &a,
+        &key,
+        false,
+        &[("idempotency-key", "order-2"), ("x-mock-status", "500")],
+    )
+    .await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    let released = format!("{key_id}:order-2");
+    eventually("a's release done", || {
+        journal_rows(&a)
+            .iter()
+            .any(|t| t.trace_id == released && t.status == "released")
+            && !redis_has(format!("*:h:{released}"))
+    })
+    .await;
+    let r = chat(&b, &key, false, &[("idempotency-key", "order-2")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // a's shipper gets through: one settled row for order-1, a's, and nothing set aside.
+    admin
+        .batch_execute("GRANT INSERT, UPDATE ON billing_transactions TO slow_shipper")
+        .await
+        .unwrap();
+    let rows = pg
+        .wait_ledger("order-1 shipped", |rows| {
+            rows.iter()
+                .any(|r| r["trace_id"] == trace.as_str() && r["status"] == "settled")
+        })
+        .await;
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r["trace_id"] == trace.as_str())
+            .count(),
+        1
+    );
+    eventually("a's backlog 0", || backlog(&a) == 0).await;
+    for p in [&a, &b] {
+        let (_, status) = cli_json(p, &["journal", "status"]);
+        assert_eq!(status["quarantined"], 0, "{status}");
+    }
+}
+
+/// Issue 10, review finding 5, the ledger of record's side: when two reservations of one
+/// trace id were both settled (forwarded twice), the second settle to arrive must not
+/// vanish. Before the fix the upsert ignored it (0 rows, no error); now it is refused, so
+/// the shipper sets it aside in the quarantine (logged, counted, in `/readyz`). A re-ship
+/// of the stored settle is still harmless, and a settle over a released row of an earlier
+/// reservation is still taken.
+#[tokio::test]
+async fn a_second_settle_of_one_trace_id_is_refused_not_dropped() {
+    let pg = TestPg::start();
+    let ledger = PgLedger::new(&pg.url()).unwrap();
+    ledger.migrate().await.unwrap();
+    let (t1, t2) = ("2026-01-01T00:00:00.000001Z", "2026-01-01T00:00:05.000000Z");
+    let first = row("k", "settled", t1, 40);
+    assert_eq!(
+        ledger
+            .upsert_rows(std::slice::from_ref(&first))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        ledger
+            .upsert_rows(std::slice::from_ref(&first))
+            .await
+            .unwrap(),
+        0,
+        "a re-ship changes nothing"
+    );
+    // The other instance's later reservation, settled: refused, the stored row kept.
+    let later = Transaction {
+        instance_id: "j".into(),
+        ..row("k", "settled", t2, 60)
+    };
+    let err = ledger
+        .upsert_rows(std::slice::from_ref(&later))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, tollgate::shared::pg::PgError::Rejected(m) if m.contains("second settle")),
+        "{err}"
+    );
+    // Same start, another instance: refused too.
+    let twin = Transaction {
+        instance_id: "j".into(),
+        ..row("k", "settled", t1, 60)
+    };
+    assert!(matches!(
+        ledger.upsert_rows(std::slice::from_ref(&twin)).await,
+        Err(tollgate::shared::pg::PgError::Rejected(_))
+    ));
+    // The later reservation shipped its reserved row first, then the earlier settle
+    // arrives: the earlier settle does not win over it, and is refused, not ignored.
+    let reserved_later = row("m", "reserved", t2, 0);
+    assert_eq!(ledger.upsert_rows(&[reserved_later]).await.unwrap(), 1);
+    assert!(matches!(
+        ledger.upsert_rows(&[row("m", "settled", t1, 40)]).await,
+        Err(tollgate::shared::pg::PgError::Rejected(_))
+    ));
+    // Row by row (the shipper's slow path): only the second settle is set aside.
+    let batch = [
+        later.clone(),
+        row("n", "released", t1, 0),
+        row("o", "settled", t1, 5),
+    ];
+    let (changed, refused) = ledger.upsert_each(&batch).await.unwrap();
+    assert_eq!(changed, 2);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].0, 0);
+    // A released trace id reserved and settled again is a new reservation, taken.
+    assert_eq!(
+        ledger
+            .upsert_rows(&[row("n", "settled", t2, 9)])
+            .await
+            .unwrap(),
+        1
+    );
+    let rows = ledger.all_rows().await.unwrap();
+    let get = |t: &str| rows.iter().find(|r| r.trace_id == t).unwrap().clone();
+    assert_eq!(get("k"), first);
+    assert_eq!(get("m").status, "reserved");
+    assert_eq!(
+        (get("n").status.as_str(), get("n").cost_micros),
+        ("settled", 9)
     );
 }

@@ -191,7 +191,15 @@ impl PgLedger {
     ///   a final row never goes back to reserved;
     /// - a later reservation (greater `started_at`) of the same trace id: only over a row
     ///   that is not `settled` (a released trace id may be reserved again, SPEC §4.7);
-    /// - anything older is ignored.
+    /// - anything older is ignored;
+    /// - a `settled` row of one reservation that meets the row of another reservation of
+    ///   the same trace id (another `started_at` or `instance_id`), and so did not become
+    ///   the stored row, is refused ([`PgError::Rejected`]): two reservations of one trace
+    ///   id were both forwarded and settled (an `Idempotency-Key` repeated on a second
+    ///   instance before the first settle reached Postgres), so the upstream was paid twice
+    ///   and keeping one row would lose a charge without a word. The shipper sets the row
+    ///   aside in the journal's quarantine (logged, counted, shown in `/readyz`). A re-ship
+    ///   of the stored settle itself changes nothing, as before.
     ///
     /// `rows` must hold at most one row per trace id (Postgres refuses to touch a row twice
     /// in one statement); the shipper keeps the latest event of each trace id.
@@ -693,8 +701,44 @@ async fn upsert_in(
     tx: &deadpool_postgres::Transaction<'_>,
     rows: &[Transaction],
 ) -> Result<u64, PgError> {
-    write_rows(tx, rows, UPSERT).await
+    let changed = write_rows(tx, rows, UPSERT).await?;
+    // Read after the upsert, in the same transaction: a concurrent upsert of the same trace
+    // id has committed by now (the upsert waited for its row lock), so of two instances
+    // shipping two settles at once, the one whose row did not stay is refused.
+    let col = |f: fn(&Transaction) -> String| rows.iter().map(f).collect::<Vec<String>>();
+    let trace_id = col(|t| t.trace_id.clone());
+    let status = col(|t| t.status.clone());
+    let started_at = col(|t| t.started_at.clone());
+    let instance_id = col(|t| t.instance_id.clone());
+    let check = tx.prepare_cached(SECOND_SETTLE).await?;
+    let conflicts = tx
+        .query(&check, &[&trace_id, &status, &started_at, &instance_id])
+        .await?;
+    if let Some(r) = conflicts.first() {
+        let trace: String = r.get(0);
+        let theirs: String = r.get(1);
+        let their_instance: String = r.get(2);
+        let ours = rows
+            .iter()
+            .find(|t| t.trace_id == trace)
+            .map(|t| (t.started_at.as_str(), t.instance_id.as_str()))
+            .unwrap_or_default();
+        return Err(PgError::Rejected(format!(
+            "second settle of trace id {trace}: this reservation (started {} on instance {}) was settled, but the ledger holds another reservation of the same trace id (started {theirs} on instance {their_instance}); the upstream was paid for both",
+            ours.0, ours.1
+        )));
+    }
+    Ok(changed)
 }
+
+/// The incoming `settled` rows (by trace id, status, started_at, instance_id) whose trace id
+/// the ledger holds for another reservation: each is a charge the upsert did not keep.
+const SECOND_SETTLE: &str = "SELECT b.trace_id, to_char(b.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), b.instance_id
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS t(trace_id, status, started_at, instance_id)
+    JOIN billing_transactions b ON b.trace_id = t.trace_id
+    WHERE t.status = 'settled'
+      AND (b.started_at <> t.started_at::timestamptz OR b.instance_id <> t.instance_id)
+    LIMIT 1";
 
 async fn write_rows(
     tx: &deadpool_postgres::Transaction<'_>,
