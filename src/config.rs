@@ -94,6 +94,7 @@ pub const QUOTA_KEYS: &[&str] = &[
     "timezone",
     "reservation_ttl",
     "default_max_output_tokens",
+    "unseen_input_tokens",
     "unknown_model",
     "passthrough_rate",
     "passthrough_burst",
@@ -286,6 +287,10 @@ pub struct QuotaConfig {
     pub timezone: chrono_tz::Tz,
     pub reservation_ttl: Duration,
     pub default_max_output_tokens: u64,
+    /// Input tokens held for a request that makes the upstream read input the estimate
+    /// cannot see (`previous_response_id`, files by id...); 0 refuses such requests where a
+    /// USD or token limit applies.
+    pub unseen_input_tokens: u64,
     pub unknown_model: UnknownModel,
     /// Passthrough requests (unmetered) one key may send per second, on average.
     pub passthrough_rate: u32,
@@ -534,6 +539,7 @@ impl Config {
                 "timezone": self.quota.timezone.name(),
                 "reservation_ttl": humantime::format_duration(self.quota.reservation_ttl).to_string(),
                 "default_max_output_tokens": self.quota.default_max_output_tokens,
+                "unseen_input_tokens": self.quota.unseen_input_tokens,
                 "unknown_model": self.quota.unknown_model,
                 "passthrough_rate": self.quota.passthrough_rate,
                 "passthrough_burst": self.quota.passthrough_burst,
@@ -1099,6 +1105,8 @@ impl Reader<'_> {
         );
         let default_max_output_tokens =
             self.integer(t, p, "default_max_output_tokens", 4096, 1, 10_000_000) as u64;
+        let unseen_input_tokens =
+            self.integer(t, p, "unseen_input_tokens", 200_000, 0, 10_000_000) as u64;
         let unknown_model = self.enum_value(
             t,
             p,
@@ -1115,6 +1123,7 @@ impl Reader<'_> {
             timezone,
             reservation_ttl,
             default_max_output_tokens,
+            unseen_input_tokens,
             unknown_model,
             passthrough_rate,
             passthrough_burst,

@@ -72,6 +72,9 @@ pub struct Parsed {
     pub reasoning: bool,
     /// Per-call tool uses (web searches) the request allows, held at the entry's fee.
     pub tool_calls: u64,
+    /// The first field that makes the upstream read input the estimate cannot see
+    /// ([`tokens::unseen_input`]); such a request is held at `[quota].unseen_input_tokens`.
+    pub unseen_input: Option<&'static str>,
 }
 
 /// Longest `model` accepted (SPEC §4.2): it is written to the ledger, logs and metrics.
@@ -535,8 +538,35 @@ impl Engine {
                 asked: Modifiers::default(),
                 reasoning: false,
                 tool_calls: 0,
+                unseen_input: None,
             }
         };
+        // Input the estimate cannot see (state kept upstream, files by id, MCP, search) is
+        // held at the configured allowance, so the hold stays a worst case; with the
+        // allowance 0 such a request is refused where a USD or token limit applies.
+        let mut parsed = parsed;
+        if let Some(field) = parsed.unseen_input {
+            let allowance = self.config.quota.unseen_input_tokens;
+            if allowance > 0 {
+                parsed.input_tokens = parsed.input_tokens.max(allowance);
+            } else if self
+                .applicable_limits(p, Some(&route.upstream_name))
+                .iter()
+                .any(|l| {
+                    matches!(
+                        l.spec.metric,
+                        Metric::Usd | Metric::Tokens | Metric::InputTokens
+                    )
+                })
+            {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "`{field}` makes the upstream read input tollgate cannot count, and this key has a spending or token limit; send that input in the request itself"
+                    ),
+                ));
+            }
+        }
         let entry = if route.format.is_some() {
             match self.prices.lookup(&parsed.model) {
                 Some(e) => Some(e),
@@ -1116,6 +1146,10 @@ pub fn parse_request(
     let tool_calls = held_tool_calls(format, obj)?;
     let reasoning = asks_for_reasoning(format, obj);
     let asked = Modifiers::requested(format, &v);
+    let unseen_input = match format {
+        ApiFormat::OpenAiCompletions | ApiFormat::OpenAiEmbeddings => None,
+        _ => tokens::unseen_input(&v),
+    };
     let (encoding, accuracy) = tokens::encoding_for_model(&model);
     let counted = match format {
         ApiFormat::OpenAiChat => tokens::openai_chat_input(&v, encoding),
@@ -1172,6 +1206,7 @@ pub fn parse_request(
         asked,
         reasoning,
         tool_calls,
+        unseen_input,
     })
 }
 

@@ -1408,3 +1408,100 @@ async fn a_stream_whose_client_left_before_the_answer_is_cut_and_billed_as_a_dis
         "the upstream stream was cut, not run to its end: {row}"
     );
 }
+
+/// A Responses answer that reports `input` tokens read (a long chain behind
+/// `previous_response_id` that the request itself does not carry).
+fn responses_reply(input: u64) -> Vec<u8> {
+    let body = format!(
+        r#"{{"id":"resp_2","object":"response","model":"gpt-4o","status":"completed","output":[{{"type":"message","role":"assistant","content":[{{"type":"output_text","text":"ok"}}]}}],"usage":{{"input_tokens":{input},"output_tokens":5,"total_tokens":{}}}}}"#,
+        input + 5
+    );
+    http_response("application/json", body.as_bytes(), false)
+}
+
+/// Issue 10, review finding 2: input the request only refers to (`previous_response_id`)
+/// was held at the visible text, a fraction of a cent, so 20 concurrent requests were all
+/// admitted under a $1 cap and each settled at the 150,000 input tokens the upstream
+/// read ($0.375 at gpt-4o's $2.50 per 1M): $7.50 spent on a $1 cap (seen failing). Now
+/// such a request is held at `[quota].unseen_input_tokens` (200,000 by default) and the
+/// settled spend stays within the cap.
+#[tokio::test]
+async fn unseen_input_behind_previous_response_id_never_settles_above_a_usd_cap() {
+    let (up, _seen) = scripted_upstream(responses_reply(150_000), 4096, Duration::ZERO).await;
+    let proxy = Proxy::start(up, ProxyOptions::default()).await;
+    let (_id, key) = proxy.create_live_key(&["--limit", "usd:total=1"]).await;
+    let body = serde_json::json!({
+        "model": "gpt-4o",
+        "previous_response_id": "resp_1",
+        "input": "ok",
+        "max_output_tokens": 16,
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let url = proxy.url("/v1/responses");
+        let key = key.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            post_json(&url, &key, &body, &[]).await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(
+            r.status == 200 || r.status == 429,
+            "{} {}",
+            r.status,
+            r.text()
+        );
+        if r.status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(ok > 0);
+    eventually("settled", || settled(&proxy).len() == ok).await;
+    let spent: i64 = settled(&proxy)
+        .iter()
+        .map(|r| r["cost_micros"].as_i64().unwrap())
+        .sum();
+    assert!(
+        spent <= 1_000_000,
+        "{ok} admitted, spent {spent} micro-USD over a 1000000 cap"
+    );
+}
+
+/// With `[quota].unseen_input_tokens = 0` a request whose input the estimate cannot see is
+/// refused (400, nothing forwarded) for a key with a USD or token limit, and served for a
+/// key with only a request-count limit.
+#[tokio::test]
+async fn unseen_input_with_no_allowance_is_refused_where_spend_is_limited() {
+    let (up, mut seen) = scripted_upstream(responses_reply(150_000), 4096, Duration::ZERO).await;
+    let proxy = Proxy::start(
+        up,
+        ProxyOptions {
+            extra: "[quota]\nunseen_input_tokens = 0\n".into(),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let (_, capped) = proxy.create_live_key(&["--limit", "usd:day=5"]).await;
+    let (_, counted) = proxy.create_live_key(&["--limit", "requests:day=5"]).await;
+    for body in [
+        serde_json::json!({"model": "gpt-4o", "conversation": "conv_1", "input": "ok", "max_output_tokens": 16}),
+        serde_json::json!({"model": "gpt-4o", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}], "max_output_tokens": 16}),
+        serde_json::json!({"model": "gpt-4o", "input": "ok", "tools": [{"type": "mcp", "server_url": "https://mcp.example"}], "max_output_tokens": 16}),
+    ] {
+        let r = post_json(&proxy.url("/v1/responses"), &capped, &body, &[]).await;
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_request", "{}", r.text());
+    }
+    assert!(seen.try_recv().is_err(), "nothing forwarded");
+    let r = post_json(
+        &proxy.url("/v1/responses"),
+        &counted,
+        &serde_json::json!({"model": "gpt-4o", "previous_response_id": "resp_1", "input": "ok"}),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -18,8 +18,10 @@
 //!   expected, a message that is not an object — is counted as its compact JSON text, which can
 //!   only over-count it. Scalars that carry no text (`null`, booleans, numbers in known
 //!   non-text fields) count 0. Nothing here panics.
-//! - Inputs the request only refers to (`previous_response_id`, `item_reference`, uploaded
-//!   `file_id`s, remote MCP tool lists) are invisible here; the upstream's usage settles them.
+//! - Inputs the request only refers to (`previous_response_id`, `conversation`, a stored
+//!   `prompt`, `item_reference`, files by id or URL, remote MCP servers, `file_search`)
+//!   are invisible here; [`unseen_input`] names them, and the engine holds
+//!   `[quota].unseen_input_tokens` for such a request (the upstream's usage settles it).
 
 use serde_json::{Map, Value};
 
@@ -451,4 +453,160 @@ pub fn anthropic_messages_input(body: &Value, enc: Encoding) -> u64 {
         Some(other) => json_text(enc, other),
     };
     REPLY_PRIMING + system + messages + tools
+}
+
+/// The first field of a request that makes the upstream read input this estimate cannot see,
+/// by its name: state kept upstream (`previous_response_id`, `conversation`, a stored
+/// `prompt`, `item_reference` items), files by id or URL, remote MCP servers, and
+/// `file_search` tools (their results are billed as input). The hold of such a request is
+/// not a worst case from the visible text alone; the engine holds
+/// `[quota].unseen_input_tokens` for it.
+pub fn unseen_input(body: &Value) -> Option<&'static str> {
+    let obj = body.as_object()?;
+    let present = |k: &str| !matches!(obj.get(k), None | Some(Value::Null));
+    for field in [
+        "previous_response_id",
+        "conversation",
+        "prompt",
+        "mcp_servers",
+    ] {
+        // `prompt` of the legacy completions route is the visible input itself.
+        if field == "prompt" && !matches!(obj.get("prompt"), Some(Value::Object(_))) {
+            continue;
+        }
+        if present(field) {
+            return Some(field);
+        }
+    }
+    if let Some(Value::Array(tools)) = obj.get("tools") {
+        for tool in tools {
+            let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind == "mcp" || kind == "file_search" {
+                return Some("tools");
+            }
+        }
+    }
+    for key in ["input", "messages", "instructions", "system"] {
+        if let Some(v) = obj.get(key)
+            && let Some(f) = unseen_in(v, 0)
+        {
+            return Some(f);
+        }
+    }
+    None
+}
+
+/// Depth bound of [`unseen_in`] (bodies are parsed with serde_json's own recursion limit).
+const UNSEEN_DEPTH: usize = 64;
+
+/// A reference to input kept elsewhere, anywhere inside message content.
+fn unseen_in(v: &Value, depth: usize) -> Option<&'static str> {
+    if depth > UNSEEN_DEPTH {
+        return None;
+    }
+    match v {
+        Value::Array(items) => items.iter().find_map(|x| unseen_in(x, depth + 1)),
+        Value::Object(o) => {
+            let kind = o.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind == "item_reference" {
+                return Some("item_reference");
+            }
+            // Files by id (OpenAI `file_id` parts, Anthropic `file` sources) or by URL
+            // (OpenAI `file_url`, Anthropic documents with a `url` source).
+            if !o.contains_key("file_data") {
+                if matches!(o.get("file_id"), Some(Value::String(_))) {
+                    return Some("file_id");
+                }
+                if matches!(o.get("file_url"), Some(Value::String(_))) {
+                    return Some("file_url");
+                }
+            }
+            if kind == "document"
+                && let Some(src) = o
+                    .get("source")
+                    .and_then(|s| s.get("type"))
+                    .and_then(Value::as_str)
+                && (src == "url" || src == "file")
+            {
+                return Some("document source");
+            }
+            o.values().find_map(|x| unseen_in(x, depth + 1))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod unseen_tests {
+    use serde_json::json;
+
+    use super::unseen_input;
+
+    #[test]
+    fn unseen_input_names_what_the_estimate_cannot_see() {
+        let cases = [
+            (
+                json!({"previous_response_id": "resp_1", "input": "hi"}),
+                Some("previous_response_id"),
+            ),
+            (
+                json!({"conversation": {"id": "conv_1"}}),
+                Some("conversation"),
+            ),
+            (json!({"prompt": {"id": "pmpt_1"}}), Some("prompt")),
+            (
+                json!({"input": [{"type": "item_reference", "id": "msg_1"}]}),
+                Some("item_reference"),
+            ),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}),
+                Some("file_id"),
+            ),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_url": "https://x"}]}]}),
+                Some("file_url"),
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}),
+                Some("file_id"),
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "https://x"}}]}]}),
+                Some("document source"),
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "file", "file_id": "f"}}]}]}),
+                Some("document source"),
+            ),
+            (
+                json!({"mcp_servers": [{"url": "https://x"}]}),
+                Some("mcp_servers"),
+            ),
+            (
+                json!({"tools": [{"type": "file_search", "vector_store_ids": ["vs"]}]}),
+                Some("tools"),
+            ),
+            (
+                json!({"tools": [{"type": "mcp", "server_url": "https://x"}]}),
+                Some("tools"),
+            ),
+            // Everything in the body is counted: nothing unseen.
+            (
+                json!({"previous_response_id": null, "input": "hi", "prompt": "text"}),
+                None,
+            ),
+            (
+                json!({"input": [{"role": "user", "content": [{"type": "input_file", "file_data": "data:x", "file_id": "f"}]}]}),
+                None,
+            ),
+            (
+                json!({"tools": [{"type": "function", "name": "f"}], "messages": [{"role": "user", "content": "file_id"}]}),
+                None,
+            ),
+            (json!([1, 2]), None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(unseen_input(&body), want, "{body}");
+        }
+    }
 }

@@ -44,6 +44,7 @@ pub use estimate::{
     ANTHROPIC_TOOL_SYSTEM_AUTO, ANTHROPIC_TOOL_SYSTEM_FORCED, REPLY_PRIMING, TOKENS_PER_MESSAGE,
     TOKENS_PER_NAME, TOOL_CALL_OVERHEAD, TOOL_OVERHEAD, TOOLS_OVERHEAD, anthropic_messages_input,
     openai_chat_input, openai_completions_input, openai_embeddings_input, openai_responses_input,
+    unseen_input,
 };
 
 /// Request bodies above this size should be estimated on `spawn_blocking`.
