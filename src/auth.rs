@@ -20,8 +20,11 @@
 //!   Whatever the flood, this instance makes at most 1 / [`MISS_READ_EVERY`] reads a second
 //!   for unknown keys (`tollgate_key_miss_reads_total`).
 //! - **Outages.** A failed or slow (over [`MISS_READ_TIMEOUT`]) read is not retried for
-//!   [`MISS_BACKOFF`]: meanwhile a miss is answered from the directory as it is (in shared
-//!   mode the copy kept in the journal while Postgres is down).
+//!   [`MISS_BACKOFF`]. A miss that such a read answered, or that arrives during the
+//!   back-off, is [`AuthError::Unavailable`] (503 `store_unavailable`), never 401, and is
+//!   not remembered: only a read that succeeded can say a key does not exist. Keys in the
+//!   directory (in shared mode, the copy kept in the journal while Postgres is down) are
+//!   served as usual.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -39,6 +42,9 @@ use crate::quota::LimitSpec;
 
 /// How often running instances look for key and limit changes.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
+/// A background refresh (change counter, then the directory if it moved) slower than
+/// this is abandoned and retried at the next tick.
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Least time between two store reads made for unknown keys.
 pub const MISS_READ_EVERY: Duration = Duration::from_millis(10);
 /// A look-up read slower than this counts as failed.
@@ -79,6 +85,9 @@ impl Principal {
 pub struct Directory {
     pub rev: i64,
     by_hash: HashMap<String, Arc<Principal>>,
+    /// Hashes of revoked keys: known, and refused without asking the store (a revoke is
+    /// final).
+    revoked: std::collections::HashSet<String>,
     by_id: HashMap<String, (Arc<Principal>, bool)>,
     limits: HashMap<String, Vec<LimitSpec>>,
 }
@@ -86,12 +95,15 @@ pub struct Directory {
 impl Directory {
     pub fn from_snapshot(s: Snapshot) -> Directory {
         let mut by_hash = HashMap::new();
+        let mut revoked = std::collections::HashSet::new();
         let mut by_id = HashMap::new();
         for (hash, rec) in s.keys {
             let active = rec.status == "active";
             let p = Arc::new(principal_of(&rec));
             if active {
                 by_hash.insert(hash, p.clone());
+            } else {
+                revoked.insert(hash);
             }
             by_id.insert(rec.id.clone(), (p, active));
         }
@@ -107,6 +119,7 @@ impl Directory {
         Directory {
             rev: s.rev,
             by_hash,
+            revoked,
             by_id,
             limits,
         }
@@ -115,6 +128,11 @@ impl Directory {
     /// The active principal whose secret hashes to `hash`.
     pub fn by_hash(&self, hash: &str) -> Option<Arc<Principal>> {
         self.by_hash.get(hash).cloned()
+    }
+
+    /// Whether `hash` is the hash of a revoked key.
+    pub fn is_revoked(&self, hash: &str) -> bool {
+        self.revoked.contains(hash)
     }
 
     /// A principal by key id, active or not (for usage reports).
@@ -167,6 +185,11 @@ pub enum AuthError {
     Unknown,
     #[error("conflicting API keys in Authorization and x-api-key")]
     Conflict,
+    /// The key is not in the directory and the store could not be asked (down, slow, or
+    /// backing off after a failure): whether it exists is unknown, so it is not refused
+    /// as invalid (HTTP 503, not 401) and nothing is remembered about it.
+    #[error("cannot check the API key: the key store is unavailable; retry shortly")]
+    Unavailable,
 }
 
 /// The tollgate secret presented by a request, from `Authorization: Bearer` or
@@ -214,6 +237,8 @@ struct Misses {
 struct Gate {
     /// When the last look-up read started.
     last_read: Option<Instant>,
+    /// Whether that read succeeded (a miss it answered may be remembered as unknown).
+    last_ok: bool,
     /// No read before this (the last one failed).
     backoff_until: Option<Instant>,
 }
@@ -280,9 +305,14 @@ impl Authenticator {
             return Err(AuthError::Unknown);
         }
         let hash = keys::hash_secret(secret);
-        if let Some(p) = self.directory().by_hash(&hash) {
+        let dir = self.directory();
+        if let Some(p) = dir.by_hash(&hash) {
             return Ok(p);
         }
+        if dir.is_revoked(&hash) {
+            return Err(AuthError::Unknown);
+        }
+        drop(dir);
         self.look_up(&hash).await
     }
 
@@ -308,7 +338,7 @@ impl Authenticator {
             if gate.backoff_until.is_some_and(|t| Instant::now() < t) {
                 drop(gate);
                 stats.unread.fetch_add(1, Ordering::Relaxed);
-                return self.directory().by_hash(hash).ok_or(AuthError::Unknown);
+                return self.directory().by_hash(hash).ok_or(AuthError::Unavailable);
             }
             if let Some(last) = gate.last_read {
                 tokio::time::sleep_until(last + MISS_READ_EVERY).await;
@@ -316,28 +346,33 @@ impl Authenticator {
             gate.last_read = Some(Instant::now());
             stats.reads.fetch_add(1, Ordering::Relaxed);
             let read = tokio::time::timeout(MISS_READ_TIMEOUT, refresh_once(self, source.as_ref()));
-            match read.await {
-                Ok(Ok(())) => {}
+            gate.last_ok = match read.await {
+                Ok(Ok(())) => true,
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot look up an unknown key; answering from the last known keys");
-                    gate.backoff_until = Some(Instant::now() + MISS_BACKOFF);
+                    tracing::warn!(error = %e, "cannot look up an unknown key; answering 503 until the store answers");
+                    false
                 }
                 Err(_) => {
-                    tracing::warn!("key look-up timed out; answering from the last known keys");
-                    gate.backoff_until = Some(Instant::now() + MISS_BACKOFF);
+                    tracing::warn!("key look-up timed out; answering 503 until the store answers");
+                    false
                 }
-            }
-            if gate.backoff_until.is_some_and(|t| Instant::now() < t) {
-                drop(gate);
-                stats.unknown.fetch_add(1, Ordering::Relaxed);
-                return self.directory().by_hash(hash).ok_or(AuthError::Unknown);
+            };
+            if !gate.last_ok {
+                gate.backoff_until = Some(Instant::now() + MISS_BACKOFF);
             }
         }
+        // Only a read that succeeded may call a key unknown; a miss answered by a failed
+        // one is a 503, and is not remembered (the key may well exist).
+        let answered_by_a_good_read = gate.last_ok;
         drop(gate);
         match self.directory().by_hash(hash) {
             Some(p) => {
                 stats.found.fetch_add(1, Ordering::Relaxed);
                 Ok(p)
+            }
+            None if !answered_by_a_good_read => {
+                stats.unknown.fetch_add(1, Ordering::Relaxed);
+                Err(AuthError::Unavailable)
             }
             None => {
                 stats.unknown.fetch_add(1, Ordering::Relaxed);
@@ -400,13 +435,20 @@ pub async fn refresh_loop(auth: Authenticator) {
     let mut failing = false;
     loop {
         tick.tick().await;
-        match refresh_once(&auth, source.as_ref()).await {
-            Ok(()) => failing = false,
-            Err(e) if !failing => {
+        // A read that hangs (a half-open connection) is abandoned, so the next tick tries
+        // again on a fresh connection instead of the loop waiting forever.
+        let read = tokio::time::timeout(REFRESH_TIMEOUT, refresh_once(&auth, source.as_ref()));
+        match read.await {
+            Ok(Ok(())) => failing = false,
+            Ok(Err(e)) if !failing => {
                 tracing::warn!(error = %e, "cannot refresh key directory; serving the last known keys");
                 failing = true;
             }
-            Err(_) => {}
+            Err(_) if !failing => {
+                tracing::warn!("key directory refresh timed out; serving the last known keys");
+                failing = true;
+            }
+            Ok(Err(_)) | Err(_) => {}
         }
     }
 }
@@ -444,12 +486,17 @@ mod tests {
         snap: parking_lot::Mutex<Snapshot>,
         reads: AtomicU64,
         failing: std::sync::atomic::AtomicBool,
+        /// A read started while set never answers (a half-open connection).
+        hanging: std::sync::atomic::AtomicBool,
     }
 
     #[async_trait::async_trait]
     impl DirectorySource for FakeStore {
         async fn rev(&self) -> Result<i64, crate::db::DbError> {
             self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.hanging.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if self.failing.load(Ordering::SeqCst) {
                 return Err(crate::db::DbError::Invalid("down".into()));
             }
@@ -576,7 +623,7 @@ mod tests {
         rt.block_on(async {
             for i in 0..100 {
                 let r = auth.authenticate(&format!("tg_x{i}")).await;
-                assert_eq!(r, Err(AuthError::Unknown));
+                assert_eq!(r, Err(AuthError::Unavailable));
             }
             // Known keys are served from the directory as it is.
             assert!(auth.authenticate(&known).await.is_ok());
@@ -590,6 +637,104 @@ mod tests {
         store.failing.store(false, Ordering::SeqCst);
         let fresh = store.create("k_after");
         assert!(rt.block_on(auth.authenticate(&fresh)).is_ok());
+    }
+
+    /// A miss answered by a failed read — its own, or one it was coalesced into — is a
+    /// 503 and is not remembered: once the store answers again, the key works at once
+    /// instead of answering 401 for [`UNKNOWN_TTL`].
+    #[test]
+    fn a_failed_look_up_is_unavailable_and_never_cached_as_unknown() {
+        let store = Arc::new(FakeStore::default());
+        let auth = Authenticator::with_source(Directory::default(), store.clone());
+        let rt = paused();
+        // One good read first, so the next read waits out MISS_READ_EVERY.
+        assert_eq!(
+            rt.block_on(auth.authenticate("tg_warm_up")),
+            Err(AuthError::Unknown)
+        );
+        let secret = store.create("k_real");
+        store.failing.store(true, Ordering::SeqCst);
+        let (other, real) = rt.block_on(async {
+            // `other` takes the gate and reads after `real` arrived; `real` is answered by
+            // that failed read.
+            let a = auth.clone();
+            let other = tokio::spawn(async move { a.authenticate("tg_someone_else").await });
+            let a = auth.clone();
+            let s = secret.clone();
+            let real = tokio::spawn(async move { a.authenticate(&s).await });
+            (other.await.unwrap(), real.await.unwrap())
+        });
+        assert_eq!(other, Err(AuthError::Unavailable));
+        assert_eq!(real, Err(AuthError::Unavailable));
+        // During the back-off: still 503, not 401.
+        assert_eq!(
+            rt.block_on(auth.authenticate(&secret)),
+            Err(AuthError::Unavailable)
+        );
+        store.failing.store(false, Ordering::SeqCst);
+        rt.block_on(async { tokio::time::sleep(MISS_BACKOFF).await });
+        assert_eq!(
+            rt.block_on(auth.authenticate(&secret)).unwrap().key_id,
+            "k_real"
+        );
+        // A key the good read found missing is remembered as unknown.
+        assert_eq!(
+            rt.block_on(auth.authenticate("tg_someone_else")),
+            Err(AuthError::Unknown)
+        );
+        let reads = store.reads.load(Ordering::SeqCst);
+        assert_eq!(
+            rt.block_on(auth.authenticate("tg_someone_else")),
+            Err(AuthError::Unknown)
+        );
+        assert_eq!(store.reads.load(Ordering::SeqCst), reads, "cached");
+    }
+
+    /// A key the directory knows as revoked is refused (401) without asking the store, so
+    /// it stays a 401 while the store is down.
+    #[test]
+    fn a_revoked_key_is_unknown_even_while_the_store_is_down() {
+        let store = Arc::new(FakeStore::default());
+        let secret = store.create("k_gone");
+        {
+            let mut s = store.snap.lock();
+            s.rev += 1;
+            s.keys[0].1.status = "revoked".into();
+        }
+        let snap = store.snap.lock().clone();
+        let auth = Authenticator::with_source(Directory::from_snapshot(snap), store.clone());
+        store.failing.store(true, Ordering::SeqCst);
+        let rt = paused();
+        assert_eq!(
+            rt.block_on(auth.authenticate(&secret)),
+            Err(AuthError::Unknown)
+        );
+        assert_eq!(store.reads.load(Ordering::SeqCst), 0);
+    }
+
+    /// A refresh stuck on a connection that never answers is abandoned: once the store
+    /// answers again, changes reach the directory within a tick or two.
+    #[test]
+    fn a_hung_refresh_does_not_stop_the_loop() {
+        let store = Arc::new(FakeStore::default());
+        let auth = Authenticator::with_source(Directory::default(), store.clone());
+        let rt = paused();
+        rt.block_on(async {
+            let lp = tokio::spawn(refresh_loop(auth.clone()));
+            store.create("k_before");
+            tokio::time::sleep(REFRESH_EVERY * 2).await;
+            assert!(auth.directory().by_id("k_before").is_some());
+            store.hanging.store(true, Ordering::SeqCst);
+            tokio::time::sleep(REFRESH_EVERY * 2).await;
+            store.hanging.store(false, Ordering::SeqCst);
+            store.create("k_after");
+            tokio::time::sleep(REFRESH_TIMEOUT + REFRESH_EVERY * 2).await;
+            assert!(
+                auth.directory().by_id("k_after").is_some(),
+                "the refresh loop is stuck on a read that never answers"
+            );
+            lp.abort();
+        });
     }
 
     #[test]
@@ -615,6 +760,7 @@ mod tests {
         let d = Directory::from_snapshot(snap);
         assert_eq!(d.by_hash("h1").unwrap().key_id, "k_1");
         assert!(d.by_hash("h2").is_none());
+        assert!(d.is_revoked("h2") && !d.is_revoked("h1"));
         assert!(!d.by_id("k_2").unwrap().1);
         assert_eq!(d.limits_of(&Subject::Key("k_1".into())).len(), 1);
         assert!(d.knows_subject(&Subject::User("u".into())));

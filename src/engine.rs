@@ -1083,7 +1083,14 @@ fn duplicate(trace_id: &str) -> ApiError {
 }
 
 fn auth_error(e: AuthError) -> ApiError {
-    ApiError::new(ErrorCode::InvalidApiKey, e.to_string())
+    match e {
+        AuthError::Unavailable => {
+            let mut err = ApiError::new(ErrorCode::StoreUnavailable, e.to_string());
+            err.retry_after = Some(crate::auth::MISS_BACKOFF.as_secs().max(1));
+            err
+        }
+        _ => ApiError::new(ErrorCode::InvalidApiKey, e.to_string()),
+    }
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {

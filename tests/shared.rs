@@ -7,20 +7,24 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::pg::TestPg;
+use common::pg::{Relay, TestPg};
 use common::*;
 use tollgate::ledger::Transaction;
 use tollgate::shared::pg::PgLedger;
 
 /// A proxy in shared mode against `pg` (counters in process until the Redis store lands).
 async fn shared_proxy(pg: &TestPg, upstream: std::net::SocketAddr) -> Proxy {
+    shared_proxy_at(&pg.url(), upstream).await
+}
+
+/// A proxy in shared mode against the Postgres at `url`.
+async fn shared_proxy_at(url: &str, upstream: std::net::SocketAddr) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
     let text = std::fs::read_to_string(&config_path).unwrap().replace(
         "mode = \"embedded\"",
         &format!(
-            "mode = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"redis://127.0.0.1:1\"\njournal_retention = \"1h\"",
-            pg.url()
+            "mode = \"shared\"\npostgres_url = \"{url}\"\nredis_url = \"redis://127.0.0.1:1\"\njournal_retention = \"1h\"",
         ),
     );
     std::fs::write(&config_path, text).unwrap();
@@ -1221,4 +1225,368 @@ async fn a_second_settle_of_one_trace_id_is_refused_not_dropped() {
         (get("n").status.as_str(), get("n").cost_micros),
         ("settled", 9)
     );
+}
+
+/// `method path` on `proxy`'s admin API with the admin token (and a JSON body if given).
+async fn admin(proxy: &Proxy, method: &str, path: &str, body: Option<serde_json::Value>) -> Reply {
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let mut h = vec![("authorization", auth.as_str())];
+    let payload = match body {
+        Some(v) => {
+            h.push(("content-type", "application/json"));
+            serde_json::to_vec(&v).unwrap()
+        }
+        None => Vec::new(),
+    };
+    send(
+        method,
+        &format!("http://{}{}", proxy.admin, path),
+        &h,
+        payload,
+    )
+    .await
+}
+
+/// Every key and limit change made through one instance's admin API is written to
+/// Postgres, so a second instance on the same Postgres serves it, and with Postgres down
+/// the change is refused with 503 instead of landing somewhere no other instance reads.
+/// `/admin/transactions` reads the ledger of record, so either instance lists the rows
+/// the other one billed.
+#[tokio::test]
+async fn admin_api_key_and_limit_writes_reach_every_instance() {
+    let (pg, mock, a) = setup().await;
+    let b = shared_proxy(&pg, mock.addr).await;
+
+    // Created on A, works on B at once (no local-only copy on A).
+    let r = admin(
+        &a,
+        "POST",
+        "/admin/keys",
+        Some(serde_json::json!({"name": "via-api", "limits": ["requests:day=100"]})),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let key = r.json()["key"].as_str().unwrap().to_string();
+    let c = pg.client().await;
+    let n: i64 = c
+        .query_one("SELECT COUNT(*) FROM api_keys WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1, "the key is in Postgres");
+    let r = chat(&b, &key, false, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = chat(&a, &key, false, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // B lists and shows what A created.
+    let r = admin(&b, "GET", &format!("/admin/keys/{id}"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["limits"], serde_json::json!(["requests:day=100"]));
+    let r = admin(&b, "GET", "/admin/keys", None).await;
+    assert!(
+        r.json()["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == id.as_str()),
+        "{}",
+        r.text()
+    );
+
+    // Limits replaced on B (all zero: the key is blocked) apply on A within a second.
+    let r = admin(
+        &b,
+        "PUT",
+        &format!("/admin/keys/{id}/limits"),
+        Some(serde_json::json!({"limits": ["requests:day=0"]})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let specs: Vec<String> = c
+        .query(
+            "SELECT spec FROM limits WHERE subject = $1",
+            &[&format!("key:{id}")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(specs, ["requests:day=0"], "the limits are in Postgres");
+    let t0 = Instant::now();
+    while chat(&a, &key, false, &[]).await.status != 403 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "limit not live on A after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(chat(&b, &key, false, &[]).await.status, 403);
+    let r = admin(
+        &b,
+        "PUT",
+        &format!("/admin/keys/{id}/limits"),
+        Some(serde_json::json!({"limits": []})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Revoked on A: refused on B within a second.
+    let r = admin(&a, "DELETE", &format!("/admin/keys/{id}"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(chat(&a, &key, false, &[]).await.status, 401);
+    let t0 = Instant::now();
+    while chat(&b, &key, false, &[]).await.status != 401 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "revoke not live on B after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The ledger of record, from either instance: every row either of them billed.
+    let t0 = Instant::now();
+    while backlog(&a) != 0 || backlog(&b) != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "journals not shipped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut of_record: Vec<String> = pg
+        .ledger()
+        .await
+        .iter()
+        .filter(|r| r["key_id"] == id.as_str())
+        .map(|r| r["trace_id"].as_str().unwrap().to_string())
+        .collect();
+    of_record.sort();
+    let instances: HashSet<String> = journal_rows(&a)
+        .iter()
+        .chain(journal_rows(&b).iter())
+        .filter(|t| t.key_id == id)
+        .map(|t| t.trace_id.clone())
+        .collect();
+    assert!(of_record.len() >= 2, "{of_record:?}");
+    assert_eq!(
+        of_record.iter().cloned().collect::<HashSet<_>>(),
+        instances,
+        "the rows of both instances"
+    );
+    for inst in [&a, &b] {
+        // Walked page by page with the cursor, newest first, every row exactly once.
+        let mut listed = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                None => format!("/admin/transactions?key={id}&limit=3"),
+                Some(c) => format!("/admin/transactions?key={id}&limit=3&cursor={c}"),
+            };
+            let r = admin(inst, "GET", &path, None).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            let v = r.json();
+            let page = v["transactions"].as_array().unwrap();
+            assert!(page.len() <= 3);
+            listed.extend(page.iter().map(|t| {
+                (
+                    t["started_at"].as_str().unwrap().to_string(),
+                    t["trace_id"].as_str().unwrap().to_string(),
+                )
+            }));
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        let mut sorted = listed.clone();
+        sorted.sort_by(|x, y| y.cmp(x));
+        assert_eq!(listed, sorted, "newest first");
+        let mut ids: Vec<String> = listed.into_iter().map(|(_, t)| t).collect();
+        ids.sort();
+        assert_eq!(ids, of_record);
+    }
+
+    // Postgres down: every write answers 503 and nothing is written anywhere.
+    pg.stop();
+    let r = admin(
+        &a,
+        "POST",
+        "/admin/keys",
+        Some(serde_json::json!({"name": "while-down"})),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "store_unavailable");
+    let r = admin(
+        &a,
+        "PUT",
+        "/admin/users/alice/limits",
+        Some(serde_json::json!({"limits": ["requests:day=5"]})),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = admin(&b, "DELETE", &format!("/admin/keys/{id}"), None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    let r = admin(&b, "GET", "/admin/transactions", None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    pg.start_again();
+    let c = pg.client().await;
+    let names: Vec<String> = c
+        .query("SELECT name FROM api_keys", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!names.iter().any(|n| n == "while-down"), "{names:?}");
+    let n: i64 = c
+        .query_one(
+            "SELECT COUNT(*) FROM limits WHERE subject = 'user:alice'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+/// Wait until `proxy` answers `key` with `status`, at most `within`.
+async fn wait_status(proxy: &Proxy, key: &str, status: u16, within: Duration, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let got = chat(proxy, key, false, &[]).await.status;
+        if got == status {
+            return;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{what}: still {got} after {within:?}\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The directory refresh of an instance never hangs on Postgres: a connection that went
+/// half-open (its packets silently dropped), a Postgres frozen with every connection
+/// open (SIGSTOP), and one killed and restarted. After each, a revoke made elsewhere
+/// reaches the instance, and while Postgres does not answer the admin API answers 503
+/// within its deadline instead of hanging.
+#[tokio::test]
+async fn directory_refresh_survives_half_open_frozen_and_restarted_postgres() {
+    let (pg, mock, a) = setup().await;
+    let relay = Relay::start(pg.port).await;
+    let b = shared_proxy_at(&relay.url(), mock.addr).await;
+    // Past the bounds of the refresh (2 s), a pooled connection's check (0.5 s each, 4 at
+    // most) and a poll (0.25 s), with room for a loaded machine.
+    let bound = Duration::from_secs(8);
+
+    // 1. Half-open: every connection B has open stops delivering, forever.
+    let (k1_id, k1) = a.create_key(&[]);
+    wait_status(&b, &k1, 200, Duration::from_secs(1), "new key on B").await;
+    relay.freeze();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(a.cli(&["keys", "revoke", &k1_id]).0, 0);
+    wait_status(
+        &b,
+        &k1,
+        401,
+        bound,
+        "revoke on B after its connections went half-open",
+    )
+    .await;
+
+    // 2. Frozen: Postgres stops with every connection open (the kernel still accepts).
+    let (k2_id, k2) = a.create_key(&[]);
+    wait_status(&b, &k2, 200, Duration::from_secs(1), "second key on B").await;
+    pg.signal_all("STOP");
+    // Requests with known keys go on (nothing on the request path waits on Postgres).
+    assert_eq!(chat(&b, &k2, false, &[]).await.status, 200);
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        admin(
+            &b,
+            "POST",
+            "/admin/keys",
+            Some(serde_json::json!({"name": "frozen"})),
+        ),
+    )
+    .await
+    .expect("the admin API hangs while Postgres is frozen");
+    assert_eq!(r.status, 503, "{}", r.text());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pg.signal_all("CONT");
+    assert_eq!(a.cli(&["keys", "revoke", &k2_id]).0, 0);
+    wait_status(&b, &k2, 401, bound, "revoke on B after Postgres was frozen").await;
+
+    // 3. Killed (no shutdown) and restarted.
+    pg.stop();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    pg.start_again();
+    let (k3_id, k3) = a.create_key(&[]);
+    wait_status(
+        &b,
+        &k3,
+        200,
+        Duration::from_secs(1),
+        "key created after the restart",
+    )
+    .await;
+    assert_eq!(a.cli(&["keys", "revoke", &k3_id]).0, 0);
+    wait_status(&b, &k3, 401, bound, "revoke on B after Postgres restarted").await;
+}
+
+/// The directory revision only moves forward. Postgres restored to an older state (its
+/// change counter behind what the instances hold) must not make the next changes look
+/// older than the directory an instance serves — those would be skipped: a key created
+/// there would answer 401 (and be remembered as unknown), a revoke would never apply.
+#[tokio::test]
+async fn directory_revision_never_goes_backwards() {
+    let (pg, mock, a) = setup().await;
+    let b = shared_proxy(&pg, mock.addr).await;
+    for _ in 0..3 {
+        a.create_key(&[]);
+    }
+    let (_, known) = a.create_key(&[]);
+    wait_status(&b, &known, 200, Duration::from_secs(1), "key on B").await;
+    let c = pg.client().await;
+    let before: i64 = c
+        .query_one("SELECT value FROM meta WHERE name = 'config_rev'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // A restore from an older backup: the counter is behind every instance.
+    c.execute("UPDATE meta SET value = 1 WHERE name = 'config_rev'", &[])
+        .await
+        .unwrap();
+    let (new_id, new_key) = a.create_key(&[]);
+    let after: i64 = c
+        .query_one("SELECT value FROM meta WHERE name = 'config_rev'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        after > before,
+        "revision went from {before} back to {after}"
+    );
+    wait_status(
+        &b,
+        &new_key,
+        200,
+        Duration::from_secs(1),
+        "key created after the restore",
+    )
+    .await;
+    assert_eq!(a.cli(&["keys", "revoke", &new_id]).0, 0);
+    wait_status(
+        &b,
+        &new_key,
+        401,
+        Duration::from_secs(1),
+        "revoke after the restore",
+    )
+    .await;
+    assert_eq!(chat(&b, &known, false, &[]).await.status, 200);
 }

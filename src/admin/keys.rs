@@ -1,10 +1,12 @@
 //! `/admin/keys…` and `/admin/{keys|users|tenants}/{id}/limits`: create, list, show and
 //! revoke keys, and replace a subject's limits.
 //!
-//! Every change is made through [`crate::keys`] on the database thread and is followed by
-//! a fresh directory snapshot swapped into this instance's [`crate::auth::Authenticator`],
-//! so the change applies here before the answer is sent; other instances sharing the store
-//! see it at their next poll (within 1 s).
+//! Every read and change goes through [`KeyAdmin`], the same store the CLI uses: the
+//! embedded database, or Postgres in shared mode (never the local journal there, which
+//! other instances do not read). Postgres down → 503 `store_unavailable`, nothing written.
+//! A change is followed by a fresh directory snapshot from the store this instance's
+//! [`crate::auth::Authenticator`] polls, so the change applies here before the answer is
+//! sent; other instances sharing the store see it at their next poll (within 1 s).
 
 use std::collections::HashSet;
 use std::str::FromStr;
@@ -14,10 +16,10 @@ use serde::Deserialize;
 
 use super::{AdminError, Resp, json};
 use crate::auth::Directory;
-use crate::db::DbError;
 use crate::engine::Engine;
-use crate::keys::{self, KeyRecord, NewKey, Snapshot, Subject};
+use crate::keys::{self, KeyRecord, NewKey, Subject};
 use crate::quota::LimitSpec;
+use crate::shared::directory::{KeyAdmin, KeyAdminError};
 
 /// Body of `POST /admin/keys`.
 #[derive(Debug, Deserialize)]
@@ -41,19 +43,27 @@ pub(super) struct PutLimits {
     limits: Vec<String>,
 }
 
-/// Install `snapshot` as this instance's key directory, unless a newer one is already in
-/// place (two admin changes racing each other must not roll one back).
-fn install(engine: &Engine, snapshot: Snapshot) {
-    let auth = engine.authenticator();
-    if snapshot.rev >= auth.directory().rev {
-        auth.replace(Directory::from_snapshot(snapshot));
+impl From<KeyAdminError> for AdminError {
+    fn from(e: KeyAdminError) -> AdminError {
+        match e {
+            KeyAdminError::Unavailable(m) => AdminError::Unavailable(m),
+            KeyAdminError::Invalid(m) => AdminError::BadRequest(m),
+            KeyAdminError::Store(m) => AdminError::Internal(m),
+        }
     }
 }
 
-/// Re-read the directory after a change made through a call that returns no snapshot.
+/// Re-read the directory from the store this instance's authenticator polls (the one the
+/// change was written to: the embedded database, or Postgres in shared mode) and install
+/// it, so the change applies here before the answer is sent. Revisions of one store only:
+/// [`crate::auth::Authenticator::replace`] never installs an older one.
 async fn refresh(engine: &Engine) {
-    match engine.db().call(keys::snapshot_sync).await {
-        Ok(s) => install(engine, s),
+    let auth = engine.authenticator();
+    let Some(source) = auth.source() else {
+        return;
+    };
+    match source.snapshot().await {
+        Ok(s) => auth.replace(Directory::from_snapshot(s)),
         Err(e) => tracing::warn!(
             error = %e,
             "cannot reload keys after an admin change; the background refresh will pick it up"
@@ -106,7 +116,11 @@ fn created_json(rec: &KeyRecord, secret: &str) -> serde_json::Value {
     })
 }
 
-pub(super) async fn create(engine: &Engine, body: CreateKey) -> Result<Resp, AdminError> {
+pub(super) async fn create(
+    engine: &Engine,
+    store: &KeyAdmin,
+    body: CreateKey,
+) -> Result<Resp, AdminError> {
     check_name("name", Some(&body.name))?;
     check_name("user", body.user.as_deref())?;
     check_name("tenant", body.tenant.as_deref())?;
@@ -118,25 +132,23 @@ pub(super) async fn create(engine: &Engine, body: CreateKey) -> Result<Resp, Adm
         )));
     }
     let limits = check_limits(&body.limits)?;
-    let (rec, secret) = keys::create(
-        engine.db(),
-        NewKey {
+    let (rec, secret) = store
+        .create(NewKey {
             name: body.name,
             user: body.user,
             tenant: body.tenant,
             plan: body.plan,
             limits,
-        },
-    )
-    .await?;
+        })
+        .await?;
     refresh(engine).await;
     tracing::info!(key_id = %rec.id, name = %rec.name, user = rec.user.as_deref().unwrap_or(""),
         tenant = rec.tenant.as_deref().unwrap_or(""), "key created through the admin API");
     Ok(json(StatusCode::CREATED, &created_json(&rec, &secret)))
 }
 
-pub(super) async fn list(engine: &Engine) -> Result<Resp, AdminError> {
-    let keys = engine.db().call(keys::list_sync).await?;
+pub(super) async fn list(store: &KeyAdmin) -> Result<Resp, AdminError> {
+    let keys = store.list().await?;
     Ok(json(StatusCode::OK, &serde_json::json!({"keys": keys})))
 }
 
@@ -144,37 +156,29 @@ fn no_such_key(id: &str) -> AdminError {
     AdminError::NotFound(format!("no key with id `{id}`"))
 }
 
-pub(super) async fn show(engine: &Engine, id: String) -> Result<Resp, AdminError> {
-    let probe = id.clone();
-    match engine
-        .db()
-        .call(move |c| keys::show_sync(c, &probe))
-        .await?
-    {
+pub(super) async fn show(store: &KeyAdmin, id: String) -> Result<Resp, AdminError> {
+    match store.show(&id).await? {
         Some(rec) => Ok(json(StatusCode::OK, &rec)),
         None => Err(no_such_key(&id)),
     }
 }
 
-pub(super) async fn revoke(engine: &Engine, id: String) -> Result<Resp, AdminError> {
-    let target = id.clone();
-    let revoked = engine
-        .db()
-        .call(move |c| match keys::revoke_sync(c, &target)? {
-            Some(rec) => Ok(Some((rec, keys::snapshot_sync(c)?))),
-            None => Ok(None),
-        })
-        .await?;
-    let Some((rec, snapshot)) = revoked else {
+pub(super) async fn revoke(
+    engine: &Engine,
+    store: &KeyAdmin,
+    id: String,
+) -> Result<Resp, AdminError> {
+    let Some(rec) = store.revoke(&id).await? else {
         return Err(no_such_key(&id));
     };
-    install(engine, snapshot);
+    refresh(engine).await;
     tracing::info!(key_id = %rec.id, "key revoked through the admin API");
     Ok(json(StatusCode::OK, &rec))
 }
 
 pub(super) async fn put_limits(
     engine: &Engine,
+    store: &KeyAdmin,
     subject: Subject,
     body: PutLimits,
 ) -> Result<Resp, AdminError> {
@@ -184,35 +188,13 @@ pub(super) async fn put_limits(
         Subject::Tenant(t) => check_name("tenant id", Some(t))?,
     }
     let limits = check_limits(&body.limits)?;
-    let s = subject.clone();
-    // Clear and set in one database call: one transaction, so no request ever sees the
-    // subject half-updated (or, between the two, unlimited).
-    let replaced = engine
-        .db()
-        .call(
-            move |c| -> Result<Option<(Vec<String>, Snapshot)>, DbError> {
-                if let Subject::Key(id) = &s
-                    && keys::show_sync(c, id)?.is_none()
-                {
-                    return Ok(None);
-                }
-                keys::clear_limits_sync(c, &s, &[])?;
-                let now = if limits.is_empty() {
-                    Vec::new()
-                } else {
-                    keys::set_limits_sync(c, &s, &limits)?
-                };
-                Ok(Some((now, keys::snapshot_sync(c)?)))
-            },
-        )
-        .await?;
-    let Some((now, snapshot)) = replaced else {
+    let Some(now) = store.replace_limits(&subject, &limits).await? else {
         let id = match &subject {
             Subject::Key(k) | Subject::User(k) | Subject::Tenant(k) => k.as_str(),
         };
         return Err(no_such_key(id));
     };
-    install(engine, snapshot);
+    refresh(engine).await;
     let subject_text = subject.as_text();
     tracing::info!(subject = %subject_text, limits = ?now, "limits replaced through the admin API");
     Ok(json(

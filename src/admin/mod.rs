@@ -62,6 +62,7 @@ use subtle::ConstantTimeEq;
 use crate::db::DbError;
 use crate::engine::Engine;
 use crate::keys::Subject;
+use crate::shared::directory::KeyAdmin;
 use crate::spend::SpendStore;
 
 /// Largest request body the admin API reads.
@@ -625,10 +626,40 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
     Ok(r)
 }
 
+/// The stores the handlers use besides the engine: spend reports, and keys, limits and
+/// ledger rows where the CLI reads and writes them (Postgres in shared mode).
+struct Stores {
+    spend: Arc<dyn SpendStore>,
+    /// `Err` (with why) when the store could not be set up: those routes answer 503.
+    keys: Result<KeyAdmin, String>,
+}
+
+impl Stores {
+    fn for_engine(engine: &Engine) -> Stores {
+        Stores {
+            spend: crate::spend::open(engine.config(), engine.db().path()),
+            keys: KeyAdmin::for_config(engine.config(), engine.db()).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn keys(&self) -> Result<&KeyAdmin, AdminError> {
+        self.keys
+            .as_ref()
+            .map_err(|e| AdminError::Unavailable(e.clone()))
+    }
+
+    fn ledger(&self) -> Result<usage::LedgerOfRecord<'_>, AdminError> {
+        Ok(match self.keys()? {
+            KeyAdmin::Embedded(db) => usage::LedgerOfRecord::Embedded(db),
+            KeyAdmin::Shared(pg) => usage::LedgerOfRecord::Shared(pg),
+        })
+    }
+}
+
 async fn dispatch(
     engine: &Engine,
     hosts: &AllowedHosts,
-    spend: &dyn SpendStore,
+    stores: &Stores,
     req: Request<Incoming>,
 ) -> Result<Resp, AdminError> {
     hosts.check(&req)?;
@@ -672,16 +703,22 @@ async fn dispatch(
         }
         (Endpoint::Readyz, Method::GET) => Ok(readyz(engine).await),
         (Endpoint::Metrics, Method::GET) => metrics(engine).await,
-        (Endpoint::Keys, Method::GET) => keys::list(engine).await,
-        (Endpoint::Keys, Method::POST) => keys::create(engine, read_json(engine, req).await?).await,
-        (Endpoint::Key(id), Method::GET) => keys::show(engine, id).await,
-        (Endpoint::Key(id), Method::DELETE) => keys::revoke(engine, id).await,
+        (Endpoint::Keys, Method::GET) => keys::list(stores.keys()?).await,
+        (Endpoint::Keys, Method::POST) => {
+            let body = read_json(engine, req).await?;
+            keys::create(engine, stores.keys()?, body).await
+        }
+        (Endpoint::Key(id), Method::GET) => keys::show(stores.keys()?, id).await,
+        (Endpoint::Key(id), Method::DELETE) => keys::revoke(engine, stores.keys()?, id).await,
         (Endpoint::Limits(subject), Method::PUT) => {
-            keys::put_limits(engine, subject, read_json(engine, req).await?).await
+            let body = read_json(engine, req).await?;
+            keys::put_limits(engine, stores.keys()?, subject, body).await
         }
         (Endpoint::Usage, Method::GET) => usage::usage(engine, &query).await,
-        (Endpoint::Transactions, Method::GET) => usage::transactions(engine, &query).await,
-        (Endpoint::Spend, Method::GET) => usage::spend(engine, spend, &query).await,
+        (Endpoint::Transactions, Method::GET) => {
+            usage::transactions(stores.ledger()?, &query).await
+        }
+        (Endpoint::Spend, Method::GET) => usage::spend(engine, &*stores.spend, &query).await,
         (Endpoint::Journal, Method::GET) => {
             Ok(json(StatusCode::OK, &journal_status(engine).to_json()))
         }
@@ -724,12 +761,12 @@ async fn dispatch(
 async fn handle(
     engine: Arc<Engine>,
     hosts: Arc<AllowedHosts>,
-    spend: Arc<dyn SpendStore>,
+    stores: Arc<Stores>,
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let mut resp = match dispatch(&engine, &hosts, &*spend, req).await {
+    let mut resp = match dispatch(&engine, &hosts, &stores, req).await {
         Ok(r) => r,
         Err(e) => match &e {
             AdminError::Unavailable(detail) | AdminError::Internal(detail) => {
@@ -771,8 +808,8 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
         Err(_) => AllowedHosts::new(server.admin_listen, &server.admin_hosts),
     });
     // Reports read the ledger of record on their own connection (or pool), never the
-    // writer's.
-    let spend = crate::spend::open(engine.config(), engine.db().path());
+    // writer's; keys and limits are changed where the CLI changes them.
+    let stores = Arc::new(Stores::for_engine(&engine));
     let send_timeout = server.send_timeout;
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_address = crate::net::PerAddress::new(MAX_CONNECTIONS_PER_ADDRESS);
@@ -800,11 +837,11 @@ pub async fn run(listener: tokio::net::TcpListener, engine: Arc<Engine>) {
         };
         let e = engine.clone();
         let hosts = hosts.clone();
-        let spend = spend.clone();
+        let stores = stores.clone();
         tokio::spawn(async move {
             let _held = (permit, slot);
             let svc = hyper::service::service_fn(move |req| {
-                handle(e.clone(), hosts.clone(), spend.clone(), req)
+                handle(e.clone(), hosts.clone(), stores.clone(), req)
             });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())

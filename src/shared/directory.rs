@@ -14,7 +14,7 @@ use crate::config::{Config, StorageMode};
 use crate::db::{Db, DbError};
 use crate::keys::{self, KeyRecord, NewKey, Snapshot, Subject};
 use crate::shared::outbox;
-use crate::shared::pg::{PgError, PgLedger, StoredSnapshot};
+use crate::shared::pg::{PgError, PgLedger, StoredSnapshot, bounded};
 
 /// The Postgres directory, cached into the local journal on every read.
 pub struct PgDirectory {
@@ -35,11 +35,15 @@ fn db_err(e: PgError) -> DbError {
 #[async_trait::async_trait]
 impl DirectorySource for PgDirectory {
     async fn rev(&self) -> Result<i64, DbError> {
-        self.pg.config_rev().await.map_err(db_err)
+        bounded("reading the key directory revision", self.pg.config_rev())
+            .await
+            .map_err(db_err)
     }
 
     async fn snapshot(&self) -> Result<Snapshot, DbError> {
-        let snap = self.pg.snapshot().await.map_err(db_err)?;
+        let snap = bounded("reading the key directory", self.pg.snapshot())
+            .await
+            .map_err(db_err)?;
         let stored = StoredSnapshot::from(&snap);
         if let Err(e) = self
             .db
@@ -155,14 +159,14 @@ impl KeyAdmin {
     pub async fn create(&self, new: NewKey) -> Result<(KeyRecord, String), KeyAdminError> {
         match self {
             KeyAdmin::Embedded(db) => Ok(keys::create(db, new).await?),
-            KeyAdmin::Shared(pg) => Ok(pg.create_key(new).await?),
+            KeyAdmin::Shared(pg) => Ok(bounded("a key store request", pg.create_key(new)).await?),
         }
     }
 
     pub async fn list(&self) -> Result<Vec<KeyRecord>, KeyAdminError> {
         match self {
             KeyAdmin::Embedded(db) => Ok(db.call(keys::list_sync).await?),
-            KeyAdmin::Shared(pg) => Ok(pg.list_keys().await?),
+            KeyAdmin::Shared(pg) => Ok(bounded("a key store request", pg.list_keys()).await?),
         }
     }
 
@@ -172,7 +176,7 @@ impl KeyAdmin {
                 let id = id.to_string();
                 Ok(db.call(move |c| keys::show_sync(c, &id)).await?)
             }
-            KeyAdmin::Shared(pg) => Ok(pg.show_key(id).await?),
+            KeyAdmin::Shared(pg) => Ok(bounded("a key store request", pg.show_key(id)).await?),
         }
     }
 
@@ -182,7 +186,7 @@ impl KeyAdmin {
                 let id = id.to_string();
                 Ok(db.call(move |c| keys::revoke_sync(c, &id)).await?)
             }
-            KeyAdmin::Shared(pg) => Ok(pg.revoke_key(id).await?),
+            KeyAdmin::Shared(pg) => Ok(bounded("a key store request", pg.revoke_key(id)).await?),
         }
     }
 
@@ -198,7 +202,43 @@ impl KeyAdmin {
                     .call(move |c| keys::set_limits_sync(c, &s, &specs))
                     .await?)
             }
-            KeyAdmin::Shared(pg) => Ok(pg.set_limits(subject, specs).await?),
+            KeyAdmin::Shared(pg) => {
+                Ok(bounded("a key store request", pg.set_limits(subject, specs)).await?)
+            }
+        }
+    }
+
+    /// Replace every limit of `subject` with `specs`, atomically. `None` when `subject`
+    /// is a key that does not exist.
+    pub async fn replace_limits(
+        &self,
+        subject: &Subject,
+        specs: &[String],
+    ) -> Result<Option<Vec<String>>, KeyAdminError> {
+        match self {
+            KeyAdmin::Embedded(db) => {
+                let (s, specs) = (subject.clone(), specs.to_vec());
+                // Clear and set in one database call: one transaction, so no request ever
+                // sees the subject half-updated (or, between the two, unlimited).
+                Ok(db
+                    .call(move |c| -> Result<Option<Vec<String>>, DbError> {
+                        if let Subject::Key(id) = &s
+                            && keys::show_sync(c, id)?.is_none()
+                        {
+                            return Ok(None);
+                        }
+                        keys::clear_limits_sync(c, &s, &[])?;
+                        if specs.is_empty() {
+                            Ok(Some(Vec::new()))
+                        } else {
+                            Ok(Some(keys::set_limits_sync(c, &s, &specs)?))
+                        }
+                    })
+                    .await?)
+            }
+            KeyAdmin::Shared(pg) => {
+                Ok(bounded("a key store request", pg.replace_limits(subject, specs)).await?)
+            }
         }
     }
 
@@ -214,7 +254,9 @@ impl KeyAdmin {
                     .call(move |c| keys::clear_limits_sync(c, &s, &specs))
                     .await?)
             }
-            KeyAdmin::Shared(pg) => Ok(pg.clear_limits(subject, specs).await?),
+            KeyAdmin::Shared(pg) => {
+                Ok(bounded("a key store request", pg.clear_limits(subject, specs)).await?)
+            }
         }
     }
 }

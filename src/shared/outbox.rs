@@ -417,9 +417,12 @@ pub fn compact(c: &Connection, cutoff: &str) -> Result<(usize, usize), DbError> 
 /// Keep the last directory read from Postgres.
 pub fn save_directory(c: &Connection, s: &StoredSnapshot) -> Result<(), DbError> {
     let text = serde_json::to_string(s).map_err(|e| DbError::Invalid(e.to_string()))?;
+    // Never over a newer copy: a slow read finishing after a faster, later one must not
+    // put revoked keys back into what a restart while Postgres is down would serve.
     c.execute(
         "INSERT INTO directory_cache (id, rev, snapshot, saved_at) VALUES (1, ?1, ?2, ?3)
-         ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, snapshot = excluded.snapshot, saved_at = excluded.saved_at",
+         ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, snapshot = excluded.snapshot, saved_at = excluded.saved_at
+         WHERE excluded.rev >= directory_cache.rev",
         params![s.rev, text, crate::time::now_text()],
     )?;
     Ok(())
@@ -943,5 +946,22 @@ mod tests {
         let back = db.call(load_directory).await.unwrap().unwrap();
         assert_eq!(back.rev, 4);
         assert_eq!(back.limits.len(), 1);
+        // An older read saved late never replaces a newer copy; a newer one does.
+        let older = StoredSnapshot {
+            rev: 3,
+            keys: vec![],
+            limits: vec![],
+        };
+        db.call(move |c| save_directory(c, &older)).await.unwrap();
+        let back = db.call(load_directory).await.unwrap().unwrap();
+        assert_eq!((back.rev, back.limits.len()), (4, 1));
+        let newer = StoredSnapshot {
+            rev: 9,
+            keys: vec![],
+            limits: vec![],
+        };
+        db.call(move |c| save_directory(c, &newer)).await.unwrap();
+        let back = db.call(load_directory).await.unwrap().unwrap();
+        assert_eq!((back.rev, back.limits.len()), (9, 0));
     }
 }

@@ -24,6 +24,23 @@ use crate::quota::limit::Metric;
 
 /// Longest wait for a new connection or a free pool slot.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest check that a pooled connection still answers before it is reused (an empty
+/// query). A connection that does not answer in time — half-open, or stuck behind a
+/// statement abandoned at its deadline — is dropped and a fresh one opened.
+pub const RECYCLE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest a key or limit change, or one directory read, may take before it is abandoned
+/// as [`PgError::Unavailable`] (its connection is then not reused, see
+/// [`RECYCLE_TIMEOUT`]). A write abandoned at this deadline may still have committed.
+pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive: first probe after this much silence, then every
+/// [`KEEPALIVE_INTERVAL`], the connection dropped after [`KEEPALIVE_RETRIES`] unanswered
+/// ones — so a peer that vanished (network partition, host gone) is noticed in about
+/// 25 s instead of the system default of two hours.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_RETRIES: u32 = 3;
+/// Data sent and not acknowledged for this long drops the connection (TCP_USER_TIMEOUT).
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Numbered migrations of the Postgres schema, applied in order by [`PgLedger::migrate`].
 pub const MIGRATIONS: &[(i64, &str)] = &[
@@ -112,7 +129,35 @@ pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, PgError> {
     if cfg.get_application_name().is_none() {
         cfg.application_name("tollgate");
     }
+    // A half-open connection must not hang its caller forever; the URL may set its own.
+    cfg.keepalives(true);
+    if cfg.get_keepalives_idle() >= Duration::from_secs(7200) {
+        cfg.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if cfg.get_keepalives_interval().is_none() {
+        cfg.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if cfg.get_keepalives_retries().is_none() {
+        cfg.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
     Ok(cfg)
+}
+
+/// `f`, abandoned as [`PgError::Unavailable`] after [`STATEMENT_TIMEOUT`].
+pub async fn bounded<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, PgError>>,
+) -> Result<T, PgError> {
+    match tokio::time::timeout(STATEMENT_TIMEOUT, f).await {
+        Ok(r) => r,
+        Err(_) => Err(PgError::Unavailable(format!(
+            "{what} did not finish within {}",
+            humantime::format_duration(STATEMENT_TIMEOUT)
+        ))),
+    }
 }
 
 /// The shared-mode Postgres: a pool of connections. Cheap to clone.
@@ -128,7 +173,9 @@ impl PgLedger {
             pg_config(url)?,
             NoTls,
             ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
+                // An empty query on every reuse: a connection whose statement was abandoned
+                // at a deadline may be stuck behind it, and must not be handed out again.
+                recycling_method: RecyclingMethod::Verified,
             },
         );
         let pool = Pool::builder(mgr)
@@ -136,7 +183,7 @@ impl PgLedger {
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(CONNECT_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(RECYCLE_TIMEOUT))
             .build()
             .map_err(|e| PgError::Config(e.to_string()))?;
         Ok(PgLedger { pool })
@@ -403,6 +450,44 @@ impl PgLedger {
         Ok(n)
     }
 
+    /// Ledger rows newest first (`started_at`, then `trace_id` in byte order, both
+    /// descending), as [`crate::ledger::list`] reads them from SQLite: of `key_id` if
+    /// given, started at or after `since`, strictly before `before` — or at or before it
+    /// when `before` ends in DEL (the admin API's cursor form) — at most `limit` (1-1000).
+    pub async fn list_rows(
+        &self,
+        f: &crate::ledger::TxFilter,
+    ) -> Result<Vec<Transaction>, PgError> {
+        let parse = |what: &str, t: &str| {
+            crate::time::from_text(t)
+                .map(crate::time::to_text)
+                .ok_or_else(|| PgError::Invalid(format!("`{what}` is not a ledger time: {t}")))
+        };
+        let since = f.since.as_deref().map(|t| parse("since", t)).transpose()?;
+        let (before, inclusive) = match f.before.as_deref() {
+            None => (None, false),
+            Some(b) => match b.strip_suffix('\u{7f}') {
+                Some(b) => (Some(parse("before", b)?), true),
+                None => (Some(parse("before", b)?), false),
+            },
+        };
+        let limit = f.limit.clamp(1, 1000) as i64;
+        let cmp = if inclusive { "<=" } else { "<" };
+        let sql = format!(
+            "SELECT {} FROM billing_transactions
+             WHERE ($1::text IS NULL OR key_id = $1)
+               AND ($2::text IS NULL OR started_at >= ($2::text)::timestamptz)
+               AND ($3::text IS NULL OR started_at {cmp} ($3::text)::timestamptz)
+             ORDER BY started_at DESC, trace_id COLLATE \"C\" DESC LIMIT $4",
+            row_select()
+        );
+        let client = self.client().await?;
+        let rows = client
+            .query(&sql, &[&f.key_id, &since, &before, &limit])
+            .await?;
+        Ok(rows.iter().map(row_to_tx).collect())
+    }
+
     // ----- keys and limits -----
 
     /// The change counter instances poll.
@@ -414,11 +499,20 @@ impl PgLedger {
             .get(0))
     }
 
-    /// Every key (with its hash) and limit, at one revision. The revision is read first,
-    /// so a change racing the read only makes the next poll reload.
+    /// Every key (with its hash) and limit, exactly as of the revision it carries: one
+    /// read-only repeatable-read transaction, so two snapshots with one revision are the
+    /// same directory and a newer revision never comes with older contents.
     pub async fn snapshot(&self) -> Result<Snapshot, PgError> {
-        let client = self.client().await?;
-        snapshot_with(&**client).await
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let snap = snapshot_with(&*tx).await?;
+        tx.commit().await?;
+        Ok(snap)
     }
 
     pub async fn create_key(&self, new: NewKey) -> Result<(KeyRecord, String), PgError> {
@@ -533,6 +627,46 @@ impl PgLedger {
         let now = limits_of(&*tx, &subject_text).await?;
         tx.commit().await?;
         Ok(now)
+    }
+
+    /// Replace every limit of `subject` with `specs` in one transaction (the admin API's
+    /// `PUT …/limits`): no reader sees the subject half-updated. `None` when `subject` is a
+    /// key that does not exist.
+    pub async fn replace_limits(
+        &self,
+        subject: &Subject,
+        specs: &[String],
+    ) -> Result<Option<Vec<String>>, PgError> {
+        let canonical = keys::canonical_limits(specs)?;
+        let subject_text = subject.as_text();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT value FROM meta WHERE name = 'config_rev' FOR UPDATE",
+            &[],
+        )
+        .await?;
+        if let Subject::Key(id) = subject
+            && tx
+                .query_opt("SELECT 1 FROM api_keys WHERE id = $1", &[id])
+                .await?
+                .is_none()
+        {
+            return Ok(None);
+        }
+        tx.execute("DELETE FROM limits WHERE subject = $1", &[&subject_text])
+            .await?;
+        for spec in &canonical {
+            tx.execute(
+                "INSERT INTO limits (subject, spec, created_at) VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
+                &[&subject_text, spec],
+            )
+            .await?;
+        }
+        bump_rev(&tx).await?;
+        let now = limits_of(&*tx, &subject_text).await?;
+        tx.commit().await?;
+        Ok(Some(now))
     }
 
     /// `limits clear`: remove the named limits (any value), or all when none are named.
@@ -817,9 +951,16 @@ async fn write_rows(
         .await?)
 }
 
+/// Move the directory revision forward: one more than before, and never less than the
+/// current time in microseconds since the epoch. Instances install a directory only when
+/// its revision is not older than the one they hold, so the revision must never go
+/// backwards — also not when the database is re-created or restored from a backup whose
+/// counter is behind: the first change made there jumps past every revision handed out
+/// before (as long as clocks do not step back by more than the time between changes).
 async fn bump_rev(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError> {
     tx.execute(
-        "UPDATE meta SET value = value + 1 WHERE name = 'config_rev'",
+        "UPDATE meta SET value = GREATEST(value + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+         WHERE name = 'config_rev'",
         &[],
     )
     .await?;
@@ -902,7 +1043,15 @@ pub async fn fetch_snapshot_once(url: &str) -> Result<Snapshot, PgError> {
         .await
         .map_err(|_| PgError::Unavailable("connect timed out".into()))??;
     let task = tokio::spawn(conn);
-    let snap = tokio::time::timeout(CONNECT_TIMEOUT * 2, snapshot_with(&client))
+    let read = async {
+        client
+            .batch_execute("START TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let snap = snapshot_with(&client).await?;
+        client.batch_execute("COMMIT").await?;
+        Ok::<_, PgError>(snap)
+    };
+    let snap = tokio::time::timeout(CONNECT_TIMEOUT * 2, read)
         .await
         .map_err(|_| PgError::Unavailable("directory read timed out".into()));
     drop(client);

@@ -205,6 +205,161 @@ impl TestPg {
     }
 }
 
+impl TestPg {
+    /// The postmaster and every process it started (backends, background workers).
+    pub fn pids(&self) -> Vec<u32> {
+        let pm: u32 = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut out = vec![pm];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after its `)`.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pm) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Send `signal` (`STOP`, `CONT`, `KILL`) to the server and all its processes: STOP
+    /// freezes it with every connection open (the kernel still accepts and acknowledges),
+    /// as a hung host would.
+    pub fn signal_all(&self, signal: &str) {
+        let pids = self.pids();
+        for (i, pid) in pids.iter().enumerate() {
+            let out = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .output()
+                .unwrap();
+            // A backend may exit between the listing and the signal; the postmaster may not.
+            assert!(
+                i > 0 || out.status.success(),
+                "kill -{signal} {pid}: {out:?}"
+            );
+        }
+    }
+}
+
+/// A TCP relay in front of a server: [`Relay::freeze`] makes every connection open at
+/// that moment half-open for good (bytes are accepted and never delivered, nothing is
+/// closed), while connections made afterwards work — a network path that died under
+/// established connections, as a NAT or firewall dropping its state does.
+pub struct Relay {
+    pub port: u16,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(target_port: u16) -> Relay {
+        use std::sync::atomic::Ordering;
+        let port = super::free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let generation = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let gen_ = generation.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let born = gen_.load(Ordering::SeqCst);
+                let gen_ = gen_.clone();
+                tokio::spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let alive = move || gen_.load(Ordering::SeqCst) == born;
+                    let a2 = alive.clone();
+                    let up = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if !alive() {
+                                std::future::pending::<()>().await;
+                            }
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let down = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if !a2() {
+                                std::future::pending::<()>().await;
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Either side ending ends both, unless frozen (then neither ends).
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        Relay {
+            port,
+            generation,
+            task,
+        }
+    }
+
+    /// Make every connection open now half-open, forever.
+    pub fn freeze(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// A URL for the server behind the relay.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=2",
+            self.port
+        )
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 impl Drop for TestPg {
     fn drop(&mut self) {
         self.stop();
