@@ -491,6 +491,25 @@ impl Config {
         }
     }
 
+    /// The methods the passthrough routes whose path matches `path` take (query string
+    /// ignored), in config order without repeats: the `Allow` of a 405. Only the routes
+    /// [`Self::passthrough_for`] would consider for this client: an Anthropic client's
+    /// are those of `anthropic` upstreams.
+    pub fn passthrough_methods(&self, path: &str, anthropic_client: bool) -> Vec<http::Method> {
+        let path = path.split('?').next().unwrap_or(path);
+        let mut out: Vec<http::Method> = Vec::new();
+        let considered = self
+            .upstreams
+            .iter()
+            .filter(|u| !anthropic_client || u.kind == UpstreamKind::Anthropic);
+        for r in considered.flat_map(|u| u.passthrough.iter()) {
+            if r.matches_path(path) && !out.contains(&r.method) {
+                out.push(r.method.clone());
+            }
+        }
+        out
+    }
+
     /// The resolved configuration as JSON with every secret masked, for `check-config`.
     pub fn redacted_json(&self) -> serde_json::Value {
         use serde_json::json;

@@ -341,40 +341,70 @@ impl Engine {
         &self.upstreams
     }
 
-    /// The route of `method path`: a provider route (any method, as before), else a
-    /// passthrough; `anthropic_client` (the request carries `anthropic-version`) picks
-    /// between upstreams that both list a passthrough ([`Config::passthrough_for`]).
+    /// The route of `method path`: a provider route (POST only), else a passthrough;
+    /// `anthropic_client` (the request carries `anthropic-version`) picks between
+    /// upstreams that both list a passthrough ([`Config::passthrough_for`]).
+    ///
+    /// A known path with another method is 405 with `Allow` — a metered route never
+    /// forwards a `GET` (OpenAI answers `GET /v1/chat/completions` with the account's
+    /// stored completions, other callers' data) — and an unknown path 404.
     pub fn route(
         &self,
         method: &http::Method,
         path: &str,
         anthropic_client: bool,
-    ) -> Option<Route> {
+    ) -> Result<Route, ApiError> {
         if let Some((i, u)) = self.config.upstream_for_path(path) {
-            return Some(Route {
+            if method != http::Method::POST {
+                let mut e = ApiError::new(
+                    ErrorCode::MethodNotAllowed,
+                    "this method is not allowed on this route; use POST",
+                );
+                e.headers.push(("allow", "POST".to_string()));
+                return Err(e);
+            }
+            return Ok(Route {
                 upstream: i,
                 upstream_name: u.name.clone(),
                 kind: u.kind,
                 format: ApiFormat::from_path(path),
                 passthrough: false,
-                label: path.split('?').next().unwrap_or(path).to_string(),
+                label: route_path(path).to_string(),
             });
         }
-        let (i, u, r) = self
-            .config
-            .passthrough_for(method, path, anthropic_client)?;
-        Some(Route {
-            upstream: i,
-            upstream_name: u.name.clone(),
-            kind: u.kind,
-            format: None,
-            passthrough: true,
-            label: r.pattern.clone(),
-        })
+        if let Some((i, u, r)) = self.config.passthrough_for(method, path, anthropic_client) {
+            return Ok(Route {
+                upstream: i,
+                upstream_name: u.name.clone(),
+                kind: u.kind,
+                format: None,
+                passthrough: true,
+                label: r.pattern.clone(),
+            });
+        }
+        let allowed = self.config.passthrough_methods(path, anthropic_client);
+        if allowed.is_empty() {
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                "no route for this method and path; see the upstreams' routes and passthrough lists",
+            ));
+        }
+        let allow = allowed
+            .iter()
+            .map(http::Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut e = ApiError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("this method is not allowed on this route; use {allow}"),
+        );
+        e.headers.push(("allow", allow));
+        Err(e)
     }
 
     /// Whether a passthrough request of `p` may go (nothing is held, counted or written: it
-    /// is not metered): refused 429 past the key's `quota.passthrough_rate`, or when one of
+    /// is not metered): refused 403 when a limit of 0 applies (the key is blocked, as on a
+    /// metered route), 429 past the key's `quota.passthrough_rate`, or when one of
     /// its `requests:*` limits on the route's upstream is used up. On success, the
     /// rate-limit headers of the limits as they stand (one counter read, and only when
     /// `p` has a request or token limit).
@@ -383,6 +413,16 @@ impl Engine {
         p: &Principal,
         route: &Route,
     ) -> Result<Vec<(&'static str, String)>, ApiError> {
+        if let Some(l) = self
+            .applicable_limits(p, Some(&route.upstream_name))
+            .iter()
+            .find(|l| l.spec.is_disabled())
+        {
+            return Err(ApiError::new(
+                ErrorCode::QuotaDisabled,
+                format!("quota disabled: {}", l.describe()),
+            ));
+        }
         if !self
             .passthrough_rate
             .try_take(&p.key_id, std::time::Instant::now())
@@ -1064,15 +1104,23 @@ impl Engine {
     }
 }
 
+/// Longest `Idempotency-Key` accepted, in bytes (a longer one is a 400).
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
 /// An `Idempotency-Key` tollgate accepts: 1-255 printable ASCII characters, so that the
 /// trace id `<key_id>:<Idempotency-Key>` is a valid header value on every answer.
 pub fn valid_idempotency_key(k: &str) -> bool {
-    (1..=255).contains(&k.len()) && k.bytes().all(|b| (0x20..0x7f).contains(&b))
+    (1..=MAX_IDEMPOTENCY_KEY).contains(&k.len()) && k.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
 /// The trace id of a request by `key_id` that sent `idempotency_key` (SPEC §4.7).
 pub fn idempotent_trace_id(key_id: &str, idempotency_key: &str) -> String {
     format!("{key_id}:{idempotency_key}")
+}
+
+/// The path of a request target, without its query.
+fn route_path(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
 }
 
 fn duplicate(trace_id: &str) -> ApiError {

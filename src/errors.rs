@@ -13,6 +13,8 @@ pub enum ErrorCode {
     InvalidApiKey,
     QuotaDisabled,
     NotFound,
+    /// A known path with a method it does not take (the answer carries `Allow`).
+    MethodNotAllowed,
     DuplicateRequest,
     RequestTooLarge,
     QuotaExceeded,
@@ -33,6 +35,7 @@ impl ErrorCode {
             ErrorCode::InvalidApiKey => 401,
             ErrorCode::QuotaDisabled => 403,
             ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::DuplicateRequest => 409,
             ErrorCode::RequestTooLarge => 413,
             ErrorCode::QuotaExceeded => 429,
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::InvalidApiKey => "invalid_api_key",
             ErrorCode::QuotaDisabled => "quota_disabled",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::DuplicateRequest => "duplicate_request",
             ErrorCode::RequestTooLarge => "request_too_large",
             ErrorCode::QuotaExceeded => "quota_exceeded",
@@ -70,7 +74,8 @@ impl ErrorCode {
                 ErrorCode::InvalidRequest
                 | ErrorCode::DuplicateRequest
                 | ErrorCode::RequestTimeout
-                | ErrorCode::HeaderTooLarge,
+                | ErrorCode::HeaderTooLarge
+                | ErrorCode::MethodNotAllowed,
                 _,
             ) => "invalid_request_error",
             (ErrorCode::InvalidApiKey, _) => "authentication_error",

@@ -86,6 +86,7 @@ impl Rejection {
             ErrorCode::InvalidApiKey => Some(Rejection::Auth),
             ErrorCode::RequestTooLarge | ErrorCode::HeaderTooLarge => Some(Rejection::TooLarge),
             ErrorCode::NotFound
+            | ErrorCode::MethodNotAllowed
             | ErrorCode::Internal
             | ErrorCode::UpstreamUnavailable
             | ErrorCode::StoreUnavailable

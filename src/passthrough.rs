@@ -153,6 +153,93 @@ fn safe_parameter(seg: &str) -> bool {
             .any(|&c| c == b'/' || c == b'\\' || c < 0x20 || c == 0x7f)
 }
 
+/// Why a request target is not canonical (answered 400, never routed or forwarded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotCanonical {
+    /// A target whose path does not start with `/` (`*`), or not UTF-8.
+    Form,
+    /// An empty segment (`//`, a trailing `/`).
+    EmptySegment,
+    /// A `.` or `..` segment, also percent-encoded.
+    DotSegment,
+    /// A byte outside RFC 3986's segment characters, or `;` (path parameters).
+    Byte,
+    /// A malformed escape, or one that hides a separator, `%`, `;`, `?`, `#`, a control
+    /// byte, or a character that needs no escape (`%61`, `%2e`).
+    Escape,
+}
+
+impl std::fmt::Display for NotCanonical {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotCanonical::Form => "the request target must be a UTF-8 path starting with `/`",
+            NotCanonical::EmptySegment => "the path has an empty segment (`//` or a trailing `/`)",
+            NotCanonical::DotSegment => "the path has a `.` or `..` segment",
+            NotCanonical::Byte => {
+                "the path has a character outside RFC 3986 path segments, or `;`"
+            }
+            NotCanonical::Escape => {
+                "the path has a malformed or needless percent-escape, or one of `/`, `\\`, `%`, `;`, `?`, `#` or a control byte"
+            }
+        })
+    }
+}
+
+/// Check that a request path is in the one form tollgate routes and forwards: `/`, or `/`
+/// followed by non-empty segments of RFC 3986 `pchar`s other than `;`, none `.` or `..`,
+/// escapes only for bytes that need one and never for `/`, `\`, `%`, `;`, `?`, `#` or
+/// control bytes (so no upstream that decodes a path once more, or knows path
+/// parameters, reads a different path than tollgate matched). The query is not part of
+/// the path; it is forwarded as sent.
+///
+/// Routing compares this canonical path exactly, so `/v1/models/../chat/completions`,
+/// `/v1/models%2F..%2Fchat/completions`, `//v1/chat/completions` and
+/// `/v1/models;x=/../chat` are refused before any route is looked at.
+pub fn check_canonical(path: &str) -> Result<(), NotCanonical> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(NotCanonical::Form);
+    };
+    if rest.is_empty() {
+        return Ok(());
+    }
+    for seg in rest.split('/') {
+        if seg.is_empty() {
+            return Err(NotCanonical::EmptySegment);
+        }
+        let b = seg.as_bytes();
+        let mut decoded = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            if c == b'%' {
+                let v = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(NotCanonical::Escape)?;
+                let needless = v.is_ascii_alphanumeric() || b"-._~".contains(&v);
+                let hiding = b"/\\%;?#".contains(&v) || v < 0x20 || v == 0x7f;
+                if needless || hiding {
+                    return Err(NotCanonical::Escape);
+                }
+                decoded.push(v);
+                i += 3;
+                continue;
+            }
+            let pchar = c.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&c);
+            if !pchar {
+                return Err(NotCanonical::Byte);
+            }
+            decoded.push(c);
+            i += 1;
+        }
+        if decoded == b"." || decoded == b".." {
+            return Err(NotCanonical::DotSegment);
+        }
+    }
+    Ok(())
+}
+
 /// The default passthrough routes of an upstream kind (SPEC §6).
 pub fn defaults(kind: crate::config::UpstreamKind) -> &'static [&'static str] {
     match kind {
@@ -204,6 +291,56 @@ mod tests {
             "/v1/models/a\"b",
         ] {
             assert!(!r.matches(&Method::GET, hostile), "{hostile}");
+        }
+    }
+
+    #[test]
+    fn only_canonical_paths_pass() {
+        for ok in [
+            "/",
+            "/v1/chat/completions",
+            "/v1/models",
+            "/v1/models/gpt-4o-mini",
+            "/v1/models/ft:gpt-4o-mini:org:custom:abc123",
+            "/v1/models/ft%3Agpt-4o",
+            "/v1/models/a%20b",
+            "/v1/models/caf%C3%A9",
+            "/v1/models/...",
+        ] {
+            assert_eq!(check_canonical(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("v1/models", NotCanonical::Form),
+            ("*", NotCanonical::Form),
+            ("http://api.openai.com/v1/models", NotCanonical::Form),
+            ("//v1/chat/completions", NotCanonical::EmptySegment),
+            ("/v1//chat/completions", NotCanonical::EmptySegment),
+            ("/v1/models/", NotCanonical::EmptySegment),
+            ("/v1/models/../chat/completions", NotCanonical::DotSegment),
+            ("/v1/./chat/completions", NotCanonical::DotSegment),
+            ("/v1/models/..", NotCanonical::DotSegment),
+            ("/v1/models/%2e%2e/chat/completions", NotCanonical::Escape),
+            ("/v1/models/.%2e/chat/completions", NotCanonical::Escape),
+            ("/v1/models%2F..%2Fchat/completions", NotCanonical::Escape),
+            ("/v1/models%2f..%2fchat/completions", NotCanonical::Escape),
+            ("/v1/models/..%5Cchat", NotCanonical::Escape),
+            ("/v1/models/x%252e%252e", NotCanonical::Escape),
+            ("/v1/models/x%3Bv=1", NotCanonical::Escape),
+            ("/v1/models/x%3F", NotCanonical::Escape),
+            ("/v1/models/x%23", NotCanonical::Escape),
+            ("/v1/models/x%00", NotCanonical::Escape),
+            ("/v1/models/x%0a", NotCanonical::Escape),
+            ("/v1/%63hat/completions", NotCanonical::Escape),
+            ("/v1/models/%zz", NotCanonical::Escape),
+            ("/v1/models/%4", NotCanonical::Escape),
+            ("/v1/models;x=1/../chat/completions", NotCanonical::Byte),
+            ("/v1/models/..;/chat/completions", NotCanonical::Byte),
+            ("/v1/models\\..\\chat", NotCanonical::Byte),
+            ("/v1/models/a b", NotCanonical::Byte),
+            ("/v1/models/a\"b", NotCanonical::Byte),
+            ("/v1/models/\u{e9}", NotCanonical::Byte),
+        ] {
+            assert_eq!(check_canonical(bad), Err(why), "{bad}");
         }
     }
 

@@ -247,17 +247,22 @@ async fn passthrough_needs_a_key_and_reaches_only_what_it_names() {
     assert_eq!(r.json()["type"], "error", "Anthropic's error shape");
     assert_eq!(r.json()["error"]["type"], "authentication_error");
     let auth = bearer(&key);
-    for path in [
-        "/v1/models/..%2Ffiles",
-        "/v1/models/%2e%2e",
-        "/v1/models/a/b",
-        "/v1/models/",
+    for (path, status) in [
+        ("/v1/models/..%2Ffiles", 400),
+        ("/v1/models/%2e%2e", 400),
+        ("/v1/models/a/b", 404),
+        ("/v1/models/", 400),
     ] {
         let r = send("GET", &proxy.url(path), &[("authorization", &auth)], "").await;
-        assert_eq!(r.status, 404, "{path}: {}", r.text());
-        assert_eq!(r.json()["error"]["code"], "not_found", "{path}");
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        let code = if status == 404 {
+            "not_found"
+        } else {
+            "invalid_request"
+        };
+        assert_eq!(r.json()["error"]["code"], code, "{path}");
     }
-    // Wrong method: not a passthrough.
+    // Wrong method: not forwarded, 405 naming the one the route takes.
     let r = send(
         "DELETE",
         &proxy.url("/v1/models/gpt-4o"),
@@ -265,7 +270,8 @@ async fn passthrough_needs_a_key_and_reaches_only_what_it_names() {
         "",
     )
     .await;
-    assert_eq!(r.status, 404);
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("GET"));
     // An Anthropic client never reaches a route only the OpenAI upstream lists.
     let r = send(
         "GET",
@@ -350,6 +356,223 @@ async fn passthrough_is_configurable_and_bounded() {
     assert!(proxy.ledger().is_empty());
 }
 
+/// Metered routes take POST only: `GET /v1/chat/completions` would be answered by OpenAI
+/// with the account's stored completions — other callers' data, under the operator's key.
+/// Passthrough routes take only their configured methods.
+#[tokio::test]
+async fn metered_routes_take_post_only() {
+    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let auth = bearer(&key);
+    mock.clear_recorded();
+    for (method, path) in [
+        ("GET", "/v1/chat/completions"),
+        ("GET", "/v1/chat/completions?limit=100&order=desc"),
+        ("DELETE", "/v1/chat/completions"),
+        ("PUT", "/v1/chat/completions"),
+        ("PATCH", "/v1/responses"),
+        ("GET", "/v1/responses"),
+        ("GET", "/v1/embeddings"),
+        ("GET", "/v1/completions"),
+    ] {
+        let r = send(method, &proxy.url(path), &[("authorization", &auth)], "").await;
+        assert_eq!(r.status, 405, "{method} {path}: {}", r.text());
+        assert_eq!(r.header("allow"), Some("POST"), "{method} {path}");
+        assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    }
+    // A stored completion by id is no route at all.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/chat/completions/chatcmpl-abc"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    // Anthropic's shape for an Anthropic client.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/messages"),
+        &[("x-api-key", &key), ("anthropic-version", "2023-06-01")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["code"], "method_not_allowed");
+    // Passthroughs: only what is configured.
+    let r = send(
+        "POST",
+        &proxy.url("/v1/models"),
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("GET"));
+    let r = send(
+        "GET",
+        &proxy.url("/v1/messages/count_tokens"),
+        &[("x-api-key", &key), ("anthropic-version", "2023-06-01")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("POST"));
+    assert!(mock.recorded().is_empty(), "{:?}", mock.recorded());
+    assert!(proxy.ledger().is_empty());
+    // POST still works.
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &chat_body("gpt-4o-mini", false, "hi"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// No request target reaches a route, or the upstream, unless it is in the one
+/// canonical form: dot segments, encoded separators, double encodings, empty segments,
+/// path parameters and absolute-form targets are refused (400), so a passthrough path
+/// can never be walked onto a metered route or another endpoint.
+#[tokio::test]
+async fn only_canonical_paths_are_routed_or_forwarded() {
+    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    mock.clear_recorded();
+    let body = serde_json::to_string(&chat_body("gpt-4o-mini", false, "hi")).unwrap();
+    for target in [
+        "/v1/models/../chat/completions",
+        "/v1/models/%2e%2e/chat/completions",
+        "/v1/models/.%2E/chat/completions",
+        "/v1/models%2F..%2Fchat/completions",
+        "/v1/models%2f..%2fchat%2fcompletions",
+        "/v1/models/..%2Fchat%2Fcompletions",
+        "/v1/models/%252e%252e%252fchat%252fcompletions",
+        "/v1/models/..%5Cchat%5Ccompletions",
+        "/v1/models/..;/chat/completions",
+        "/v1/models;/../chat/completions",
+        "/v1/models/gpt-4o;v=1",
+        "/v1/models/x%3F/../../chat/completions",
+        "//v1/chat/completions",
+        "/v1//chat/completions",
+        "/v1/chat/completions/",
+        "/v1/./chat/completions",
+        "/v1/chat/./completions",
+        "/v1/%63hat/completions",
+        "/v1/models/%00",
+        "http://api.openai.com/v1/models/../chat/completions",
+        "http://127.0.0.1/v1/models%2F..%2Fchat%2Fcompletions",
+    ] {
+        for method in ["GET", "POST"] {
+            let req = format!(
+                "{method} {target} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let r = raw_http(proxy.addr, req.as_bytes()).await;
+            assert!(
+                r.status == 400 || r.status == 404,
+                "{method} {target}: {} {}",
+                r.status,
+                r.text()
+            );
+        }
+    }
+    assert!(mock.recorded().is_empty(), "{:?}", mock.recorded());
+    assert!(proxy.ledger().is_empty());
+    // The canonical forms of the same routes still work.
+    let r = send(
+        "GET",
+        &proxy.url("/v1/models/ft%3Agpt-4o-mini"),
+        &[("authorization", &bearer(&key))],
+        "",
+    )
+    .await;
+    assert_ne!(r.status, 400, "{}", r.text());
+    assert_eq!(mock.recorded().len(), 1);
+    assert_eq!(mock.recorded()[0].path, "/v1/models/ft%3Agpt-4o-mini");
+}
+
+/// A passthrough answers a key exactly as a metered route would: revoked → 401, a limit
+/// of 0 (blocked) → 403, a limit with nothing left → 429 — and forwards nothing then.
+#[tokio::test]
+async fn passthrough_honours_the_keys_state() {
+    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (revoked_id, revoked) = proxy.create_live_key(&[]).await;
+    let (_, blocked) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
+    let (_, blocked_user) = proxy.create_live_key(&["--user", "bob"]).await;
+    let (_, spent) = proxy.create_live_key(&["--limit", "requests:day=1"]).await;
+    assert_eq!(proxy.cli(&["keys", "revoke", &revoked_id]).0, 0);
+    assert_eq!(
+        proxy
+            .cli(&[
+                "limits",
+                "set",
+                "--user",
+                "bob",
+                "--limit",
+                "requests:day=0"
+            ])
+            .0,
+        0
+    );
+    let chat = |k: String| {
+        let url = proxy.url("/v1/chat/completions");
+        async move { post_json(&url, &k, &chat_body("gpt-4o-mini", false, "hi"), &[]).await }
+    };
+    assert_eq!(chat(spent.clone()).await.status, 200);
+    proxy.wait_settled().await;
+    // Give the revoke and the user limit their (≤ 1 s) time to reach the proxy.
+    let t0 = std::time::Instant::now();
+    while chat(revoked.clone()).await.status != 401
+        || chat(blocked_user.clone()).await.status != 403
+    {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    mock.clear_recorded();
+    for (key, status, code) in [
+        (&revoked, 401, "invalid_api_key"),
+        (&blocked, 403, "quota_disabled"),
+        (&blocked_user, 403, "quota_disabled"),
+        (&spent, 429, "quota_exceeded"),
+    ] {
+        let metered = chat(key.clone()).await;
+        assert_eq!(metered.status, status, "metered: {}", metered.text());
+        let r = send(
+            "GET",
+            &proxy.url("/v1/models"),
+            &[("authorization", &bearer(key))],
+            "",
+        )
+        .await;
+        assert_eq!(r.status, status, "GET /v1/models: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], code);
+        let r = send(
+            "POST",
+            &proxy.url("/v1/messages/count_tokens"),
+            &[
+                ("x-api-key", key),
+                ("anthropic-version", "2023-06-01"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+        assert_eq!(r.status, status, "count_tokens: {}", r.text());
+        assert_eq!(r.json()["type"], "error");
+        if status == 429 && key == &spent {
+            assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+        }
+    }
+    assert!(mock.recorded().is_empty(), "{:?}", mock.recorded());
+}
+
 /// POST `body` with chunked transfer encoding over a raw socket; the response text.
 async fn raw_chunked_post(addr: SocketAddr, path: &str, key: &str, body: &[u8]) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -392,6 +615,8 @@ async fn every_answer_names_the_idempotent_trace() {
     let dup = post_json(&url, &key, &body, &with("order-1")).await;
     assert_eq!(dup.status, 409, "{}", dup.text());
     assert_eq!(dup.header("x-tollgate-trace-id"), Some(trace.as_str()));
+    // The SDKs retry a 409 by default; a duplicate stays a duplicate.
+    assert_eq!(dup.header("x-should-retry"), Some("false"));
 
     let over = post_json(&url, &key, &body, &with("order-2")).await;
     assert_eq!(over.status, 429, "{}", over.text());
@@ -442,6 +667,31 @@ async fn every_answer_names_the_idempotent_trace() {
         !t.contains(&long) && uuid::Uuid::parse_str(t).is_ok(),
         "{t}"
     );
+    // Over-long or not UTF-8: 400 on every route, passthroughs too, with the reason.
+    for path in ["/v1/chat/completions", "/v1/models"] {
+        let method = if path == "/v1/models" { "GET" } else { "POST" };
+        let r = send(
+            method,
+            &proxy.url(path),
+            &[
+                ("authorization", &bearer(&key)),
+                ("content-type", "application/json"),
+                ("idempotency-key", long.as_str()),
+            ],
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(r.text().contains("at most 255"), "{}", r.text());
+        let mut raw = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-length: 0\r\nconnection: close\r\nidempotency-key: caf"
+        )
+        .into_bytes();
+        raw.extend_from_slice(b"\xe9\r\n\r\n");
+        let r = raw_http(proxy.addr, &raw).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text());
+        assert!(r.text().contains("not UTF-8"), "{}", r.text());
+    }
     // Unauthenticated: the key id is unknown, so the id is generated.
     let r = post_json(&url, "tg_nope", &body, &with("order-5")).await;
     assert_eq!(r.status, 401);

@@ -161,9 +161,14 @@ impl Gateway {
         if let Some(s) = err.retry_after {
             h.insert_header("retry-after", s.to_string())?;
         }
-        if err.code == ErrorCode::QuotaExceeded
-            && err.retry_after.is_none_or(|s| s > SDK_RETRY_WITHIN_SECS)
-        {
+        let futile = match err.code {
+            // The same request again is refused the same way: the first one is in flight
+            // or done, and its answer is not repeated.
+            ErrorCode::DuplicateRequest => true,
+            ErrorCode::QuotaExceeded => err.retry_after.is_none_or(|s| s > SDK_RETRY_WITHIN_SECS),
+            _ => false,
+        };
+        if futile {
             // The official SDKs retry a 429 by default and honour Retry-After — the
             // Anthropic Python SDK sleeps for all of it, hours for a daily budget. When
             // the limit cannot clear within a minute, tell them (the Stainless SDKs'
@@ -399,6 +404,27 @@ impl Gateway {
     }
 }
 
+/// Why an `Idempotency-Key` header value cannot name a trace (SPEC §4.7): it must be 1 to
+/// [`crate::engine::MAX_IDEMPOTENCY_KEY`] printable ASCII characters once surrounding
+/// spaces are trimmed. An empty value is no key at all.
+fn bad_idempotency_key(v: &[u8]) -> Option<String> {
+    let max = crate::engine::MAX_IDEMPOTENCY_KEY;
+    let Ok(s) = std::str::from_utf8(v) else {
+        return Some("Idempotency-Key is not UTF-8; send printable ASCII characters".into());
+    };
+    let s = s.trim();
+    if s.len() > max {
+        return Some(format!(
+            "Idempotency-Key is {} bytes; at most {max} are accepted",
+            s.len()
+        ));
+    }
+    if !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Some("Idempotency-Key must be printable ASCII characters".into());
+    }
+    None
+}
+
 fn header<'a>(session: &'a Session, name: &str) -> Option<&'a [u8]> {
     session.req_header().headers.get(name).map(|v| v.as_bytes())
 }
@@ -486,22 +512,41 @@ impl ProxyHttp for Gateway {
             Ok(p) => p,
             Err(e) => {
                 // A known route still picks the error shape of its provider.
-                ctx.route = route;
+                ctx.route = route.ok();
                 return self.refuse(session, ctx, &e).await;
             }
         };
-        let Some(route) = route else {
-            // A caller with a valid key keeps its connection after a 404.
-            ctx.principal = Some(principal);
-            return self.refuse(session, ctx, &no_route()).await;
+        // One canonical form of the path, checked before the route is used: no dot
+        // segment, escape or path parameter can walk a passthrough onto another endpoint
+        // (`passthrough::check_canonical`), and what is matched is exactly what is
+        // forwarded (`upstream_request_filter` sends this path and query in origin-form,
+        // also for a target that came in absolute-form).
+        let canonical = if session.req_header().raw_path_is_utf8() {
+            crate::passthrough::check_canonical(&path).map_err(|e| e.to_string())
+        } else {
+            Err(crate::passthrough::NotCanonical::Form.to_string())
         };
-        ctx.route = Some(route);
-        if header(session, "idempotency-key").is_some_and(|v| std::str::from_utf8(v).is_err()) {
-            // Ignoring it would forward a retry the client meant to deduplicate.
+        if let Err(why) = canonical {
+            // A known key is no stranger: its connection stays open (see `refuse`).
+            ctx.principal = Some(principal);
             let e = ApiError::new(
                 ErrorCode::InvalidRequest,
-                "Idempotency-Key must be 1 to 255 printable ASCII characters",
+                format!("request path not accepted: {why}"),
             );
+            return self.refuse(session, ctx, &e).await;
+        }
+        let route = match route {
+            Ok(route) => route,
+            Err(e) => {
+                // A caller with a valid key keeps its connection after a 404 or 405.
+                ctx.principal = Some(principal);
+                return self.refuse(session, ctx, &e).await;
+            }
+        };
+        ctx.route = Some(route);
+        if let Some(why) = header(session, "idempotency-key").and_then(bad_idempotency_key) {
+            // Ignoring it would forward a retry the client meant to deduplicate.
+            let e = ApiError::new(ErrorCode::InvalidRequest, why);
             return self.refuse(session, ctx, &e).await;
         }
         self.name_trace(session, ctx, &principal);
@@ -557,7 +602,9 @@ impl ProxyHttp for Gateway {
         };
         ctx.body_read = true;
         if ctx.route.as_ref().is_some_and(|r| r.passthrough) {
-            // Forwarded as it came, never admitted: no hold, no row.
+            // Forwarded as it came, never metered: no hold, no row. The key's state still
+            // decides (an undefined plan, a blocked or spent key is refused as on a
+            // metered route).
             if let Some(p) = ctx.principal.as_ref()
                 && let Err(e) = self.engine.check_plan(p)
             {
@@ -670,13 +717,13 @@ impl ProxyHttp for Gateway {
             req.insert_header(*name, value.clone())?;
         }
         req.insert_header("host", host_header(&up.cfg))?;
-        if !up.cfg.base_path.is_empty() {
-            let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            let uri: http::Uri = format!("{}{}", up.cfg.base_path, pq)
-                .parse()
-                .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
-            req.set_uri(uri);
-        }
+        // Always origin-form, from the URI the route was matched on: an absolute-form
+        // target's scheme and authority are the client's, never the upstream's business.
+        let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri: http::Uri = format!("{}{}", up.cfg.base_path, pq)
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream path"))?;
+        req.set_uri(uri);
         // The admitted body (possibly rewritten) is known whole by now.
         req.remove_header("transfer-encoding");
         match ctx.replacement.as_ref() {
@@ -1064,15 +1111,6 @@ impl Drop for EndGuard {
     fn drop(&mut self) {
         self.0.request_ended();
     }
-}
-
-/// The 404 for a path no upstream serves. It names neither the method nor the path: an
-/// answer never echoes request bytes (a head may be up to pingora's limit of about 1 MiB).
-fn no_route() -> ApiError {
-    ApiError::new(
-        ErrorCode::NotFound,
-        "no route for this method and path; see the upstreams' routes and passthrough lists",
-    )
 }
 
 fn code_for_status(s: u16) -> ErrorCode {

@@ -7,7 +7,7 @@ pub mod redis;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -172,11 +172,14 @@ impl Proxy {
             .append(true)
             .open(&self.log_path)
             .unwrap();
+        // Both streams into the log: nothing the process writes goes unseen (the
+        // secrets sweep reads all of it).
+        let out = log.try_clone().unwrap();
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env_remove("TOLLGATE_CONFIG")
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(log)
             .spawn()
             .unwrap();

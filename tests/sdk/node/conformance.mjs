@@ -242,8 +242,9 @@ async function rateLimited() {
   }
 }
 
-// The SDKs retry a 409 (twice, by default): a request repeating a settled Idempotency-Key
-// is refused each time, and the trace keeps its one ledger row.
+// The SDKs retry a 409 (twice, by default) unless told not to: a request repeating a
+// settled Idempotency-Key is refused with `x-should-retry: false`, so the SDK throws at
+// once, and the trace keeps its one ledger row.
 async function duplicateWithDefaultRetries() {
   const sdks = [
     [
@@ -272,8 +273,9 @@ async function duplicateWithDefaultRetries() {
     }
     expect(refused instanceof ConflictError && refused.status === 409, `${name}: ${refused}`);
     expect(refused.headers.get("x-tollgate-trace-id") === t, "the trace id names the retry");
+    expect(refused.headers.get("x-should-retry") === "false", "x-should-retry: false");
     const attempts = (await counter(DUPLICATES)) - before;
-    expect(attempts === 3, `${name}: 1 request + 2 default retries, got ${attempts}`);
+    expect(attempts === 1, `${name}: one request, no retry of a duplicate, got ${attempts}`);
     const same = (await rows(KEY_ID)).filter((r) => r.trace_id === t);
     expect(same.length === 1 && same[0].status === "settled", same);
   }

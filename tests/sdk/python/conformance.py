@@ -235,8 +235,9 @@ def rate_limited():
 
 
 def duplicate_with_default_retries():
-    # The SDKs retry a 409 (twice, by default): a request repeating a settled
-    # Idempotency-Key is refused each time, and the trace keeps its one ledger row.
+    # The SDKs retry a 409 (twice, by default) unless told not to: a request repeating a
+    # settled Idempotency-Key is refused with `x-should-retry: false`, so the SDK raises at
+    # once, and the trace keeps its one ledger row.
     for name, call, conflict in (
         (
             "openai",
@@ -263,8 +264,9 @@ def duplicate_with_default_retries():
         except conflict as e:
             expect(e.status_code == 409, e)
             expect(e.response.headers.get("x-tollgate-trace-id") == t, e.response.headers)
+            expect(e.response.headers.get("x-should-retry") == "false", e.response.headers)
         attempts = counter(DUPLICATES) - before
-        expect(attempts == 3, f"{name}: 1 request + 2 default retries, got {attempts}")
+        expect(attempts == 1, f"{name}: one request, no retry of a duplicate, got {attempts}")
         same = [r for r in rows(KEY_ID) if r["trace_id"] == t]
         expect(len(same) == 1 and same[0]["status"] == "settled", same)
 
