@@ -48,7 +48,9 @@ pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Least time between two store reads made for unknown keys.
 pub const MISS_READ_EVERY: Duration = Duration::from_millis(10);
 /// A look-up read slower than this counts as failed.
-pub const MISS_READ_TIMEOUT: Duration = Duration::from_millis(500);
+/// Long enough for a pooled connection to be checked (and replaced) and the directory
+/// read on a loaded machine: a slower read answers the miss 503, not 200.
+pub const MISS_READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed look-up read, misses are answered without reading for this long.
 pub const MISS_BACKOFF: Duration = Duration::from_secs(1);
 /// Unknown hashes remembered at most (about 150 bytes each).
