@@ -77,6 +77,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "keepalive_timeout",
     "max_request_head",
     "max_request_headers",
+    "max_buffered_bodies",
 ];
 /// Keys of `[storage]`.
 pub const STORAGE_KEYS: &[&str] = &[
@@ -260,6 +261,8 @@ pub struct ServerConfig {
     pub max_request_head: u64,
     /// Most header lines a proxy request may carry.
     pub max_request_headers: usize,
+    /// Most request-body bytes held at once across all proxy connections.
+    pub max_buffered_bodies: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -538,6 +541,7 @@ impl Config {
                 "keepalive_timeout": humantime::format_duration(self.server.keepalive_timeout).to_string(),
                 "max_request_head": self.server.max_request_head,
                 "max_request_headers": self.server.max_request_headers,
+                "max_buffered_bodies": self.server.max_buffered_bodies,
             },
             "storage": {
                 "mode": self.storage.mode,
@@ -1015,6 +1019,27 @@ impl Reader<'_> {
                 }
             });
         let max_request_headers = self.integer(t, p, "max_request_headers", 100, 8, 256) as usize;
+        let max_buffered_bodies =
+            self.parsed(
+                t,
+                p,
+                "max_buffered_bodies",
+                256 << 20,
+                |s| match parse_size(s)? {
+                    0 => Err("must be greater than 0".to_string()),
+                    v => Ok(v),
+                },
+            );
+        if max_buffered_bodies < max_request_body {
+            let span = t.get("max_buffered_bodies").and_then(item_span);
+            self.issue(
+                "server.max_buffered_bodies",
+                span,
+                format!(
+                    "must be at least server.max_request_body ({max_request_body} bytes), or no body of the largest size could ever be read"
+                ),
+            );
+        }
         ServerConfig {
             listen,
             admin_listen,
@@ -1033,6 +1058,7 @@ impl Reader<'_> {
             keepalive_timeout,
             max_request_head,
             max_request_headers,
+            max_buffered_bodies,
         }
     }
 

@@ -26,6 +26,8 @@ pub enum ErrorCode {
     RequestTimeout,
     /// The request head is over `server.max_request_head` or `server.max_request_headers`.
     HeaderTooLarge,
+    /// Request bodies held across all connections are at `server.max_buffered_bodies`.
+    Overloaded,
 }
 
 impl ErrorCode {
@@ -45,6 +47,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::HeaderTooLarge => 431,
+            ErrorCode::Overloaded => 503,
         }
     }
 
@@ -64,6 +67,7 @@ impl ErrorCode {
             ErrorCode::UpstreamTimeout => "upstream_timeout",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::HeaderTooLarge => "request_header_too_large",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 
@@ -85,9 +89,12 @@ impl ErrorCode {
             (ErrorCode::RequestTooLarge, UpstreamKind::Anthropic) => "request_too_large",
             (ErrorCode::RequestTooLarge, UpstreamKind::Openai) => "invalid_request_error",
             (ErrorCode::QuotaExceeded, _) => "rate_limit_error",
-            (ErrorCode::StoreUnavailable, UpstreamKind::Anthropic) => "overloaded_error",
+            (ErrorCode::StoreUnavailable | ErrorCode::Overloaded, UpstreamKind::Anthropic) => {
+                "overloaded_error"
+            }
             (
-                ErrorCode::Internal
+                ErrorCode::Overloaded
+                | ErrorCode::Internal
                 | ErrorCode::UpstreamUnavailable
                 | ErrorCode::StoreUnavailable
                 | ErrorCode::UpstreamTimeout,

@@ -87,6 +87,7 @@ impl Rejection {
             ErrorCode::RequestTooLarge | ErrorCode::HeaderTooLarge => Some(Rejection::TooLarge),
             ErrorCode::NotFound
             | ErrorCode::MethodNotAllowed
+            | ErrorCode::Overloaded
             | ErrorCode::Internal
             | ErrorCode::UpstreamUnavailable
             | ErrorCode::StoreUnavailable

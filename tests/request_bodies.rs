@@ -780,3 +780,54 @@ async fn clients_that_never_read_their_answers_do_not_keep_their_slots() {
     }
     drop(floods);
 }
+
+/// Request bodies held at once, across all connections, stay within
+/// `server.max_buffered_bodies`: a body that would take the total above it waits briefly
+/// and is then refused with 503 and `Retry-After` — never read into memory beyond the
+/// bound. Once the bodies in flight are done, the next one is admitted.
+#[tokio::test]
+async fn buffered_bodies_share_one_memory_bound() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            max_request_body: "1MiB".into(),
+            server_extra: "max_buffered_bodies = \"1MiB\"\nbody_timeout = \"20s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let body = serde_json::to_vec(&chat_of_size(700 << 10, false)).unwrap();
+    let head = |len: usize| {
+        format!(
+            "POST {CHAT} HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\n\r\n"
+        )
+    };
+    // A holds 600 KiB of its body, read and buffered, and stalls.
+    let mut a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    a.write_all(head(body.len()).as_bytes()).await.unwrap();
+    a.write_all(&body[..600 << 10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B's whole body would take the total past 1 MiB: refused, and told when to retry.
+    let mut b = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    b.write_all(head(body.len()).as_bytes()).await.unwrap();
+    let _ = b.write_all(&body).await;
+    let r = read_raw_reply(&mut b).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("retry-after").is_some(), "{}", r.head);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"],
+        "overloaded"
+    );
+    // A finishes: admitted and answered.
+    a.write_all(&body[600 << 10..]).await.unwrap();
+    let r = read_raw_reply(&mut a).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(a);
+    // The budget is free again.
+    let r = post_raw(proxy.addr, &key, &body, false, 64 << 10).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}

@@ -71,6 +71,11 @@ pub const UNAUTHENTICATED_LINGER_BYTES: u64 = 64 << 10;
 /// a later (or never) one carries `x-should-retry: false`.
 pub const SDK_RETRY_WITHIN_SECS: u64 = 60;
 
+/// A body that would take the bytes of request bodies held across all connections past
+/// `server.max_buffered_bodies` waits at most this long (in all) for room, then is
+/// refused with 503 `overloaded`.
+pub const BODY_BUDGET_WAIT: Duration = Duration::from_secs(1);
+
 /// The caller's own usage report (SPEC §6).
 const USAGE_PATH: &str = "/v1/tollgate/usage";
 
@@ -114,6 +119,9 @@ pub struct Ctx {
     anthropic_client: bool,
     /// Rate-limit headers of a passthrough answer (nothing is admitted for those).
     passthrough_headers: Vec<(&'static str, String)>,
+    /// This request's share of `server.max_buffered_bodies`: its body's bytes, held until
+    /// the request ends (the body is kept whole until then).
+    body_budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A request's context handed to the subrequest that forwards its large body; taken by
@@ -123,6 +131,8 @@ type Handoff = Arc<parking_lot::Mutex<Option<Ctx>>>;
 /// Why a request body could not be read whole.
 enum BodyError {
     TooLarge,
+    /// No room under `server.max_buffered_bodies` within [`BODY_BUDGET_WAIT`].
+    Busy,
     TimedOut,
     Read(Box<Error>),
 }
@@ -130,11 +140,20 @@ enum BodyError {
 /// The proxy service.
 pub struct Gateway {
     pub engine: Arc<Engine>,
+    /// Bytes of request bodies that may be held at once, across all connections
+    /// (`server.max_buffered_bodies`): one permit per byte.
+    body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gateway {
     pub fn new(engine: Arc<Engine>) -> Gateway {
-        Gateway { engine }
+        let bytes = usize::try_from(engine.config().server.max_buffered_bodies)
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        Gateway {
+            engine,
+            body_budget: Arc::new(tokio::sync::Semaphore::new(bytes)),
+        }
     }
 
     fn kind(&self, ctx: &Ctx) -> UpstreamKind {
@@ -240,12 +259,17 @@ impl Gateway {
         }
     }
 
-    /// Read the whole request body: at most `max` bytes, within `server.body_timeout`.
+    /// Read the whole request body: at most `max` bytes, within `server.body_timeout`,
+    /// and only while the bytes of all bodies held stay within
+    /// `server.max_buffered_bodies` — each chunk takes its share of that budget before it
+    /// is kept (waiting at most [`BODY_BUDGET_WAIT`] in all for room). The share is
+    /// returned with the body and given back when the request ends; on an error it is
+    /// given back at once.
     async fn read_body(
         &self,
         session: &mut Session,
         max: u64,
-    ) -> std::result::Result<Bytes, BodyError> {
+    ) -> std::result::Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), BodyError> {
         let declared = header(session, "content-length")
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
@@ -253,14 +277,29 @@ impl Gateway {
         // Trust a declared length for the first allocation only up to the cap.
         let mut buf = BytesMut::with_capacity(declared.min(max) as usize);
         let deadline = tokio::time::Instant::now() + self.engine.config().server.body_timeout;
+        let budget_deadline = tokio::time::Instant::now() + BODY_BUDGET_WAIT;
+        let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
         loop {
             match tokio::time::timeout_at(deadline, session.read_request_body()).await {
                 Err(_) => return Err(BodyError::TimedOut),
                 Ok(Err(e)) => return Err(BodyError::Read(e)),
-                Ok(Ok(None)) => return Ok(buf.freeze()),
+                Ok(Ok(None)) => return Ok((buf.freeze(), held)),
                 Ok(Ok(Some(chunk))) => {
                     if buf.len() as u64 + chunk.len() as u64 > max {
                         return Err(BodyError::TooLarge);
+                    }
+                    let n = u32::try_from(chunk.len()).map_err(|_| BodyError::TooLarge)?;
+                    if n > 0 {
+                        let share = self.body_budget.clone().acquire_many_owned(n);
+                        let permit = match tokio::time::timeout_at(budget_deadline, share).await {
+                            Ok(Ok(p)) => p,
+                            // Timed out, or (never) closed.
+                            _ => return Err(BodyError::Busy),
+                        };
+                        match held.as_mut() {
+                            Some(h) => h.merge(permit),
+                            None => held = Some(permit),
+                        }
                     }
                     buf.extend_from_slice(&chunk);
                 }
@@ -371,6 +410,7 @@ impl Gateway {
             body_read: false,
             anthropic_client: false,
             passthrough_headers: Vec::new(),
+            body_budget: None,
         }
     }
 
@@ -585,8 +625,19 @@ impl ProxyHttp for Gateway {
         }
         session.enable_retry_buffering();
         let body = match self.read_body(session, max).await {
-            Ok(b) => b,
+            Ok((b, share)) => {
+                ctx.body_budget = share;
+                b
+            }
             Err(BodyError::TooLarge) => return self.refuse(session, ctx, &too_large(None)).await,
+            Err(BodyError::Busy) => {
+                let mut e = ApiError::new(
+                    ErrorCode::Overloaded,
+                    "too many request bodies in flight; retry shortly",
+                );
+                e.retry_after = Some(1);
+                return self.refuse(session, ctx, &e).await;
+            }
             Err(BodyError::TimedOut) => {
                 let timeout = self.engine.config().server.body_timeout;
                 let e = ApiError::new(
