@@ -1172,15 +1172,15 @@ pub fn parse_request(
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("`stream` must be a boolean")),
     };
-    let mut max_output = None;
-    for field in ["max_completion_tokens", "max_tokens", "max_output_tokens"] {
-        match obj.get(field) {
+    // Only the output fields the route's API honours bound the hold; another API's field
+    // is forwarded untouched and neither lowers nor raises it. Several honoured fields
+    // (chat's two) hold the largest: the hold is a worst case.
+    let mut max_output: Option<u64> = None;
+    for field in output_bound_fields(format) {
+        match obj.get(*field) {
             None | Some(Value::Null) => {}
             Some(x) => match token_bound(x) {
-                Some(n) => {
-                    max_output = Some(n);
-                    break;
-                }
+                Some(n) => max_output = Some(max_output.map_or(n, |m| m.max(n))),
                 None => return Err(bad(format!("`{field}` must be a non-negative integer"))),
             },
         }
@@ -1263,6 +1263,19 @@ pub fn parse_request(
         tool_calls,
         unseen_input,
     })
+}
+
+/// The request fields that bound the output for `format`, as its API reads them: Anthropic
+/// Messages `max_tokens`; OpenAI chat `max_completion_tokens` (which replaced `max_tokens`,
+/// still honoured); Responses `max_output_tokens`; legacy completions `max_tokens`;
+/// embeddings none.
+fn output_bound_fields(format: ApiFormat) -> &'static [&'static str] {
+    match format {
+        ApiFormat::AnthropicMessages | ApiFormat::OpenAiCompletions => &["max_tokens"],
+        ApiFormat::OpenAiChat => &["max_completion_tokens", "max_tokens"],
+        ApiFormat::OpenAiResponses => &["max_output_tokens"],
+        ApiFormat::OpenAiEmbeddings => &[],
+    }
 }
 
 /// A stated output bound: a non-negative integer (also written as an integral number such as
@@ -1540,5 +1553,43 @@ mod tests {
             Bytes::from(plain),
             "non-stream bodies are forwarded as sent"
         );
+    }
+
+    #[test]
+    fn the_output_bound_is_read_from_the_routes_own_fields() {
+        let held = |format, b: &str| {
+            let parsed = parse_request(format, Bytes::from(b.to_string()), 100);
+            parsed.map(|p| {
+                assert_eq!(p.body, Bytes::from(b.to_string()), "forwarded untouched");
+                p.max_output_tokens
+            })
+        };
+        let all = r#""max_completion_tokens":1,"max_tokens":3000,"max_output_tokens":7"#;
+        let anthropic = format!(r#"{{"model":"claude-haiku-4-5",{all},"messages":[]}}"#);
+        assert_eq!(
+            held(ApiFormat::AnthropicMessages, &anthropic).ok(),
+            Some(3000)
+        );
+        let chat = format!(r#"{{"model":"gpt-4o",{all},"messages":[]}}"#);
+        assert_eq!(held(ApiFormat::OpenAiChat, &chat).ok(), Some(3000));
+        let chat = r#"{"model":"gpt-4o","max_completion_tokens":40,"max_tokens":4,"messages":[]}"#;
+        assert_eq!(held(ApiFormat::OpenAiChat, chat).ok(), Some(40));
+        let responses = format!(r#"{{"model":"gpt-4o",{all},"input":"hi"}}"#);
+        assert_eq!(held(ApiFormat::OpenAiResponses, &responses).ok(), Some(7));
+        let completions = format!(r#"{{"model":"gpt-3.5-turbo-instruct",{all},"prompt":"hi"}}"#);
+        assert_eq!(
+            held(ApiFormat::OpenAiCompletions, &completions).ok(),
+            Some(3000)
+        );
+        let embeddings = format!(r#"{{"model":"text-embedding-3-small",{all},"input":"hi"}}"#);
+        assert_eq!(held(ApiFormat::OpenAiEmbeddings, &embeddings).ok(), Some(0));
+        // Another API's field is not read at all (its value is the upstream's to judge);
+        // only the route's own fields must be integers.
+        let foreign = r#"{"model":"claude-haiku-4-5","max_completion_tokens":"x","max_output_tokens":-1,"messages":[]}"#;
+        assert_eq!(held(ApiFormat::AnthropicMessages, foreign).ok(), Some(100));
+        let own = r#"{"model":"gpt-4o","max_tokens":10,"max_output_tokens":"x","input":"hi"}"#;
+        assert!(held(ApiFormat::OpenAiResponses, own).is_err());
+        let own = r#"{"model":"gpt-4o","max_completion_tokens":10,"max_tokens":-1,"messages":[]}"#;
+        assert!(held(ApiFormat::OpenAiChat, own).is_err());
     }
 }

@@ -1505,3 +1505,86 @@ async fn unseen_input_with_no_allowance_is_refused_where_spend_is_limited() {
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[tokio::test]
+async fn the_hold_reads_only_the_output_field_of_the_routes_api() {
+    // Each API honours its own output bound: a field of another API's name is forwarded
+    // untouched and must not lower the hold. Anthropic with `max_completion_tokens: 1,
+    // max_tokens: 3000` generates up to 3000 tokens, so 3000 is held; chat with both of its
+    // fields holds the larger.
+    let (_mock, proxy) = setup("").await;
+    let (_, capped) = proxy.create_live_key(&["--limit", "tokens:day=1000"]).await;
+    let (_, free) = proxy.create_live_key(&[]).await;
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    let refused = [
+        (
+            "/v1/messages",
+            json!({"model": "claude-haiku-4-5", "max_completion_tokens": 1, "max_tokens": 3000, "messages": msgs}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "claude-haiku-4-5", "max_output_tokens": 1, "max_tokens": 3000, "messages": msgs}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o-mini", "max_completion_tokens": 1, "max_tokens": 3000, "messages": msgs}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o-mini", "max_completion_tokens": 3000, "max_tokens": 1, "messages": msgs}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "max_tokens": 1, "max_completion_tokens": 1, "max_output_tokens": 3000, "input": "hi"}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "gpt-3.5-turbo-instruct", "max_completion_tokens": 1, "max_tokens": 3000, "prompt": "hi"}),
+        ),
+    ];
+    for (path, body) in &refused {
+        let r = post_json(&proxy.url(path), &capped, body, &[]).await;
+        assert_eq!(r.status, 429, "{path} {body}: {}", r.text());
+        assert!(r.text().contains("tokens:day=1000"), "{}", r.text());
+    }
+    assert!(proxy.ledger().is_empty(), "refusals leave no row");
+    // The same requests with 1 token in the route's own field fit: the foreign field of
+    // 3000 does not raise the hold either.
+    let admitted = [
+        (
+            "/v1/messages",
+            json!({"model": "claude-haiku-4-5", "max_completion_tokens": 3000, "max_output_tokens": 3000, "max_tokens": 1, "messages": msgs}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-4o-mini", "max_tokens": 3000, "max_output_tokens": 1, "input": "hi"}),
+        ),
+    ];
+    for (path, body) in &admitted {
+        let r = post_json(&proxy.url(path), &capped, body, &[]).await;
+        assert_eq!(r.status, 200, "{path} {body}: {}", r.text());
+    }
+    // Chat with both fields is held exactly as the larger one alone, in either order.
+    let mut held = Vec::new();
+    for (mct, mt) in [
+        (None, Some(3000)),
+        (Some(1), Some(3000)),
+        (Some(3000), Some(1)),
+    ] {
+        let mut body = json!({"model": "gpt-4o-mini", "messages": msgs});
+        if let Some(n) = mct {
+            body["max_completion_tokens"] = json!(n);
+        }
+        if let Some(n) = mt {
+            body["max_tokens"] = json!(n);
+        }
+        let r = post_json(&proxy.url("/v1/chat/completions"), &free, &body, &[]).await;
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        held.push(
+            final_row(&proxy, &r).await["reserved_micros"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    assert!(held.iter().all(|h| *h == held[0]), "holds {held:?}");
+}
