@@ -121,6 +121,9 @@ pub struct Admission {
     headers: Vec<(&'static str, String)>,
     /// A settle of this request could cross an alert threshold ([`crate::alerts::Alerts::may_fire`]).
     alert_watch: bool,
+    /// Already released, before its answer was written ([`Engine::release_unbilled`]):
+    /// the billing outcome `finish` logs, without releasing or settling again.
+    released: Option<&'static str>,
 }
 
 impl Admission {
@@ -749,6 +752,7 @@ impl Engine {
         Ok(Admission {
             headers: ratelimit_headers(&states, Utc::now()),
             alert_watch: self.alerts.may_fire(&states),
+            released: None,
             trace_id,
             body: parsed.body,
             stream: parsed.stream,
@@ -767,10 +771,9 @@ impl Engine {
         })
     }
 
-    /// Phase 2: settle or release, exactly once, then log the request.
-    pub async fn finish(&self, mut adm: Admission, end: RequestEnd) {
-        let finish_started = Instant::now();
-        let report = adm.report.take().or(end.report.clone());
+    /// A request that ended this way is released, nothing billed: the upstream did not
+    /// answer 2xx, and the client did not abandon the exchange after it went upstream.
+    fn unbilled(end: &RequestEnd) -> bool {
         let upstream_ok = end.upstream_status.is_some_and(|s| (200..300).contains(&s));
         // The client left before the upstream answered and took the exchange with it (it
         // reset its connection; a plain close keeps the exchange running, see the proxy's
@@ -780,15 +783,61 @@ impl Engine {
         let abandoned = end.client_disconnected
             && end.upstream_status.is_none()
             && end.upstream_sent_at.is_some();
-        let settlement = if upstream_ok {
+        !upstream_ok && !abandoned
+    }
+
+    /// Release the hold of a request whose outcome is already known to bill nothing
+    /// (an upstream non-2xx, a 502/504 before the first byte), before its answer is
+    /// written: a client that retries the moment it hears the answer must not be refused
+    /// by this request's own hold. [`Engine::finish`] then only logs it. Does nothing
+    /// (returns false) when `end` would not release, or when it was released already.
+    pub async fn release_unbilled(&self, adm: &mut Admission, end: &RequestEnd) -> bool {
+        if adm.released.is_some() || !Self::unbilled(end) {
+            return false;
+        }
+        let started = Instant::now();
+        adm.released = Some(
+            self.release(&adm.trace_id, i64::from(end.client_status))
+                .await,
+        );
+        self.metrics.settle_time(started.elapsed());
+        true
+    }
+
+    /// Release a hold in the ledger and the counters; the billing outcome to log.
+    async fn release(&self, trace: &str, status: i64) -> &'static str {
+        let r = self.journal.release(trace, status).await;
+        let seq = r.as_ref().ok().copied().flatten();
+        if let Err(e) = self.count_release(seq, trace).await {
+            self.counter_failure(seq, trace, &e, BillingFailure::CounterRelease);
+        }
+        match r {
+            Ok(_) => "released",
+            Err(e) => {
+                tracing::error!(trace_id = %trace, error = %e, "ledger write failed; the reservation stays open and is recovered at next start");
+                self.metrics.billing_failure(BillingFailure::LedgerWrite);
+                "journal_failed"
+            }
+        }
+    }
+
+    /// Phase 2: settle or release, exactly once, then log the request. A request released
+    /// early ([`Engine::release_unbilled`]) is only logged.
+    pub async fn finish(&self, mut adm: Admission, end: RequestEnd) {
+        let finish_started = Instant::now();
+        let report = adm.report.take().or(end.report.clone());
+        let unbilled = adm.released.is_some() || Self::unbilled(&end);
+        let upstream_ok = end.upstream_status.is_some_and(|s| (200..300).contains(&s));
+        let settlement = if unbilled {
+            None
+        } else if upstream_ok {
             Some(
                 self.compute_settlement(&adm, report.as_ref(), end.client_status)
                     .await,
             )
-        } else if abandoned {
-            Some(self.held_settlement(&adm, end.client_status))
         } else {
-            None
+            // Abandoned by the client after it went upstream.
+            Some(self.held_settlement(&adm, end.client_status))
         };
         let trace = adm.trace_id.clone();
         let status = end.client_status as i64;
@@ -814,14 +863,10 @@ impl Engine {
                 }
                 r.map(|_| "settled")
             }
-            None => {
-                let r = self.journal.release(&trace, status).await;
-                let seq = r.as_ref().ok().copied().flatten();
-                if let Err(e) = self.count_release(seq, &trace).await {
-                    self.counter_failure(seq, &trace, &e, BillingFailure::CounterRelease);
-                }
-                r.map(|_| "released")
-            }
+            None => Ok(match adm.released {
+                Some(done) => done,
+                None => self.release(&trace, status).await,
+            }),
         };
         let billing = match outcome {
             Ok(s) => s,
@@ -831,7 +876,9 @@ impl Engine {
                 "journal_failed"
             }
         };
-        self.metrics.settle_time(finish_started.elapsed());
+        if adm.released.is_none() {
+            self.metrics.settle_time(finish_started.elapsed());
+        }
         let s = settlement.unwrap_or_default();
         if billing == "settled" {
             self.metrics.settled(&adm.model, &s);

@@ -1588,3 +1588,93 @@ async fn the_hold_reads_only_the_output_field_of_the_routes_api() {
     }
     assert!(held.iter().all(|h| *h == held[0]), "holds {held:?}");
 }
+
+/// An unbilled outcome gives its hold back before the client hears of it (SPEC §4.6): a
+/// client that retries the moment its 504 arrives is not refused 429 by the dead request's
+/// own hold, even when the cap fits exactly one hold. The first request's row is released
+/// once, and the early release is not repeated or turned into a settle when the request
+/// is logged.
+#[tokio::test]
+async fn a_retry_right_after_an_upstream_timeout_is_not_refused_by_its_own_hold() {
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            first_byte_timeout: "1s".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (id, key) = proxy
+        .create_live_key(&["--limit", "requests:total=1"])
+        .await;
+    let url = proxy.url("/v1/chat/completions");
+    let body = chat_body("gpt-4o-mini", false, "hi");
+    let r = post_json(&url, &key, &body, &[("x-mock-first-byte-delay-ms", "3000")]).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    let first = r.header("x-tollgate-trace-id").unwrap().to_string();
+    // At once, as an SDK retries a 504: this time the upstream answers an error of its
+    // own, which passes through and bills nothing either.
+    let r = post_json(&url, &key, &body, &[("x-mock-status", "500")]).await;
+    assert_eq!(
+        r.status,
+        500,
+        "the timed-out request's hold was still counted: {}",
+        r.text()
+    );
+    let upstream_error = r.header("x-tollgate-trace-id").unwrap().to_string();
+    // And at once again.
+    let r = post_json(&url, &key, &body, &[]).await;
+    assert_eq!(
+        r.status,
+        200,
+        "the upstream error's hold was still counted: {}",
+        r.text()
+    );
+    let second = r.header("x-tollgate-trace-id").unwrap().to_string();
+    proxy.wait_settled().await;
+    let rows = proxy.ledger();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let row = |t: &str| rows.iter().find(|r| r["trace_id"] == t).unwrap().clone();
+    assert_eq!(row(&first)["status"], "released", "{rows:?}");
+    assert_eq!(row(&first)["cost_micros"], 0, "{rows:?}");
+    assert_eq!(row(&first)["http_status"], 504, "{rows:?}");
+    assert_eq!(row(&upstream_error)["status"], "released", "{rows:?}");
+    assert_eq!(row(&upstream_error)["http_status"], 500, "{rows:?}");
+    assert_eq!(row(&second)["status"], "settled", "{rows:?}");
+    // Each unbilled request's access line says it was released, once; nothing else
+    // finished it.
+    for trace in [&first, &upstream_error] {
+        let line = format!("\"trace_id\":\"{trace}\"");
+        eventually("the access line", || {
+            proxy
+                .logs()
+                .lines()
+                .any(|l| l.contains(&line) && l.contains("\"billing\""))
+        })
+        .await;
+        let logs = proxy.logs();
+        let finished: Vec<&str> = logs
+            .lines()
+            .filter(|l| l.contains(&line) && l.contains("\"billing\""))
+            .collect();
+        assert_eq!(finished.len(), 1, "{logs}");
+        assert!(finished[0].contains("\"billing\":\"released\""), "{logs}");
+    }
+    let logs = proxy.logs();
+    assert!(!logs.contains("counter change failed"), "{logs}");
+    assert!(!logs.contains("ledger write failed"), "{logs}");
+    // The cap counts the one answered request, and nothing is held.
+    let (_, out, _) = proxy.cli(&["usage", "--key", &id, "--json"]);
+    let u: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(u["limits"][0]["used"], 1, "{u}");
+    let r = post_json(&url, &key, &body, &[]).await;
+    assert_eq!(
+        r.status,
+        429,
+        "the cap is used by the answered request: {}",
+        r.text()
+    );
+}

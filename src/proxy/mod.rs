@@ -841,6 +841,11 @@ impl ProxyHttp for Gateway {
         } else {
             replace_ratelimit_headers(resp, &ctx.passthrough_headers)?;
         }
+        if !resp.status.is_success() && !resp.status.is_informational() {
+            // An upstream error bills nothing: its hold is given back before the client
+            // hears of it. (A 1xx is not the answer yet.)
+            self.release_unbilled(ctx, resp.status.as_u16()).await;
+        }
         keep_alive_framing(session, resp)?;
         Ok(())
     }
@@ -904,6 +909,7 @@ impl ProxyHttp for Gateway {
                         .unwrap_or_default(),
                 );
                 if session.response_written().is_none() {
+                    self.release_unbilled(ctx, err.status()).await;
                     let _ = self.refuse(session, ctx, &err).await;
                 }
                 c
@@ -940,6 +946,7 @@ impl ProxyHttp for Gateway {
             _ => {
                 let err = ApiError::new(ErrorCode::Internal, "internal error");
                 if session.response_written().is_none() {
+                    self.release_unbilled(ctx, err.status()).await;
                     let _ = self.refuse(session, ctx, &err).await;
                 }
                 500
@@ -1067,6 +1074,7 @@ impl Gateway {
         msg: &str,
     ) -> u16 {
         if session.response_written().is_none() {
+            self.release_unbilled(ctx, code.status()).await;
             let _ = self.refuse(session, ctx, &ApiError::new(code, msg)).await;
             return code.status();
         }
@@ -1081,6 +1089,31 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// Give back the hold of an admitted request whose answer will be `status` and bills
+    /// nothing (an upstream non-2xx, our own error before the first byte), before that
+    /// answer is written: a client that retries the moment it has it must not be refused
+    /// by this request's own hold (nor set off a threshold alert). `logging` then only
+    /// logs the request (`Engine::finish` does not release or settle it again). The
+    /// engine decides, by the same rule `finish` uses, whether the outcome is unbilled.
+    async fn release_unbilled(&self, ctx: &mut Ctx, status: u16) {
+        let Some(adm) = ctx.admission.as_mut() else {
+            return;
+        };
+        let end = RequestEnd {
+            client_status: status,
+            upstream_status: ctx.upstream_status,
+            complete: false,
+            client_disconnected: false,
+            upstream_failed: true,
+            report: None,
+            started: ctx.started,
+            upstream_sent_at: ctx.upstream_sent_at,
+            first_byte_at: ctx.first_byte_at,
+            admit_time: ctx.admit_time,
+        };
+        self.engine.release_unbilled(adm, &end).await;
+    }
+
     /// Once the key is known, the trace id is too (SPEC §4.7): `<key_id>:<Idempotency-Key>`
     /// when the client sent a valid one, so every answer from here on (200, 409, 403, 429,
     /// passthrough) names the trace the client's retries share. An invalid key keeps the
