@@ -78,6 +78,7 @@ pub const SERVER_KEYS: &[&str] = &[
     "max_request_head",
     "max_request_headers",
     "max_buffered_bodies",
+    "max_parsing_bytes",
 ];
 /// Keys of `[storage]`.
 pub const STORAGE_KEYS: &[&str] = &[
@@ -263,6 +264,8 @@ pub struct ServerConfig {
     pub max_request_headers: usize,
     /// Most request-body bytes held at once across all proxy connections.
     pub max_buffered_bodies: u64,
+    /// Most request-body bytes being parsed into a JSON tree at once, across all requests.
+    pub max_parsing_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -542,6 +545,7 @@ impl Config {
                 "max_request_head": self.server.max_request_head,
                 "max_request_headers": self.server.max_request_headers,
                 "max_buffered_bodies": self.server.max_buffered_bodies,
+                "max_parsing_bytes": self.server.max_parsing_bytes,
             },
             "storage": {
                 "mode": self.storage.mode,
@@ -1040,6 +1044,26 @@ impl Reader<'_> {
                 ),
             );
         }
+        let max_parsing_bytes = self.parsed(
+            t,
+            p,
+            "max_parsing_bytes",
+            (16 << 20).max(max_request_body),
+            |s| match parse_size(s)? {
+                0 => Err("must be greater than 0".to_string()),
+                v => Ok(v),
+            },
+        );
+        if max_parsing_bytes < max_request_body {
+            let span = t.get("max_parsing_bytes").and_then(item_span);
+            self.issue(
+                "server.max_parsing_bytes",
+                span,
+                format!(
+                    "must be at least server.max_request_body ({max_request_body} bytes), or no body of the largest size could ever be parsed"
+                ),
+            );
+        }
         ServerConfig {
             listen,
             admin_listen,
@@ -1059,6 +1083,7 @@ impl Reader<'_> {
             max_request_head,
             max_request_headers,
             max_buffered_bodies,
+            max_parsing_bytes,
         }
     }
 

@@ -38,6 +38,10 @@ use crate::tokens::{self, Encoding};
 /// off the reactor; see [`tokens::SPAWN_BLOCKING_ABOVE_BYTES`] for why this size.
 pub const BLOCKING_PARSE_ABOVE: usize = tokens::SPAWN_BLOCKING_ABOVE_BYTES;
 
+/// A request whose body finds no room under `server.max_parsing_bytes` waits at most this
+/// long for it, then is refused with 503 `overloaded`.
+pub const PARSE_BUDGET_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Where a path goes.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -174,6 +178,9 @@ pub struct Engine {
     alerts: crate::alerts::Alerts,
     /// Shared mode with Redis: counter changes go through the journal's applier.
     applier: std::sync::OnceLock<Arc<crate::shared::applier::Applier>>,
+    /// KiB of request bodies that may be parsed into a JSON tree at once, across all
+    /// requests (`server.max_parsing_bytes`): a tree costs many times its body's bytes.
+    parse_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl crate::shared::applier::LimitsOf for Engine {
@@ -216,7 +223,11 @@ impl Engine {
             config.quota.passthrough_rate,
             config.quota.passthrough_burst,
         );
+        let parse_kib = usize::try_from(config.server.max_parsing_bytes.div_ceil(1024))
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
         Ok(Engine {
+            parse_budget: Arc::new(tokio::sync::Semaphore::new(parse_kib)),
             alerts,
             passthrough_rate,
             config,
@@ -549,6 +560,29 @@ impl Engine {
         out
     }
 
+    /// This body's share of `server.max_parsing_bytes` (its length in KiB, rounded up),
+    /// waiting at most [`PARSE_BUDGET_WAIT`]; past that the request is refused 503
+    /// `overloaded` with `Retry-After: 1`, with nothing reserved.
+    async fn parse_permit(
+        &self,
+        len: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let kib = u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let share = self.parse_budget.clone().acquire_many_owned(kib);
+        match tokio::time::timeout(PARSE_BUDGET_WAIT, share).await {
+            Ok(Ok(p)) => Ok(p),
+            // Timed out, or (never) closed.
+            _ => {
+                let mut e = ApiError::new(
+                    ErrorCode::Overloaded,
+                    "too many request bodies being parsed; retry shortly",
+                );
+                e.retry_after = Some(1);
+                Err(e)
+            }
+        }
+    }
+
     /// Phase 1: parse, estimate and hold. On success the request may be forwarded.
     pub async fn admit(
         &self,
@@ -562,12 +596,24 @@ impl Engine {
         // 400: parse and estimate (large bodies off the reactor).
         let parsed = if let Some(format) = route.format {
             let default_max = self.config.quota.default_max_output_tokens;
+            // The JSON tree costs many times the body: its share of `max_parsing_bytes` is
+            // taken first and given back only once the tree (and everything built from it)
+            // is dropped, at the end of `parse_request`, before any upstream exchange.
+            let permit = self.parse_permit(body.len()).await?;
             if body.len() > BLOCKING_PARSE_ABOVE {
-                tokio::task::spawn_blocking(move || parse_request(format, body, default_max))
-                    .await
-                    .map_err(|_| ApiError::new(ErrorCode::Internal, "request parser failed"))??
+                // The permit moves with the parse: a request dropped while it runs still
+                // holds its share until the tree is gone.
+                tokio::task::spawn_blocking(move || {
+                    let parsed = parse_request(format, body, default_max);
+                    drop(permit);
+                    parsed
+                })
+                .await
+                .map_err(|_| ApiError::new(ErrorCode::Internal, "request parser failed"))??
             } else {
-                parse_request(format, body, default_max)?
+                let parsed = parse_request(format, body, default_max);
+                drop(permit);
+                parsed?
             }
         } else {
             Parsed {

@@ -831,3 +831,87 @@ async fn buffered_bodies_share_one_memory_bound() {
     let r = post_raw(proxy.addr, &key, &body, false, 64 << 10).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// The proxy process's peak resident memory so far, in bytes (`VmHWM`).
+fn peak_rss(proxy: &Proxy) -> u64 {
+    let pid = proxy.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// A parsed JSON tree costs many times its body (`[0,0,0,…]`: 2 bytes a value, a tree
+/// node of 32 bytes and more). Bodies parsed at once across all requests stay within
+/// `server.max_parsing_bytes`, so many concurrent worst-case bodies from one key holder
+/// keep the process's peak memory near one tree's worth — a request that finds no room
+/// is refused 503 `overloaded` with `Retry-After`, never parsed alongside the rest.
+#[tokio::test]
+async fn concurrent_worst_case_bodies_parse_within_one_memory_bound() {
+    const BODY: usize = 2 << 20;
+    const BUDGET: u64 = 2 << 20;
+    const N: usize = 16;
+    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(
+        mock.addr,
+        ProxyOptions {
+            max_request_body: "2MiB".into(),
+            server_extra: "max_parsing_bytes = \"2MiB\"\nbody_timeout = \"30s\"".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    // Warm up: one small request, then the baseline.
+    let small = serde_json::to_vec(&chat_of_size(4 << 10, false)).unwrap();
+    let r = post_raw(proxy.addr, &key, &small, false, 64 << 10).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let baseline = peak_rss(&proxy);
+    // A chat request whose extra field is an array of zeros filling the body.
+    let mut body = br#"{"model":"gpt-4o-mini","max_tokens":5,"messages":[{"role":"user","content":"hi"}],"x":[0"#.to_vec();
+    while body.len() + 3 < BODY {
+        body.extend_from_slice(b",0");
+    }
+    body.extend_from_slice(b"]}");
+    let body = Arc::new(body);
+    let mut tasks = Vec::new();
+    for _ in 0..N {
+        let (body, key, addr) = (body.clone(), key.clone(), proxy.addr);
+        tasks.push(tokio::spawn(async move {
+            post_raw(addr, &key, &body, false, 256 << 10).await
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        match r.status {
+            200 => admitted += 1,
+            503 => {
+                assert!(r.header("retry-after").is_some(), "{}", r.head);
+                assert_eq!(
+                    serde_json::from_slice::<Value>(&r.body).unwrap()["error"]["code"],
+                    "overloaded"
+                );
+            }
+            s => panic!("unexpected {s}: {}", r.text()),
+        }
+    }
+    assert!(admitted >= 1, "no worst-case body was admitted at all");
+    // Generous: 80 bytes of tree per budget byte, plus each raw body held up to three
+    // times (read buffer, retry buffer, forwarded copy). Without the bound the N trees
+    // live at once and the peak is several times this.
+    let bound = baseline + 80 * BUDGET + 3 * (N * BODY) as u64;
+    let peak = peak_rss(&proxy);
+    assert!(
+        peak <= bound,
+        "peak RSS {} MiB over the bound {} MiB (baseline {} MiB, {admitted} of {N} admitted)",
+        peak >> 20,
+        bound >> 20,
+        baseline >> 20
+    );
+}
