@@ -1373,6 +1373,51 @@ async fn a_client_that_leaves_before_the_answer_still_pays_what_the_upstream_rep
     assert!(row["cost_micros"].as_i64().unwrap() > 0);
 }
 
+/// The same through the path for bodies above pingora's 64 KiB retry buffer (the request
+/// is forwarded by a subrequest): a client that leaves before the answer still pays what
+/// the upstream reports, never zero.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_of_a_large_body_still_pays() {
+    let (_mock, proxy) = setup("").await;
+    let (_id, key) = proxy.create_live_key(&[]).await;
+    let prompt = "tell me everything about this ".repeat(4000);
+    assert!(prompt.len() > 64 * 1024);
+    let body = json!({"model":"gpt-4o-mini","max_tokens":4000,"messages":[{"role":"user","content":prompt}]});
+    let r = post_json(
+        &proxy.url("/v1/chat/completions"),
+        &key,
+        &body,
+        &[
+            ("x-mock-words", "2000"),
+            ("idempotency-key", "waited-large"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let (input, output) = visible_usage("chat", &r.text());
+    proxy.wait_settled().await;
+    let reference = settled(&proxy).into_iter().next().unwrap();
+
+    let row = leave_early(
+        &proxy,
+        &key,
+        "/v1/chat/completions",
+        &body,
+        "left-large",
+        false,
+    )
+    .await;
+    assert_eq!(row["status"], "settled", "{row}");
+    assert_eq!(row["usage_source"], "upstream", "{row}");
+    assert_eq!(
+        (row["input_tokens"].as_i64(), row["output_tokens"].as_i64()),
+        (Some(input), Some(output)),
+        "the upstream's own usage"
+    );
+    assert_eq!(row["cost_micros"], reference["cost_micros"]);
+    assert!(row["cost_micros"].as_i64().unwrap() > 0);
+}
+
 /// The same with a connection reset instead of a close: the exchange cannot be kept (the
 /// proxy learns of the reset as an error and the upstream request goes with it), so
 /// nobody will read the upstream's usage. The request is billed at its hold — the bound
