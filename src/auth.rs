@@ -408,22 +408,13 @@ async fn refresh_once(
     Ok(())
 }
 
-/// Source of directory snapshots (the embedded database, or Postgres in shared mode).
+/// Source of directory snapshots: the embedded database, or Postgres in shared mode
+/// ([`crate::keys::source_for`]).
 #[async_trait::async_trait]
 pub trait DirectorySource: Send + Sync + 'static {
     /// The store's change counter.
     async fn rev(&self) -> Result<i64, crate::db::DbError>;
     async fn snapshot(&self) -> Result<Snapshot, crate::db::DbError>;
-}
-
-#[async_trait::async_trait]
-impl DirectorySource for crate::db::Db {
-    async fn rev(&self) -> Result<i64, crate::db::DbError> {
-        self.call(keys::config_rev).await
-    }
-    async fn snapshot(&self) -> Result<Snapshot, crate::db::DbError> {
-        self.call(keys::snapshot_sync).await
-    }
 }
 
 /// Poll the authenticator's store forever, swapping in a new directory whenever its

@@ -18,7 +18,8 @@
 //! |---|---|
 //! | [`config`] | `config.toml` → validated [`config::Config`] |
 //! | [`proxy`] | pingora `ProxyHttp` glue, upstream addresses |
-//! | [`auth`], [`keys`] | keys (hashed), principals, the live key directory |
+//! | [`auth`] | a presented key → its principal: the live in-memory key directory |
+//! | [`keys`] | keys and limits behind the `KeyStore` trait: SQLite and Postgres backends |
 //! | [`api`] | provider wire formats: SSE parser, usage meter |
 //! | [`tokens`] | tokenizers and input estimates |
 //! | [`engine`] | admit (parse, estimate, reserve, journal) and finish (settle/release) |
@@ -28,6 +29,7 @@
 //! | [`admin`] | the operator HTTP API: keys, limits, usage, ledger, journal, health, metrics, usage page |
 //! | [`metrics`] | Prometheus metrics of one instance |
 //! | [`alerts`] | threshold alerts: log events and webhook deliveries |
+//! | [`pg`] | the Postgres pool, bounds, errors and migrations that keys and the ledger share |
 //! | [`journal`], [`shared`], [`reconcile`] | the `Journal` trait; shared mode's Postgres ledger, outbox and shipper; counter/ledger reconciliation |
 //! | [`rerate`] | re-rating settled rows under the current price table: adjustment rows |
 //! | [`spend`] | spend reports over the ledger of record (`/admin/spend`, `tollgate report`), SQLite and Postgres |
@@ -53,6 +55,7 @@ pub mod mock;
 pub mod money;
 pub mod net;
 pub mod passthrough;
+pub mod pg;
 pub mod proxy;
 pub mod quota;
 pub mod reconcile;

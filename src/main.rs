@@ -10,7 +10,6 @@ use serde_json::json;
 
 use tollgate::config::{Config, StorageMode};
 use tollgate::keys::{self, NewKey, Subject};
-use tollgate::shared::directory::KeyAdmin;
 
 /// jemalloc instead of glibc's malloc; see docs/performance.md for what it bought.
 #[global_allocator]
@@ -276,9 +275,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Where keys and limits live for this config (Postgres in shared mode).
-fn key_admin(cfg: &Config) -> Result<KeyAdmin> {
+fn key_admin(cfg: &Config) -> Result<Arc<dyn keys::KeyStore>> {
     let db = open_db(cfg)?;
-    Ok(KeyAdmin::for_config(cfg, &db)?)
+    Ok(keys::open(cfg, &db)?)
 }
 
 fn print_json(v: &serde_json::Value) {
@@ -426,7 +425,7 @@ fn keys_on_undefined_plans(cfg: &Config) -> Vec<(String, String)> {
     let snapshot = tollgate::db::open_connection(path, cfg.storage.durability)
         .ok()
         .and_then(|c| match cfg.storage.mode {
-            StorageMode::Embedded => tollgate::keys::snapshot_sync(&c).ok(),
+            StorageMode::Embedded => tollgate::keys::sqlite::snapshot_sync(&c).ok(),
             StorageMode::Shared => tollgate::shared::outbox::load_directory(&c).ok().flatten(),
         });
     match snapshot {

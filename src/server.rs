@@ -78,16 +78,16 @@ pub fn build_engine_parts(
     db: Db,
 ) -> Result<(Arc<Engine>, Option<Arc<Outbox>>), StartError> {
     let (snapshot, outbox) = match config.storage.mode {
-        StorageMode::Embedded => (db.call_blocking(crate::keys::snapshot_sync)?, None),
+        StorageMode::Embedded => (db.call_blocking(crate::keys::sqlite::snapshot_sync)?, None),
         StorageMode::Shared => {
             let outbox = crate::shared::open_outbox(&config, db.clone())?;
             (
-                crate::shared::directory::initial_snapshot(&config, &db)?,
+                crate::keys::postgres::initial_snapshot(&config, &db)?,
                 Some(outbox),
             )
         }
     };
-    let source = crate::shared::directory::source_for(&config, &db, outbox.as_ref());
+    let source = crate::keys::source_for(&config, &db, outbox.as_ref());
     let auth = Authenticator::with_source(Directory::from_snapshot(snapshot), source);
     let prices = price_table(&config)?;
     let loader: Arc<dyn CounterLoader> = match &outbox {

@@ -1,7 +1,7 @@
 //! `/admin/keys…` and `/admin/{keys|users|tenants}/{id}/limits`: create, list, show and
 //! revoke keys, and replace a subject's limits.
 //!
-//! Every read and change goes through [`KeyAdmin`], the same store the CLI uses: the
+//! Every read and change goes through the [`KeyStore`] the CLI uses too: the
 //! embedded database, or Postgres in shared mode (never the local journal there, which
 //! other instances do not read). Postgres down → 503 `store_unavailable`, nothing written.
 //! A change is followed by a fresh directory snapshot from the store this instance's
@@ -17,9 +17,8 @@ use serde::Deserialize;
 use super::{AdminError, Resp, json};
 use crate::auth::Directory;
 use crate::engine::Engine;
-use crate::keys::{self, KeyRecord, NewKey, Subject};
+use crate::keys::{self, KeyRecord, KeyStore, KeyStoreError, NewKey, Subject};
 use crate::quota::LimitSpec;
-use crate::shared::directory::{KeyAdmin, KeyAdminError};
 
 /// Body of `POST /admin/keys`.
 #[derive(Debug, Deserialize)]
@@ -43,12 +42,12 @@ pub(super) struct PutLimits {
     limits: Vec<String>,
 }
 
-impl From<KeyAdminError> for AdminError {
-    fn from(e: KeyAdminError) -> AdminError {
+impl From<KeyStoreError> for AdminError {
+    fn from(e: KeyStoreError) -> AdminError {
         match e {
-            KeyAdminError::Unavailable(m) => AdminError::Unavailable(m),
-            KeyAdminError::Invalid(m) => AdminError::BadRequest(m),
-            KeyAdminError::Store(m) => AdminError::Internal(m),
+            KeyStoreError::Unavailable(m) => AdminError::Unavailable(m),
+            KeyStoreError::Invalid(m) => AdminError::BadRequest(m),
+            KeyStoreError::Store(m) => AdminError::Internal(m),
         }
     }
 }
@@ -118,7 +117,7 @@ fn created_json(rec: &KeyRecord, secret: &str) -> serde_json::Value {
 
 pub(super) async fn create(
     engine: &Engine,
-    store: &KeyAdmin,
+    store: &dyn KeyStore,
     body: CreateKey,
 ) -> Result<Resp, AdminError> {
     check_name("name", Some(&body.name))?;
@@ -147,7 +146,7 @@ pub(super) async fn create(
     Ok(json(StatusCode::CREATED, &created_json(&rec, &secret)))
 }
 
-pub(super) async fn list(store: &KeyAdmin) -> Result<Resp, AdminError> {
+pub(super) async fn list(store: &dyn KeyStore) -> Result<Resp, AdminError> {
     let keys = store.list().await?;
     Ok(json(StatusCode::OK, &serde_json::json!({"keys": keys})))
 }
@@ -156,7 +155,7 @@ fn no_such_key(id: &str) -> AdminError {
     AdminError::NotFound(format!("no key with id `{id}`"))
 }
 
-pub(super) async fn show(store: &KeyAdmin, id: String) -> Result<Resp, AdminError> {
+pub(super) async fn show(store: &dyn KeyStore, id: String) -> Result<Resp, AdminError> {
     match store.show(&id).await? {
         Some(rec) => Ok(json(StatusCode::OK, &rec)),
         None => Err(no_such_key(&id)),
@@ -165,7 +164,7 @@ pub(super) async fn show(store: &KeyAdmin, id: String) -> Result<Resp, AdminErro
 
 pub(super) async fn revoke(
     engine: &Engine,
-    store: &KeyAdmin,
+    store: &dyn KeyStore,
     id: String,
 ) -> Result<Resp, AdminError> {
     let Some(rec) = store.revoke(&id).await? else {
@@ -178,7 +177,7 @@ pub(super) async fn revoke(
 
 pub(super) async fn put_limits(
     engine: &Engine,
-    store: &KeyAdmin,
+    store: &dyn KeyStore,
     subject: Subject,
     body: PutLimits,
 ) -> Result<Resp, AdminError> {

@@ -59,10 +59,10 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::config::StorageMode;
 use crate::db::DbError;
 use crate::engine::Engine;
-use crate::keys::Subject;
-use crate::shared::directory::KeyAdmin;
+use crate::keys::{KeyStore, Subject};
 use crate::spend::SpendStore;
 
 /// Largest request body the admin API reads.
@@ -627,32 +627,58 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
 }
 
 /// The stores the handlers use besides the engine: spend reports, and keys, limits and
-/// ledger rows where the CLI reads and writes them (Postgres in shared mode).
+/// ledger rows where the CLI reads and writes them (Postgres in shared mode, both over one
+/// pool).
 struct Stores {
     spend: Arc<dyn SpendStore>,
     /// `Err` (with why) when the store could not be set up: those routes answer 503.
-    keys: Result<KeyAdmin, String>,
+    keys: Result<Arc<dyn KeyStore>, String>,
+    ledger: Result<usage::LedgerOfRecord, String>,
 }
 
 impl Stores {
     fn for_engine(engine: &Engine) -> Stores {
+        let config = engine.config();
+        let db = engine.db();
+        let spend = crate::spend::open(config, db.path());
+        let (keys, ledger): (Result<Arc<dyn KeyStore>, String>, _) = match config.storage.mode {
+            StorageMode::Embedded => (
+                Ok(Arc::new(crate::keys::sqlite::SqliteKeyStore::new(
+                    db.clone(),
+                ))),
+                Ok(usage::LedgerOfRecord::Embedded(db.clone())),
+            ),
+            StorageMode::Shared => {
+                match crate::pg::PgPool::new(&crate::shared::postgres_url(config)) {
+                    Ok(pool) => (
+                        Ok(Arc::new(crate::keys::postgres::PgKeyStore::from_pool(
+                            pool.clone(),
+                        ))),
+                        Ok(usage::LedgerOfRecord::Shared(
+                            crate::shared::pg::PgLedger::from_pool(pool),
+                        )),
+                    ),
+                    Err(e) => (Err(e.to_string()), Err(e.to_string())),
+                }
+            }
+        };
         Stores {
-            spend: crate::spend::open(engine.config(), engine.db().path()),
-            keys: KeyAdmin::for_config(engine.config(), engine.db()).map_err(|e| e.to_string()),
+            spend,
+            keys,
+            ledger,
         }
     }
 
-    fn keys(&self) -> Result<&KeyAdmin, AdminError> {
+    fn keys(&self) -> Result<&dyn KeyStore, AdminError> {
         self.keys
-            .as_ref()
+            .as_deref()
             .map_err(|e| AdminError::Unavailable(e.clone()))
     }
 
-    fn ledger(&self) -> Result<usage::LedgerOfRecord<'_>, AdminError> {
-        Ok(match self.keys()? {
-            KeyAdmin::Embedded(db) => usage::LedgerOfRecord::Embedded(db),
-            KeyAdmin::Shared(pg) => usage::LedgerOfRecord::Shared(pg),
-        })
+    fn ledger(&self) -> Result<&usage::LedgerOfRecord, AdminError> {
+        self.ledger
+            .as_ref()
+            .map_err(|e| AdminError::Unavailable(e.clone()))
     }
 }
 

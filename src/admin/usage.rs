@@ -117,12 +117,12 @@ fn decode_cursor(s: &str) -> Result<Start, AdminError> {
 /// Where `/admin/transactions` reads: the ledger of record — the embedded database, or
 /// Postgres in shared mode (the local journal there holds only this instance's rows, and
 /// only until they are shipped and compacted).
-pub(super) enum LedgerOfRecord<'a> {
-    Embedded(&'a crate::db::Db),
-    Shared(&'a crate::shared::pg::PgLedger),
+pub(super) enum LedgerOfRecord {
+    Embedded(crate::db::Db),
+    Shared(crate::shared::pg::PgLedger),
 }
 
-impl LedgerOfRecord<'_> {
+impl LedgerOfRecord {
     async fn list(&self, f: TxFilter) -> Result<Vec<Transaction>, AdminError> {
         match self {
             LedgerOfRecord::Embedded(db) => Ok(db.call(move |c| ledger::list(c, &f)).await?),
@@ -136,7 +136,7 @@ impl LedgerOfRecord<'_> {
 
 /// One page of at most `limit` rows, and the cursor of the next page if there is one.
 async fn page(
-    ledger: &LedgerOfRecord<'_>,
+    ledger: &LedgerOfRecord,
     key: Option<String>,
     since: Option<String>,
     start: &Start,
@@ -188,10 +188,7 @@ async fn page(
     }
 }
 
-pub(super) async fn transactions(
-    ledger: LedgerOfRecord<'_>,
-    q: &Query,
-) -> Result<Resp, AdminError> {
+pub(super) async fn transactions(ledger: &LedgerOfRecord, q: &Query) -> Result<Resp, AdminError> {
     q.only(&["key", "since", "before", "cursor", "limit"])?;
     let limit = match q.get("limit") {
         None => DEFAULT_PAGE,
@@ -216,7 +213,7 @@ pub(super) async fn transactions(
         (None, None) => Start::Newest,
     };
     let key = q.get("key").map(str::to_string);
-    let (rows, next) = page(&ledger, key, since, &start, limit).await?;
+    let (rows, next) = page(ledger, key, since, &start, limit).await?;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({"transactions": rows, "next_cursor": next}),
@@ -257,7 +254,7 @@ mod tests {
     }
 
     /// Walk every page with the cursor and return the trace ids in order.
-    async fn walk(ledger: &LedgerOfRecord<'_>, key: Option<&str>, limit: usize) -> Vec<String> {
+    async fn walk(ledger: &LedgerOfRecord, key: Option<&str>, limit: usize) -> Vec<String> {
         let mut out = Vec::new();
         let mut start = Start::Newest;
         loop {
@@ -300,7 +297,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let ledger = LedgerOfRecord::Embedded(&db);
+        let ledger = LedgerOfRecord::Embedded(db.clone());
         for limit in [1, 2, 3, 5, 12, 100] {
             assert_eq!(
                 walk(&ledger, Some("k_a"), limit).await,

@@ -8,21 +8,19 @@
 //!              │  └─► 409 checks / crash recovery (local, no Postgres needed)
 //!              ▼
 //!           Shipper ─► Postgres billing_transactions (batched idempotent upserts)
-//! Postgres api_keys / limits / meta.config_rev ─► PgDirectory ─► auth (+ local copy)
+//! Postgres api_keys / limits / meta.config_rev ─► keys::postgres::PgDirectory ─► auth (+ local copy)
 //! Postgres settled rows + unshipped journal rows ─► SharedLoader ─► counter rebuild
 //! ```
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`pg`] | the pool, migrations, ledger upserts and sums, keys and limits in Postgres |
+//! | [`pg`] | the Postgres ledger: upserts, sums, listings (the pool and migrations are [`crate::pg`]'s) |
 //! | [`outbox`] | the journal tables and the shared-mode [`crate::journal::Journal`] |
 //! | [`shipper`] | shipping with retry/backoff, compaction |
 //! | [`applier`] | journal → shared counters (Redis): the request path's apply, replays |
 //! | [`loader`] | the shared-mode [`crate::quota::memory::CounterLoader`] |
-//! | [`directory`] | the Postgres [`crate::auth::DirectorySource`], [`directory::KeyAdmin`] |
 
 pub mod applier;
-pub mod directory;
 pub mod loader;
 pub mod outbox;
 pub mod pg;

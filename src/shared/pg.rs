@@ -1,233 +1,54 @@
-//! Postgres in shared mode: the ledger of record, keys and limits, and their migrations.
+//! The ledger of record in shared mode: `billing_transactions` in Postgres — idempotent
+//! upserts from the shipper, settled sums for counter rebuilds, listings and exports.
 //!
-//! Every call goes through a `deadpool-postgres` pool (a raw `tokio_postgres::Client` never
-//! reconnects): a connection broken by a Postgres restart is dropped at its next recycle and
-//! a fresh one is opened on demand. Connect and pool waits are bounded by
-//! [`CONNECT_TIMEOUT`], so a down Postgres answers [`PgError::Unavailable`] within that
-//! time instead of hanging a caller.
-//!
-//! Nothing on the request path waits on Postgres: only the shipper, the key directory
-//! refresh, counter rebuilds, the CLI, and (bounded, see the outbox) cross-instance
-//! duplicate checks use it.
+//! The pool, its bounds and the migrations are [`crate::pg`]'s; keys and limits in Postgres
+//! are [`crate::keys::postgres`]'s. Their items are re-exported here under the names the
+//! shared-mode modules use.
 
-use std::str::FromStr;
-use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use serde::{Deserialize, Serialize};
-use tokio_postgres::NoTls;
+pub use crate::keys::postgres::{StoredKey, StoredSnapshot, fetch_snapshot_once};
+pub use crate::pg::{
+    CONNECT_TIMEOUT, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES, MIGRATIONS, PgError,
+    PgPool, RECYCLE_TIMEOUT, STATEMENT_TIMEOUT, TCP_USER_TIMEOUT, bounded, pg_config,
+};
 
-use crate::keys::{self, KeyRecord, NewKey, Snapshot, Subject};
+use crate::keys::Subject;
 use crate::ledger::Transaction;
-use crate::quota::LimitSpec;
+use crate::pg::TS_TEXT;
 use crate::quota::limit::Metric;
 
-/// Longest wait for a new connection or a free pool slot.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest check that a pooled connection still answers before it is reused (an empty
-/// query). A connection that does not answer in time — half-open, or stuck behind a
-/// statement abandoned at its deadline — is dropped and a fresh one opened.
-pub const RECYCLE_TIMEOUT: Duration = Duration::from_millis(500);
-/// Longest a key or limit change, or one directory read, may take before it is abandoned
-/// as [`PgError::Unavailable`] (its connection is then not reused, see
-/// [`RECYCLE_TIMEOUT`]). A write abandoned at this deadline may still have committed.
-pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// TCP keepalive: first probe after this much silence, then every
-/// [`KEEPALIVE_INTERVAL`], the connection dropped after [`KEEPALIVE_RETRIES`] unanswered
-/// ones — so a peer that vanished (network partition, host gone) is noticed in about
-/// 25 s instead of the system default of two hours.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-pub const KEEPALIVE_RETRIES: u32 = 3;
-/// Data sent and not acknowledged for this long drops the connection (TCP_USER_TIMEOUT).
-pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Numbered migrations of the Postgres schema, applied in order by [`PgLedger::migrate`].
-pub const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../../migrations/postgres/0001_init.sql")),
-    (
-        2,
-        include_str!("../../migrations/postgres/0002_price_fields.sql"),
-    ),
-    (
-        3,
-        include_str!("../../migrations/postgres/0003_spend_rollups.sql"),
-    ),
-    (4, include_str!("../../migrations/postgres/0004_rerate.sql")),
-];
-
-/// Advisory lock key held while migrating (ASCII "tollgate" folded into an i64), so that
-/// instances starting together apply each migration once.
-const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;
-
-/// Timestamp as ledger text (`2026-11-22T01:02:03.123456Z`), matching [`crate::time::to_text`].
-const TS_TEXT: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"#;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PgError {
-    /// Connection refused, timed out or broken: transient, retry later (HTTP 503).
-    #[error("postgres is unavailable: {0}")]
-    Unavailable(String),
-    /// Postgres answered with an error: permanent for this input.
-    #[error("postgres: {0}")]
-    Query(String),
-    /// Postgres refused the data itself (SQLSTATE class 22, data exception — a NUL byte
-    /// in a text value, say — or 23, integrity constraint violation): sending the same
-    /// row again can never succeed. The shipper sets such a row aside
-    /// ([`crate::shared::shipper`]); any other error is retried.
-    #[error("postgres refused the row: {0}")]
-    Rejected(String),
-    /// The input is invalid (bad limit, unknown key...).
-    #[error("{0}")]
-    Invalid(String),
-    #[error("invalid storage.postgres_url: {0}")]
-    Config(String),
-}
-
-impl PgError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, PgError::Unavailable(_))
-    }
-}
-
-impl From<tokio_postgres::Error> for PgError {
-    fn from(e: tokio_postgres::Error) -> PgError {
-        match e.as_db_error() {
-            Some(db) => {
-                let code = db.code().code();
-                let text = format!("{code}: {}", db.message());
-                if code.starts_with("22") || code.starts_with("23") {
-                    PgError::Rejected(text)
-                } else {
-                    PgError::Query(text)
-                }
-            }
-            None => PgError::Unavailable(e.to_string()),
-        }
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for PgError {
-    fn from(e: deadpool_postgres::PoolError) -> PgError {
-        PgError::Unavailable(e.to_string())
-    }
-}
-
-impl From<crate::db::DbError> for PgError {
-    fn from(e: crate::db::DbError) -> PgError {
-        PgError::Invalid(e.to_string())
-    }
-}
-
-/// Parse a `postgres://` URL (or key=value string), bounding the connect time.
-pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, PgError> {
-    let mut cfg =
-        tokio_postgres::Config::from_str(url).map_err(|e| PgError::Config(e.to_string()))?;
-    if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(CONNECT_TIMEOUT);
-    }
-    if cfg.get_application_name().is_none() {
-        cfg.application_name("tollgate");
-    }
-    // A half-open connection must not hang its caller forever; the URL may set its own.
-    cfg.keepalives(true);
-    if cfg.get_keepalives_idle() >= Duration::from_secs(7200) {
-        cfg.keepalives_idle(KEEPALIVE_IDLE);
-    }
-    if cfg.get_keepalives_interval().is_none() {
-        cfg.keepalives_interval(KEEPALIVE_INTERVAL);
-    }
-    if cfg.get_keepalives_retries().is_none() {
-        cfg.keepalives_retries(KEEPALIVE_RETRIES);
-    }
-    if cfg.get_tcp_user_timeout().is_none() {
-        cfg.tcp_user_timeout(TCP_USER_TIMEOUT);
-    }
-    Ok(cfg)
-}
-
-/// `f`, abandoned as [`PgError::Unavailable`] after [`STATEMENT_TIMEOUT`].
-pub async fn bounded<T>(
-    what: &str,
-    f: impl std::future::Future<Output = Result<T, PgError>>,
-) -> Result<T, PgError> {
-    match tokio::time::timeout(STATEMENT_TIMEOUT, f).await {
-        Ok(r) => r,
-        Err(_) => Err(PgError::Unavailable(format!(
-            "{what} did not finish within {}",
-            humantime::format_duration(STATEMENT_TIMEOUT)
-        ))),
-    }
-}
-
-/// The shared-mode Postgres: a pool of connections. Cheap to clone.
+/// The Postgres ledger: a pool of connections. Cheap to clone.
 #[derive(Clone)]
 pub struct PgLedger {
-    pool: Pool,
+    pool: PgPool,
 }
 
 impl PgLedger {
     /// A pool for `url`. Connects lazily: creating it never touches the network.
     pub fn new(url: &str) -> Result<PgLedger, PgError> {
-        let mgr = Manager::from_config(
-            pg_config(url)?,
-            NoTls,
-            ManagerConfig {
-                // An empty query on every reuse: a connection whose statement was abandoned
-                // at a deadline may be stuck behind it, and must not be handed out again.
-                recycling_method: RecyclingMethod::Verified,
-            },
-        );
-        let pool = Pool::builder(mgr)
-            .max_size(4)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(RECYCLE_TIMEOUT))
-            .build()
-            .map_err(|e| PgError::Config(e.to_string()))?;
-        Ok(PgLedger { pool })
+        Ok(PgLedger {
+            pool: PgPool::new(url)?,
+        })
+    }
+
+    /// The ledger over an existing pool (shared with the key store).
+    pub fn from_pool(pool: PgPool) -> PgLedger {
+        PgLedger { pool }
+    }
+
+    /// The pool, to run other statements (keys, spend reports) over the same connections.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
-        Ok(self.pool.get().await?)
+        self.pool.client().await
     }
 
-    /// Apply every migration newer than the database's version, in one transaction under
-    /// an advisory lock. Returns the versions applied.
+    /// Apply every pending migration (see [`PgPool::migrate`]).
     pub async fn migrate(&self) -> Result<Vec<i64>, PgError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version bigint PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
-        )
-        .await?;
-        let current: i64 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-                &[],
-            )
-            .await?
-            .get(0);
-        let mut applied = Vec::new();
-        for (version, sql) in MIGRATIONS {
-            if *version <= current {
-                continue;
-            }
-            tx.batch_execute(sql).await.map_err(|e| {
-                PgError::Query(format!("migration {version} failed: {}", PgError::from(e)))
-            })?;
-            tx.execute(
-                "INSERT INTO schema_migrations (version) VALUES ($1)",
-                &[version],
-            )
-            .await?;
-            applied.push(*version);
-        }
-        tx.commit().await?;
-        Ok(applied)
+        self.pool.migrate().await
     }
 
     /// Upsert ledger rows in one transaction (one statement, whatever the count).
@@ -400,7 +221,7 @@ impl PgLedger {
     pub async fn rows_where(
         &self,
         condition: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Transaction>, PgError> {
         let client = self.client().await?;
         let sql = format!(
@@ -487,230 +308,7 @@ impl PgLedger {
             .await?;
         Ok(rows.iter().map(row_to_tx).collect())
     }
-
-    // ----- keys and limits -----
-
-    /// The change counter instances poll.
-    pub async fn config_rev(&self) -> Result<i64, PgError> {
-        let client = self.client().await?;
-        Ok(client
-            .query_one("SELECT value FROM meta WHERE name = 'config_rev'", &[])
-            .await?
-            .get(0))
-    }
-
-    /// Every key (with its hash) and limit, exactly as of the revision it carries: one
-    /// read-only repeatable-read transaction, so two snapshots with one revision are the
-    /// same directory and a newer revision never comes with older contents.
-    pub async fn snapshot(&self) -> Result<Snapshot, PgError> {
-        let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
-        let snap = snapshot_with(&*tx).await?;
-        tx.commit().await?;
-        Ok(snap)
-    }
-
-    pub async fn create_key(&self, new: NewKey) -> Result<(KeyRecord, String), PgError> {
-        keys::validate_name("name", &Some(new.name.clone()))?;
-        keys::validate_name("user", &new.user)?;
-        keys::validate_name("tenant", &new.tenant)?;
-        keys::validate_name("plan", &new.plan)?;
-        let limits = keys::canonical_limits(&new.limits)?;
-        let secret = keys::generate_secret();
-        let hash = keys::hash_secret(&secret);
-        let rec = KeyRecord {
-            id: keys::generate_id(),
-            name: new.name,
-            user: new.user,
-            tenant: new.tenant,
-            plan: new.plan,
-            limits,
-            status: "active".into(),
-            created_at: crate::time::now_text(),
-        };
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO api_keys (id, key_hash, name, user_id, tenant_id, plan, status, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, 'active', ($7::text)::timestamptz)",
-            &[&rec.id, &hash, &rec.name, &rec.user, &rec.tenant, &rec.plan, &rec.created_at],
-        )
-        .await?;
-        let subject = Subject::Key(rec.id.clone()).as_text();
-        for spec in &rec.limits {
-            tx.execute(
-                "INSERT INTO limits (subject, spec, created_at) VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
-                &[&subject, spec],
-            )
-            .await?;
-        }
-        bump_rev(&tx).await?;
-        tx.commit().await?;
-        Ok((rec, secret))
-    }
-
-    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, PgError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(&format!("{} ORDER BY created_at, id", key_select()), &[])
-            .await?;
-        let mut out: Vec<KeyRecord> = rows.iter().map(record_of).collect();
-        for k in &mut out {
-            k.limits = limits_of(&**client, &Subject::Key(k.id.clone()).as_text()).await?;
-        }
-        Ok(out)
-    }
-
-    pub async fn show_key(&self, id: &str) -> Result<Option<KeyRecord>, PgError> {
-        let client = self.client().await?;
-        show_with(&**client, id).await
-    }
-
-    /// Revoke a key. `None` when no such key exists.
-    pub async fn revoke_key(&self, id: &str) -> Result<Option<KeyRecord>, PgError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let n = tx
-            .execute(
-                "UPDATE api_keys SET status = 'revoked', revoked_at = now() WHERE id = $1 AND status = 'active'",
-                &[&id],
-            )
-            .await?;
-        if n > 0 {
-            bump_rev(&tx).await?;
-        }
-        let rec = show_with(&*tx, id).await?;
-        tx.commit().await?;
-        Ok(rec)
-    }
-
-    /// `limits set`: replace the limit with the same metric, window and scope; others stay.
-    pub async fn set_limits(
-        &self,
-        subject: &Subject,
-        specs: &[String],
-    ) -> Result<Vec<String>, PgError> {
-        let canonical = keys::canonical_limits(specs)?;
-        let subject_text = subject.as_text();
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        // Serialise limit edits: the meta row is the one every change touches anyway.
-        tx.execute(
-            "SELECT value FROM meta WHERE name = 'config_rev' FOR UPDATE",
-            &[],
-        )
-        .await?;
-        let existing = limits_of(&*tx, &subject_text).await?;
-        for new in &canonical {
-            let new_spec = LimitSpec::from_str(new).map_err(|e| PgError::Invalid(e.to_string()))?;
-            for old in &existing {
-                if same_counter(old, &new_spec) {
-                    tx.execute(
-                        "DELETE FROM limits WHERE subject = $1 AND spec = $2",
-                        &[&subject_text, old],
-                    )
-                    .await?;
-                }
-            }
-            tx.execute(
-                "INSERT INTO limits (subject, spec, created_at) VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
-                &[&subject_text, new],
-            )
-            .await?;
-        }
-        bump_rev(&tx).await?;
-        let now = limits_of(&*tx, &subject_text).await?;
-        tx.commit().await?;
-        Ok(now)
-    }
-
-    /// Replace every limit of `subject` with `specs` in one transaction (the admin API's
-    /// `PUT …/limits`): no reader sees the subject half-updated. `None` when `subject` is a
-    /// key that does not exist.
-    pub async fn replace_limits(
-        &self,
-        subject: &Subject,
-        specs: &[String],
-    ) -> Result<Option<Vec<String>>, PgError> {
-        let canonical = keys::canonical_limits(specs)?;
-        let subject_text = subject.as_text();
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT value FROM meta WHERE name = 'config_rev' FOR UPDATE",
-            &[],
-        )
-        .await?;
-        if let Subject::Key(id) = subject
-            && tx
-                .query_opt("SELECT 1 FROM api_keys WHERE id = $1", &[id])
-                .await?
-                .is_none()
-        {
-            return Ok(None);
-        }
-        tx.execute("DELETE FROM limits WHERE subject = $1", &[&subject_text])
-            .await?;
-        for spec in &canonical {
-            tx.execute(
-                "INSERT INTO limits (subject, spec, created_at) VALUES ($1, $2, now()) ON CONFLICT DO NOTHING",
-                &[&subject_text, spec],
-            )
-            .await?;
-        }
-        bump_rev(&tx).await?;
-        let now = limits_of(&*tx, &subject_text).await?;
-        tx.commit().await?;
-        Ok(Some(now))
-    }
-
-    /// `limits clear`: remove the named limits (any value), or all when none are named.
-    pub async fn clear_limits(
-        &self,
-        subject: &Subject,
-        specs: &[String],
-    ) -> Result<Vec<String>, PgError> {
-        let subject_text = subject.as_text();
-        let targets = specs
-            .iter()
-            .map(|s| keys::parse_spec_pattern(s))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT value FROM meta WHERE name = 'config_rev' FOR UPDATE",
-            &[],
-        )
-        .await?;
-        if targets.is_empty() {
-            tx.execute("DELETE FROM limits WHERE subject = $1", &[&subject_text])
-                .await?;
-        } else {
-            let existing = limits_of(&*tx, &subject_text).await?;
-            for target in &targets {
-                for old in &existing {
-                    if same_counter(old, target) {
-                        tx.execute(
-                            "DELETE FROM limits WHERE subject = $1 AND spec = $2",
-                            &[&subject_text, old],
-                        )
-                        .await?;
-                    }
-                }
-            }
-        }
-        bump_rev(&tx).await?;
-        let now = limits_of(&*tx, &subject_text).await?;
-        tx.commit().await?;
-        Ok(now)
-    }
 }
-
 fn metric_expr(metric: Metric) -> &'static str {
     match metric {
         // An adjustment row (`tollgate rerate`) changes money, never the request count.
@@ -770,12 +368,6 @@ fn row_to_tx(r: &tokio_postgres::Row) -> Transaction {
         inference_geo: r.get(27),
         adjusts: r.get(28),
     }
-}
-
-fn same_counter(stored: &str, spec: &LimitSpec) -> bool {
-    LimitSpec::from_str(stored).is_ok_and(|o| {
-        o.metric == spec.metric && o.window == spec.window && o.upstream == spec.upstream
-    })
 }
 
 /// The `INSERT … SELECT … FROM UNNEST(…)` of ledger rows, without its conflict clause.
@@ -949,239 +541,4 @@ async fn write_rows(
             ],
         )
         .await?)
-}
-
-/// Move the directory revision forward: one more than before, and never less than the
-/// current time in microseconds since the epoch. Instances install a directory only when
-/// its revision is not older than the one they hold, so the revision must never go
-/// backwards — also not when the database is re-created or restored from a backup whose
-/// counter is behind: the first change made there jumps past every revision handed out
-/// before (as long as clocks do not step back by more than the time between changes).
-async fn bump_rev(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), PgError> {
-    tx.execute(
-        "UPDATE meta SET value = GREATEST(value + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
-         WHERE name = 'config_rev'",
-        &[],
-    )
-    .await?;
-    Ok(())
-}
-
-fn key_select() -> String {
-    format!(
-        "SELECT id, name, user_id, tenant_id, plan, status, to_char(created_at AT TIME ZONE 'UTC', {TS_TEXT}), key_hash FROM api_keys"
-    )
-}
-
-fn record_of(r: &tokio_postgres::Row) -> KeyRecord {
-    KeyRecord {
-        id: r.get(0),
-        name: r.get(1),
-        user: r.get(2),
-        tenant: r.get(3),
-        plan: r.get(4),
-        limits: Vec::new(),
-        status: r.get(5),
-        created_at: r.get(6),
-    }
-}
-
-async fn limits_of<C: tokio_postgres::GenericClient>(
-    c: &C,
-    subject: &str,
-) -> Result<Vec<String>, PgError> {
-    let rows = c
-        .query(
-            "SELECT spec FROM limits WHERE subject = $1 ORDER BY spec",
-            &[&subject],
-        )
-        .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
-}
-
-async fn show_with<C: tokio_postgres::GenericClient>(
-    c: &C,
-    id: &str,
-) -> Result<Option<KeyRecord>, PgError> {
-    let row = c
-        .query_opt(&format!("{} WHERE id = $1", key_select()), &[&id])
-        .await?;
-    match row {
-        None => Ok(None),
-        Some(r) => {
-            let mut k = record_of(&r);
-            k.limits = limits_of(c, &Subject::Key(k.id.clone()).as_text()).await?;
-            Ok(Some(k))
-        }
-    }
-}
-
-async fn snapshot_with<C: tokio_postgres::GenericClient>(c: &C) -> Result<Snapshot, PgError> {
-    let rev: i64 = c
-        .query_one("SELECT value FROM meta WHERE name = 'config_rev'", &[])
-        .await?
-        .get(0);
-    let keys = c
-        .query(&key_select(), &[])
-        .await?
-        .iter()
-        .map(|r| (r.get::<_, String>(7), record_of(r)))
-        .collect();
-    let limits = c
-        .query("SELECT subject, spec FROM limits", &[])
-        .await?
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect();
-    Ok(Snapshot { rev, keys, limits })
-}
-
-/// Read the directory over a one-off connection (no pool), for start-up code that runs
-/// outside the runtime the pool's connections would live on.
-pub async fn fetch_snapshot_once(url: &str) -> Result<Snapshot, PgError> {
-    let (client, conn) = tokio::time::timeout(CONNECT_TIMEOUT, pg_config(url)?.connect(NoTls))
-        .await
-        .map_err(|_| PgError::Unavailable("connect timed out".into()))??;
-    let task = tokio::spawn(conn);
-    let read = async {
-        client
-            .batch_execute("START TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .await?;
-        let snap = snapshot_with(&client).await?;
-        client.batch_execute("COMMIT").await?;
-        Ok::<_, PgError>(snap)
-    };
-    let snap = tokio::time::timeout(CONNECT_TIMEOUT * 2, read)
-        .await
-        .map_err(|_| PgError::Unavailable("directory read timed out".into()));
-    drop(client);
-    let _ = task.await;
-    snap?
-}
-
-/// A directory snapshot as stored in the local journal (`directory_cache`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredSnapshot {
-    pub rev: i64,
-    pub keys: Vec<StoredKey>,
-    pub limits: Vec<(String, String)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredKey {
-    pub key_hash: String,
-    pub id: String,
-    pub name: String,
-    pub user: Option<String>,
-    pub tenant: Option<String>,
-    pub plan: Option<String>,
-    pub status: String,
-    pub created_at: String,
-}
-
-impl From<&Snapshot> for StoredSnapshot {
-    fn from(s: &Snapshot) -> StoredSnapshot {
-        StoredSnapshot {
-            rev: s.rev,
-            keys: s
-                .keys
-                .iter()
-                .map(|(h, k)| StoredKey {
-                    key_hash: h.clone(),
-                    id: k.id.clone(),
-                    name: k.name.clone(),
-                    user: k.user.clone(),
-                    tenant: k.tenant.clone(),
-                    plan: k.plan.clone(),
-                    status: k.status.clone(),
-                    created_at: k.created_at.clone(),
-                })
-                .collect(),
-            limits: s.limits.clone(),
-        }
-    }
-}
-
-impl From<StoredSnapshot> for Snapshot {
-    fn from(s: StoredSnapshot) -> Snapshot {
-        Snapshot {
-            rev: s.rev,
-            keys: s
-                .keys
-                .into_iter()
-                .map(|k| {
-                    (
-                        k.key_hash,
-                        KeyRecord {
-                            id: k.id,
-                            name: k.name,
-                            user: k.user,
-                            tenant: k.tenant,
-                            plan: k.plan,
-                            limits: Vec::new(),
-                            status: k.status,
-                            created_at: k.created_at,
-                        },
-                    )
-                })
-                .collect(),
-            limits: s.limits,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_parse_and_bound_connects() {
-        let c = pg_config("postgres://tollgate@127.0.0.1:5432/tollgate").unwrap();
-        assert_eq!(c.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
-        assert!(matches!(
-            pg_config("postgres://[bad"),
-            Err(PgError::Config(_))
-        ));
-        assert!(
-            PgLedger::new("postgres://u@127.0.0.1:1/db").is_ok(),
-            "no connect at creation"
-        );
-    }
-
-    #[test]
-    fn stored_snapshots_round_trip() {
-        let snap = Snapshot {
-            rev: 7,
-            keys: vec![(
-                "h".into(),
-                KeyRecord {
-                    id: "k_1".into(),
-                    name: "n".into(),
-                    user: Some("u".into()),
-                    tenant: None,
-                    plan: Some("free".into()),
-                    limits: vec![],
-                    status: "active".into(),
-                    created_at: "t".into(),
-                },
-            )],
-            limits: vec![("key:k_1".into(), "requests:total=1".into())],
-        };
-        let stored = StoredSnapshot::from(&snap);
-        let text = serde_json::to_string(&stored).unwrap();
-        let back: Snapshot = serde_json::from_str::<StoredSnapshot>(&text)
-            .unwrap()
-            .into();
-        assert_eq!(back.rev, 7);
-        assert_eq!(back.keys, snap.keys);
-        assert_eq!(back.limits, snap.limits);
-    }
-
-    #[test]
-    fn limits_match_by_counter_identity() {
-        let spec = LimitSpec::from_str("usd:day=5").unwrap();
-        assert!(same_counter("usd:day=1", &spec));
-        assert!(!same_counter("usd:month=1", &spec));
-        assert!(!same_counter("usd:day@openai=1", &spec));
-    }
 }

@@ -1,142 +1,20 @@
-//! API keys and the limits attached to keys, users and tenants, as stored in the
-//! embedded database.
+//! Keys and limits in the embedded database (`api_keys`, `limits`, `meta.config_rev`).
 //!
-//! A key's secret (`tg_` + 43 URL-safe characters = 256 bits from the OS CSPRNG) is shown
-//! once at creation and stored only as its SHA-256 hash. Every change bumps
-//! `meta.config_rev`, which running instances poll (see [`crate::auth`]) so that a create
-//! or revoke takes effect everywhere within a second.
+//! The `*_sync` functions run on the database's writer thread ([`Db::call`]): each call is
+//! one transaction, so [`SqliteKeyStore::replace_limits`] can clear and set in one step.
+//! [`Db`] is also the embedded [`DirectorySource`] the auth refresh loop polls.
 
 use std::str::FromStr;
 
-use base64::Engine;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
-use sha2::{Digest, Sha256};
 
+use super::{
+    KeyRecord, KeyStore, KeyStoreError, NewKey, Snapshot, Subject, canonical_limits, generate_id,
+    generate_secret, hash_secret, parse_spec_pattern, validate_name,
+};
+use crate::auth::DirectorySource;
 use crate::db::{Db, DbError};
 use crate::quota::LimitSpec;
-
-/// Prefix of every tollgate secret.
-pub const SECRET_PREFIX: &str = "tg_";
-
-/// A key as shown by `keys list/show` and the admin API (never with its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct KeyRecord {
-    pub id: String,
-    pub name: String,
-    pub user: Option<String>,
-    pub tenant: Option<String>,
-    pub plan: Option<String>,
-    pub limits: Vec<String>,
-    pub status: String,
-    pub created_at: String,
-}
-
-/// Keys that are not revoked (id, plan) whose plan `defined` does not know, sorted by id:
-/// such a key is refused until its plan is defined again.
-pub fn undefined_plans<'a>(
-    keys: impl IntoIterator<Item = &'a KeyRecord>,
-    defined: impl Fn(&str) -> bool,
-) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = keys
-        .into_iter()
-        .filter(|k| k.status != "revoked")
-        .filter_map(|k| {
-            let plan = k.plan.as_deref()?;
-            (!defined(plan)).then(|| (k.id.clone(), plan.to_string()))
-        })
-        .collect();
-    out.sort();
-    out
-}
-
-/// What `keys create` asks for.
-#[derive(Debug, Clone, Default)]
-pub struct NewKey {
-    pub name: String,
-    pub user: Option<String>,
-    pub tenant: Option<String>,
-    pub plan: Option<String>,
-    pub limits: Vec<String>,
-}
-
-/// A subject that limits attach to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Subject {
-    Key(String),
-    User(String),
-    Tenant(String),
-}
-
-impl Subject {
-    /// `key:k_…`, `user:…`, `tenant:…` — the text used in storage and usage reports.
-    pub fn as_text(&self) -> String {
-        match self {
-            Subject::Key(k) => format!("key:{k}"),
-            Subject::User(u) => format!("user:{u}"),
-            Subject::Tenant(t) => format!("tenant:{t}"),
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Subject> {
-        let (kind, id) = s.split_once(':')?;
-        if id.is_empty() {
-            return None;
-        }
-        match kind {
-            "key" => Some(Subject::Key(id.to_string())),
-            "user" => Some(Subject::User(id.to_string())),
-            "tenant" => Some(Subject::Tenant(id.to_string())),
-            _ => None,
-        }
-    }
-}
-
-/// Hex SHA-256 of a secret: the only form in which secrets are stored or compared.
-pub fn hash_secret(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
-}
-
-/// A fresh secret: `tg_` + 32 random bytes, base64url without padding.
-pub fn generate_secret() -> String {
-    let mut bytes = [0u8; 32];
-    rand::fill(&mut bytes);
-    format!(
-        "{SECRET_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    )
-}
-
-/// A fresh key id: `k_` + 16 hex digits.
-pub fn generate_id() -> String {
-    let mut bytes = [0u8; 8];
-    rand::fill(&mut bytes);
-    format!("k_{}", hex::encode(bytes))
-}
-
-/// Validate limit specs, returning their canonical text.
-pub fn canonical_limits(specs: &[String]) -> Result<Vec<String>, DbError> {
-    specs
-        .iter()
-        .map(|s| {
-            LimitSpec::from_str(s)
-                .map(|l| l.to_string())
-                .map_err(|e| DbError::Invalid(format!("invalid limit `{s}`: {e}")))
-        })
-        .collect()
-}
-
-/// Names, users, tenants and plans are 1-200 printable characters.
-pub fn validate_name(what: &str, v: &Option<String>) -> Result<(), DbError> {
-    if let Some(s) = v
-        && (s.is_empty() || s.len() > 200 || s.contains(char::is_control))
-    {
-        return Err(DbError::Invalid(format!(
-            "{what} must be 1-200 printable characters"
-        )));
-    }
-    Ok(())
-}
 
 pub(crate) fn bump_rev(conn: &Connection) -> Result<(), DbError> {
     conn.execute(
@@ -317,26 +195,6 @@ pub fn clear_limits_sync(
     limits_of(c, &subject_text)
 }
 
-/// `limits clear` accepts a spec with or without `=VALUE`.
-pub fn parse_spec_pattern(s: &str) -> Result<LimitSpec, DbError> {
-    let full = if s.contains('=') {
-        s.to_string()
-    } else {
-        format!("{s}=1")
-    };
-    LimitSpec::from_str(&full).map_err(|e| DbError::Invalid(format!("invalid limit `{s}`: {e}")))
-}
-
-/// Everything auth and quota need, loaded in one read.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub rev: i64,
-    /// (key hash, record)
-    pub keys: Vec<(String, KeyRecord)>,
-    /// (subject text, spec)
-    pub limits: Vec<(String, String)>,
-}
-
 pub fn config_rev(c: &Connection) -> Result<i64, DbError> {
     Ok(c.query_row(
         "SELECT value FROM meta WHERE name = 'config_rev'",
@@ -358,26 +216,111 @@ pub fn snapshot_sync(c: &Connection) -> Result<Snapshot, DbError> {
     Ok(Snapshot { rev, keys, limits })
 }
 
+/// The embedded database as a [`KeyStore`]. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteKeyStore {
+    db: Db,
+}
+
+impl SqliteKeyStore {
+    pub fn new(db: Db) -> SqliteKeyStore {
+        SqliteKeyStore { db }
+    }
+}
+
+#[async_trait::async_trait]
+impl KeyStore for SqliteKeyStore {
+    async fn create(&self, new: NewKey) -> Result<(KeyRecord, String), KeyStoreError> {
+        Ok(create(&self.db, new).await?)
+    }
+
+    async fn list(&self) -> Result<Vec<KeyRecord>, KeyStoreError> {
+        Ok(self.db.call(list_sync).await?)
+    }
+
+    async fn show(&self, id: &str) -> Result<Option<KeyRecord>, KeyStoreError> {
+        let id = id.to_string();
+        Ok(self.db.call(move |c| show_sync(c, &id)).await?)
+    }
+
+    async fn revoke(&self, id: &str) -> Result<Option<KeyRecord>, KeyStoreError> {
+        let id = id.to_string();
+        Ok(self.db.call(move |c| revoke_sync(c, &id)).await?)
+    }
+
+    async fn set_limits(
+        &self,
+        subject: &Subject,
+        specs: &[String],
+    ) -> Result<Vec<String>, KeyStoreError> {
+        let (s, specs) = (subject.clone(), specs.to_vec());
+        Ok(self
+            .db
+            .call(move |c| set_limits_sync(c, &s, &specs))
+            .await?)
+    }
+
+    async fn replace_limits(
+        &self,
+        subject: &Subject,
+        specs: &[String],
+    ) -> Result<Option<Vec<String>>, KeyStoreError> {
+        let (s, specs) = (subject.clone(), specs.to_vec());
+        // Clear and set in one database call: one transaction, so no request ever sees the
+        // subject half-updated (or, between the two, unlimited).
+        Ok(self
+            .db
+            .call(move |c| -> Result<Option<Vec<String>>, DbError> {
+                if let Subject::Key(id) = &s
+                    && show_sync(c, id)?.is_none()
+                {
+                    return Ok(None);
+                }
+                clear_limits_sync(c, &s, &[])?;
+                if specs.is_empty() {
+                    Ok(Some(Vec::new()))
+                } else {
+                    Ok(Some(set_limits_sync(c, &s, &specs)?))
+                }
+            })
+            .await?)
+    }
+
+    async fn clear_limits(
+        &self,
+        subject: &Subject,
+        specs: &[String],
+    ) -> Result<Vec<String>, KeyStoreError> {
+        let (s, specs) = (subject.clone(), specs.to_vec());
+        Ok(self
+            .db
+            .call(move |c| clear_limits_sync(c, &s, &specs))
+            .await?)
+    }
+
+    async fn config_rev(&self) -> Result<i64, KeyStoreError> {
+        Ok(self.db.call(config_rev).await?)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, KeyStoreError> {
+        Ok(self.db.call(snapshot_sync).await?)
+    }
+}
+
+#[async_trait::async_trait]
+impl DirectorySource for Db {
+    async fn rev(&self) -> Result<i64, DbError> {
+        self.call(config_rev).await
+    }
+    async fn snapshot(&self) -> Result<Snapshot, DbError> {
+        self.call(snapshot_sync).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Durability;
-
-    #[test]
-    fn secrets_are_long_random_and_hashed() {
-        let a = generate_secret();
-        let b = generate_secret();
-        assert!(a.starts_with("tg_"));
-        assert!(a.len() >= 3 + 32);
-        assert!(
-            a[3..]
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        );
-        assert_ne!(a, b);
-        assert_eq!(hash_secret(&a).len(), 64);
-        assert_ne!(hash_secret(&a), hash_secret(&b));
-    }
 
     #[tokio::test]
     async fn create_list_show_revoke_and_limits() {
