@@ -24,9 +24,9 @@ use std::time::Instant;
 use tollgate::config::Durability;
 use tollgate::db::Db;
 use tollgate::journal::Journal;
+use tollgate::ledger::postgres::PgLedger;
 use tollgate::ledger::{Settlement, Transaction};
 use tollgate::shared::outbox::Outbox;
-use tollgate::shared::pg::PgLedger;
 use tollgate::shared::shipper::Shipper;
 
 fn free_port() -> u16 {

@@ -280,7 +280,7 @@ fn main() {
 
     // Shared.
     let pg = pg::TestPg::start();
-    let ledger = tollgate::shared::pg::PgLedger::new(&pg.url()).unwrap();
+    let ledger = tollgate::ledger::postgres::PgLedger::new(&pg.url()).unwrap();
     rt.block_on(ledger.migrate()).unwrap();
     let client = rt.block_on(pg.client());
     let t = Instant::now();

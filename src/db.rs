@@ -444,7 +444,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(migrate(&conn).unwrap(), vec![4, 5, 6, 7, 8]);
-        let row = crate::ledger::get(&conn, "old").unwrap().unwrap();
+        let row = crate::ledger::sqlite::get(&conn, "old").unwrap().unwrap();
         assert_eq!((row.cache_write_tokens, row.cost_micros), (700, 4321));
         assert_eq!((row.cache_write_1h_tokens, row.tool_calls), (0, 0));
         assert_eq!((row.service_tier, row.price_version), (None, None));

@@ -4,7 +4,7 @@
 //! Two implementations sit behind one trait with domain verbs:
 //!
 //! - [`EmbeddedJournal`] (embedded mode): the SQLite ledger *is* the journal — a `reserved`
-//!   row, later updated to `settled`/`released` (see [`crate::ledger`]).
+//!   row, later updated to `settled`/`released` (see [`crate::ledger::sqlite`]).
 //! - [`crate::shared::outbox::Outbox`] (shared mode): every event is appended to the local
 //!   SQLite `journal_events` outbox first; a shipper moves them to the Postgres ledger of
 //!   record.
@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 
 use crate::db::{Db, DbError};
 use crate::engine::Engine;
-use crate::ledger::{self, Opened, Settlement, SqliteLoader, Transaction};
+use crate::ledger::sqlite::{self as ledger, SqliteLoader};
+use crate::ledger::{Opened, Settlement, Transaction};
 use crate::quota::memory::CounterLoader;
 
 /// Unshipped events per target, as reported by `journal status` and `GET /admin/journal`.

@@ -25,12 +25,13 @@
 //! | [`engine`] | admit (parse, estimate, reserve, journal) and finish (settle/release) |
 //! | [`quota`] | limit specs, windows, counters, the `QuotaStore` trait, memory and Redis backends |
 //! | [`billing`], [`money`] | prices and integer micro-dollar arithmetic |
-//! | [`ledger`], [`db`] | the SQLite ledger/journal and its single writer thread |
+//! | [`ledger`] | `billing_transactions` behind the `Ledger` trait: SQLite and Postgres backends |
+//! | [`db`] | the single SQLite writer thread and the embedded schema |
 //! | [`admin`] | the operator HTTP API: keys, limits, usage, ledger, journal, health, metrics, usage page |
 //! | [`metrics`] | Prometheus metrics of one instance |
 //! | [`alerts`] | threshold alerts: log events and webhook deliveries |
 //! | [`pg`] | the Postgres pool, bounds, errors and migrations that keys and the ledger share |
-//! | [`journal`], [`shared`], [`reconcile`] | the `Journal` trait; shared mode's Postgres ledger, outbox and shipper; counter/ledger reconciliation |
+//! | [`journal`], [`shared`], [`reconcile`] | the `Journal` trait; shared mode's outbox, shipper and applier; counter/ledger reconciliation |
 //! | [`rerate`] | re-rating settled rows under the current price table: adjustment rows |
 //! | [`spend`] | spend reports over the ledger of record (`/admin/spend`, `tollgate report`), SQLite and Postgres |
 //! | [`passthrough`] | unmetered provider routes (`GET /v1/models`, …): patterns and matching |

@@ -350,8 +350,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (applied, journal) = match cfg.storage.mode {
                 StorageMode::Embedded => (local, None),
                 StorageMode::Shared => {
-                    let pg =
-                        tollgate::shared::pg::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
+                    let pg = tollgate::ledger::postgres::PgLedger::new(
+                        &tollgate::shared::postgres_url(&cfg),
+                    )?;
                     let rt = runtime()?;
                     (rt.block_on(pg.migrate())?, Some(local))
                 }
@@ -813,7 +814,8 @@ fn export_cmd(args: &ExportArgs) -> Result<ExitCode> {
             export::from_sqlite(&cfg.storage.journal_path, since, until, &mut w)?;
         }
         StorageMode::Shared => {
-            let pg = tollgate::shared::pg::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
+            let pg =
+                tollgate::ledger::postgres::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
             runtime()?.block_on(export::from_pg(&pg, since, until, &mut w))?;
         }
     }
@@ -933,7 +935,8 @@ fn rerate_cmd(args: &RerateArgs) -> Result<ExitCode> {
             (plan, written)
         }
         StorageMode::Shared => {
-            let pg = tollgate::shared::pg::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
+            let pg =
+                tollgate::ledger::postgres::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
             rt.block_on(async {
                 let (rows, adjusted) = tollgate::rerate::pg_rows(&pg, &filter).await?;
                 let plan = tollgate::rerate::plan(&rows, &adjusted, &table, &now_text);
@@ -942,7 +945,7 @@ fn rerate_cmd(args: &RerateArgs) -> Result<ExitCode> {
                 } else {
                     0
                 };
-                Ok::<_, tollgate::shared::pg::PgError>((plan, written))
+                Ok::<_, tollgate::pg::PgError>((plan, written))
             })?
         }
     };

@@ -200,7 +200,8 @@ pub fn sqlite_rows(
     c: &rusqlite::Connection,
     f: &Filter,
 ) -> Result<(Vec<Transaction>, HashMap<String, Adjusted>), crate::db::DbError> {
-    let rows = crate::ledger::settled_in(c, &f.since, f.until.as_deref(), f.model.as_deref())?;
+    let rows =
+        crate::ledger::sqlite::settled_in(c, &f.since, f.until.as_deref(), f.model.as_deref())?;
     let mut adjusted = HashMap::new();
     // Adjustments share their original's started_at, so the same range finds them.
     let mut st = c.prepare(
@@ -232,7 +233,7 @@ pub fn sqlite_write(
     let tx = c.unchecked_transaction()?;
     let mut written = 0;
     for r in rows {
-        written += crate::ledger::insert_final(&tx, r)?;
+        written += crate::ledger::sqlite::insert_final(&tx, r)?;
     }
     tx.commit()?;
     Ok(written)
@@ -241,9 +242,9 @@ pub fn sqlite_write(
 /// Postgres (shared mode's ledger of record): the settled request rows of `f` and their
 /// earlier adjustments.
 pub async fn pg_rows(
-    pg: &crate::shared::pg::PgLedger,
+    pg: &crate::ledger::postgres::PgLedger,
     f: &Filter,
-) -> Result<(Vec<Transaction>, HashMap<String, Adjusted>), crate::shared::pg::PgError> {
+) -> Result<(Vec<Transaction>, HashMap<String, Adjusted>), crate::pg::PgError> {
     let rows = pg
         .rows_where(
             "status = 'settled' AND adjusts IS NULL AND started_at >= ($1::text)::timestamptz
@@ -283,9 +284,9 @@ pub async fn pg_rows(
 /// Postgres: insert adjustment rows in one transaction; a trace id already present is left
 /// alone. Returns how many were written.
 pub async fn pg_write(
-    pg: &crate::shared::pg::PgLedger,
+    pg: &crate::ledger::postgres::PgLedger,
     rows: &[Transaction],
-) -> Result<u64, crate::shared::pg::PgError> {
+) -> Result<u64, crate::pg::PgError> {
     pg.insert_new_rows(rows).await
 }
 

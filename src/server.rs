@@ -278,7 +278,7 @@ fn migrate_postgres(config: &Config) -> Result<(), StartError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let pg = crate::shared::pg::PgLedger::new(&crate::shared::postgres_url(config))
+    let pg = crate::ledger::postgres::PgLedger::new(&crate::shared::postgres_url(config))
         .map_err(crate::shared::SharedError::from)?;
     match rt.block_on(pg.migrate()) {
         Ok(v) if v.is_empty() => {}

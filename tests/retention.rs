@@ -357,7 +357,7 @@ async fn sqlite_retention_keeps_counters_reports_and_exports_exact() {
 #[tokio::test]
 async fn postgres_retention_keeps_counters_reports_and_exports_exact() {
     let pg = TestPg::start();
-    let ledger_pg = tollgate::shared::pg::PgLedger::new(&pg.url()).unwrap();
+    let ledger_pg = tollgate::ledger::postgres::PgLedger::new(&pg.url()).unwrap();
     ledger_pg.migrate().await.unwrap();
     let rows = ledger(3_000);
     // Through the shippers' own upsert (statement triggers on INSERT … ON CONFLICT).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::pg::{Relay, TestPg};
 use common::*;
 use tollgate::ledger::Transaction;
-use tollgate::shared::pg::PgLedger;
+use tollgate::ledger::postgres::PgLedger;
 
 /// A proxy in shared mode against `pg` (counters in process until the Redis store lands).
 async fn shared_proxy(pg: &TestPg, upstream: std::net::SocketAddr) -> Proxy {
@@ -1179,7 +1179,7 @@ async fn a_second_settle_of_one_trace_id_is_refused_not_dropped() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, tollgate::shared::pg::PgError::Rejected(m) if m.contains("second settle")),
+        matches!(&err, tollgate::pg::PgError::Rejected(m) if m.contains("second settle")),
         "{err}"
     );
     // Same start, another instance: refused too.
@@ -1189,7 +1189,7 @@ async fn a_second_settle_of_one_trace_id_is_refused_not_dropped() {
     };
     assert!(matches!(
         ledger.upsert_rows(std::slice::from_ref(&twin)).await,
-        Err(tollgate::shared::pg::PgError::Rejected(_))
+        Err(tollgate::pg::PgError::Rejected(_))
     ));
     // The later reservation shipped its reserved row first, then the earlier settle
     // arrives: the earlier settle does not win over it, and is refused, not ignored.
@@ -1197,7 +1197,7 @@ async fn a_second_settle_of_one_trace_id_is_refused_not_dropped() {
     assert_eq!(ledger.upsert_rows(&[reserved_later]).await.unwrap(), 1);
     assert!(matches!(
         ledger.upsert_rows(&[row("m", "settled", t1, 40)]).await,
-        Err(tollgate::shared::pg::PgError::Rejected(_))
+        Err(tollgate::pg::PgError::Rejected(_))
     ));
     // Row by row (the shipper's slow path): only the second settle is set aside.
     let batch = [

@@ -430,7 +430,7 @@ fn reports_equal_a_recomputation_from_the_rows_sqlite() {
 fn reports_equal_a_recomputation_from_the_rows_postgres() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let pg = TestPg::start();
-    let ledger = tollgate::shared::pg::PgLedger::new(&pg.url()).unwrap();
+    let ledger = tollgate::ledger::postgres::PgLedger::new(&pg.url()).unwrap();
     rt.block_on(ledger.migrate()).unwrap();
     let client = rt.block_on(pg.client());
     let store = spend::pg::PgSpend::new(&pg.url()).unwrap();

@@ -63,6 +63,7 @@ use crate::config::StorageMode;
 use crate::db::DbError;
 use crate::engine::Engine;
 use crate::keys::{KeyStore, Subject};
+use crate::ledger::Ledger;
 use crate::spend::SpendStore;
 
 /// Largest request body the admin API reads.
@@ -633,7 +634,10 @@ struct Stores {
     spend: Arc<dyn SpendStore>,
     /// `Err` (with why) when the store could not be set up: those routes answer 503.
     keys: Result<Arc<dyn KeyStore>, String>,
-    ledger: Result<usage::LedgerOfRecord, String>,
+    /// Where `/admin/transactions` reads: the ledger of record (in shared mode Postgres —
+    /// the local journal there holds only this instance's rows, and only until they are
+    /// shipped and compacted).
+    ledger: Result<Arc<dyn Ledger>, String>,
 }
 
 impl Stores {
@@ -641,12 +645,18 @@ impl Stores {
         let config = engine.config();
         let db = engine.db();
         let spend = crate::spend::open(config, db.path());
-        let (keys, ledger): (Result<Arc<dyn KeyStore>, String>, _) = match config.storage.mode {
+        type Both = (
+            Result<Arc<dyn KeyStore>, String>,
+            Result<Arc<dyn Ledger>, String>,
+        );
+        let (keys, ledger): Both = match config.storage.mode {
             StorageMode::Embedded => (
                 Ok(Arc::new(crate::keys::sqlite::SqliteKeyStore::new(
                     db.clone(),
                 ))),
-                Ok(usage::LedgerOfRecord::Embedded(db.clone())),
+                Ok(Arc::new(crate::ledger::sqlite::SqliteLedger::new(
+                    db.clone(),
+                ))),
             ),
             StorageMode::Shared => {
                 match crate::pg::PgPool::new(&crate::shared::postgres_url(config)) {
@@ -654,9 +664,7 @@ impl Stores {
                         Ok(Arc::new(crate::keys::postgres::PgKeyStore::from_pool(
                             pool.clone(),
                         ))),
-                        Ok(usage::LedgerOfRecord::Shared(
-                            crate::shared::pg::PgLedger::from_pool(pool),
-                        )),
+                        Ok(Arc::new(crate::ledger::postgres::PgLedger::from_pool(pool))),
                     ),
                     Err(e) => (Err(e.to_string()), Err(e.to_string())),
                 }
@@ -675,9 +683,9 @@ impl Stores {
             .map_err(|e| AdminError::Unavailable(e.clone()))
     }
 
-    fn ledger(&self) -> Result<&usage::LedgerOfRecord, AdminError> {
+    fn ledger(&self) -> Result<&dyn Ledger, AdminError> {
         self.ledger
-            .as_ref()
+            .as_deref()
             .map_err(|e| AdminError::Unavailable(e.clone()))
     }
 }

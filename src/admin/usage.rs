@@ -17,7 +17,7 @@ use hyper::StatusCode;
 use super::{AdminError, Query, Resp, json};
 use crate::engine::Engine;
 use crate::keys::Subject;
-use crate::ledger::{self, Transaction, TxFilter};
+use crate::ledger::{Ledger, LedgerError, Transaction, TxFilter};
 use crate::quota::store::AppliedLimit;
 use crate::spend::{SpendError, SpendParams, SpendStore};
 
@@ -26,7 +26,7 @@ pub const DEFAULT_PAGE: usize = 100;
 /// Largest `limit`. Half of what one ledger query returns, leaving room to step over rows
 /// tied with the cursor.
 pub const MAX_PAGE: usize = 500;
-/// Most rows one `ledger::list` call returns.
+/// Most rows one [`Ledger::list`] call returns.
 const LIST_CAP: usize = 1000;
 
 pub(super) async fn usage(engine: &Engine, q: &Query) -> Result<Resp, AdminError> {
@@ -114,29 +114,18 @@ fn decode_cursor(s: &str) -> Result<Start, AdminError> {
     })
 }
 
-/// Where `/admin/transactions` reads: the ledger of record — the embedded database, or
-/// Postgres in shared mode (the local journal there holds only this instance's rows, and
-/// only until they are shipped and compacted).
-pub(super) enum LedgerOfRecord {
-    Embedded(crate::db::Db),
-    Shared(crate::shared::pg::PgLedger),
-}
-
-impl LedgerOfRecord {
-    async fn list(&self, f: TxFilter) -> Result<Vec<Transaction>, AdminError> {
-        match self {
-            LedgerOfRecord::Embedded(db) => Ok(db.call(move |c| ledger::list(c, &f)).await?),
-            LedgerOfRecord::Shared(pg) => pg.list_rows(&f).await.map_err(|e| match e {
-                crate::shared::pg::PgError::Invalid(m) => AdminError::BadRequest(m),
-                other => AdminError::Unavailable(other.to_string()),
-            }),
+impl From<LedgerError> for AdminError {
+    fn from(e: LedgerError) -> AdminError {
+        match e {
+            LedgerError::Invalid(m) => AdminError::BadRequest(m),
+            LedgerError::Unavailable(m) => AdminError::Unavailable(m),
         }
     }
 }
 
 /// One page of at most `limit` rows, and the cursor of the next page if there is one.
 async fn page(
-    ledger: &LedgerOfRecord,
+    ledger: &dyn Ledger,
     key: Option<String>,
     since: Option<String>,
     start: &Start,
@@ -146,14 +135,14 @@ async fn page(
     let before = match start {
         Start::Newest => None,
         Start::Before(t) => Some(t.clone()),
-        // `ledger::list` keeps rows strictly before `before`; DEL sorts after every
+        // `Ledger::list` keeps rows strictly before `before`; DEL sorts after every
         // character of a timestamp, so this keeps the rows tied with the cursor's time.
         Start::After { started_at, .. } => Some(format!("{started_at}\u{7f}")),
     };
     let mut fetch = want;
     loop {
         let rows = ledger
-            .list(TxFilter {
+            .list(&TxFilter {
                 key_id: key.clone(),
                 since: since.clone(),
                 before: before.clone(),
@@ -188,7 +177,7 @@ async fn page(
     }
 }
 
-pub(super) async fn transactions(ledger: &LedgerOfRecord, q: &Query) -> Result<Resp, AdminError> {
+pub(super) async fn transactions(ledger: &dyn Ledger, q: &Query) -> Result<Resp, AdminError> {
     q.only(&["key", "since", "before", "cursor", "limit"])?;
     let limit = match q.get("limit") {
         None => DEFAULT_PAGE,
@@ -254,7 +243,7 @@ mod tests {
     }
 
     /// Walk every page with the cursor and return the trace ids in order.
-    async fn walk(ledger: &LedgerOfRecord, key: Option<&str>, limit: usize) -> Vec<String> {
+    async fn walk(ledger: &dyn Ledger, key: Option<&str>, limit: usize) -> Vec<String> {
         let mut out = Vec::new();
         let mut start = Start::Newest;
         loop {
@@ -280,13 +269,16 @@ mod tests {
                 // 7 rows share one microsecond; 5 more are spread out; one of another key.
                 let tied = "2026-03-01T10:00:00.000001Z";
                 for i in 0..7 {
-                    ledger::open_reservation(c, &row(&format!("t{i}"), tied, "k_a"))?;
+                    crate::ledger::sqlite::open_reservation(
+                        c,
+                        &row(&format!("t{i}"), tied, "k_a"),
+                    )?;
                 }
                 for i in 0..5 {
                     let at = format!("2026-03-01T1{}:00:00.000000Z", i + 1);
-                    ledger::open_reservation(c, &row(&format!("u{i}"), &at, "k_a"))?;
+                    crate::ledger::sqlite::open_reservation(c, &row(&format!("u{i}"), &at, "k_a"))?;
                 }
-                ledger::open_reservation(c, &row("other", tied, "k_b"))?;
+                crate::ledger::sqlite::open_reservation(c, &row("other", tied, "k_b"))?;
                 for i in (0..5).rev() {
                     expected.push(format!("u{i}"));
                 }
@@ -297,7 +289,7 @@ mod tests {
             })
             .await
             .unwrap();
-        let ledger = LedgerOfRecord::Embedded(db.clone());
+        let ledger = crate::ledger::sqlite::SqliteLedger::new(db.clone());
         for limit in [1, 2, 3, 5, 12, 100] {
             assert_eq!(
                 walk(&ledger, Some("k_a"), limit).await,

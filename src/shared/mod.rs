@@ -14,7 +14,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`pg`] | the Postgres ledger: upserts, sums, listings (the pool and migrations are [`crate::pg`]'s) |
+//! | [`pg`] | the Postgres names these modules use, re-exported from [`crate::ledger::postgres`], [`crate::pg`] and [`crate::keys::postgres`] |
 //! | [`outbox`] | the journal tables and the shared-mode [`crate::journal::Journal`] |
 //! | [`shipper`] | shipping with retry/backoff, compaction |
 //! | [`applier`] | journal → shared counters (Redis): the request path's apply, replays |

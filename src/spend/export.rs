@@ -4,7 +4,7 @@
 //!
 //! Rows are written one at a time as the ledger hands them over (SQLite: one statement
 //! stepped row by row on a read-only connection; Postgres: a cursor read in batches of
-//! [`crate::shared::pg::EXPORT_BATCH`]), so memory stays bounded whatever the period.
+//! [`crate::ledger::postgres::EXPORT_BATCH`]), so memory stays bounded whatever the period.
 //!
 //! Each line (JSON) or record (CSV) has the fields of a ledger row, named as in
 //! `/admin/transactions`; CSV has a header line, `\r\n` line ends, RFC 4180 quoting, an
@@ -32,7 +32,7 @@ pub enum ExportError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("{0}")]
-    Postgres(#[from] crate::shared::pg::PgError),
+    Postgres(#[from] crate::pg::PgError),
     #[error("writing the export: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -116,12 +116,12 @@ pub fn from_sqlite<W: Write>(
     let mut st = c.prepare(&format!(
         "SELECT {} FROM billing_transactions WHERE started_at >= ?1 AND started_at < ?2
          ORDER BY started_at, trace_id",
-        crate::ledger::COLUMNS
+        crate::ledger::sqlite::COLUMNS
     ))?;
     let mut rows = st.query([crate::time::to_text(since), crate::time::to_text(until)])?;
     let mut n = 0u64;
     while let Some(r) = rows.next()? {
-        w.row(&crate::ledger::row_to_tx(r)?)?;
+        w.row(&crate::ledger::sqlite::row_to_tx(r)?)?;
         n += 1;
     }
     Ok(n)
@@ -129,7 +129,7 @@ pub fn from_sqlite<W: Write>(
 
 /// Export the Postgres ledger's rows of `[since, until)` to `w`; answers the row count.
 pub async fn from_pg<W: Write>(
-    pg: &crate::shared::pg::PgLedger,
+    pg: &crate::ledger::postgres::PgLedger,
     since: DateTime<Utc>,
     until: DateTime<Utc>,
     w: &mut Writer<W>,

@@ -7,7 +7,8 @@ use tokio::sync::Semaphore;
 
 use super::sql::{self, Dialect};
 use super::{CONCURRENT_REPORTS, Plan, SpendData, SpendError, SpendStore};
-use crate::shared::pg::{PgError, PgLedger};
+use crate::ledger::postgres::PgLedger;
+use crate::pg::PgError;
 
 /// Longest a report's queries may run.
 pub const STATEMENT_TIMEOUT: &str = "30s";

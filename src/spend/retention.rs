@@ -11,7 +11,7 @@
 //! Exactness: the rollups count every settled and released row from the moment it is
 //! written (same transaction, SQL triggers — migrations/sqlite/0007_spend_rollups.sql, migrations/postgres/0003_spend_rollups.sql).
 //! Readers never mix the two for the same hour: counter loaders
-//! ([`crate::ledger::load_counter`], [`crate::shared::pg::PgLedger::settled_sums`]) take
+//! ([`crate::ledger::sqlite::load_counter`], [`crate::ledger::postgres::PgLedger::settled_sums`]) take
 //! rows from the watermark on and rollups before it, in one statement; reports take whole
 //! hours from rollups and only the hours they must cut from rows. Step 1 commits before
 //! any row goes, so between batches a loader already ignores the rows about to be deleted.
@@ -30,7 +30,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 
 use crate::db::{Db, DbError};
-use crate::shared::pg::{PgError, PgLedger};
+use crate::ledger::postgres::PgLedger;
+use crate::pg::PgError;
 
 /// Rows deleted per transaction.
 pub const BATCH: usize = 5_000;

@@ -1,77 +1,21 @@
-//! The billing ledger in the embedded database (`billing_transactions`, SPEC §7).
+//! The embedded ledger: `billing_transactions` in the SQLite database.
 //!
 //! In embedded mode the ledger is also the journal: a `reserved` row is committed before
-//! the request is forwarded, and the settle or release updates that same row, so a crash
-//! at any point leaves either an open reservation (recovered at start) or a final row.
-//! Counters are rebuilt from the settled rows, never reset.
-
-use std::str::FromStr;
-use std::sync::Arc;
+//! the request is forwarded, and the settle or release updates that same row (only from
+//! `reserved`), so a crash at any point leaves either an open reservation (recovered at
+//! start) or a final row. The functions here take a `Connection` and run on the database's
+//! writer thread ([`Db::call`]); [`SqliteLedger`] is the [`Ledger`] over them.
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
+use super::{Ledger, LedgerError, Opened, Settlement, Transaction, TxFilter};
 use crate::db::{Db, DbError};
 use crate::keys::Subject;
-use crate::quota::limit::{LimitSpec, Metric};
+use crate::quota::limit::Metric;
 use crate::quota::memory::CounterLoader;
 use crate::quota::store::{AppliedLimit, QuotaError};
 use crate::quota::window::{Counter, Window};
-
-/// One ledger row.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Transaction {
-    pub trace_id: String,
-    pub key_id: String,
-    pub user_id: Option<String>,
-    pub tenant_id: Option<String>,
-    pub upstream: String,
-    pub model: String,
-    pub status: String,
-    pub input_tokens: i64,
-    pub cached_input_tokens: i64,
-    pub cache_write_tokens: i64,
-    pub output_tokens: i64,
-    pub reasoning_tokens: i64,
-    pub reserved_micros: i64,
-    pub cost_micros: i64,
-    pub usage_source: Option<String>,
-    pub stream: bool,
-    pub http_status: Option<i64>,
-    pub started_at: String,
-    pub settled_at: Option<String>,
-    pub instance_id: String,
-    /// The 1-hour part of `cache_write_tokens` (0 on rows written before it was recorded).
-    #[serde(default)]
-    pub cache_write_1h_tokens: i64,
-    /// Server tool calls billed per call (web searches).
-    #[serde(default)]
-    pub tool_calls: i64,
-    /// The tier the row was priced at; `None` = standard rates.
-    #[serde(default)]
-    pub service_tier: Option<String>,
-    /// Digest of the price entry that priced the row; `None` when no entry did (or unknown:
-    /// a row settled before it was recorded).
-    #[serde(default)]
-    pub price_version: Option<String>,
-    /// Audio input tokens (part of `input_tokens`).
-    #[serde(default)]
-    pub audio_input_tokens: i64,
-    /// Audio output tokens (part of `output_tokens`).
-    #[serde(default)]
-    pub audio_output_tokens: i64,
-    /// The Anthropic speed the row was priced at; `None` = standard.
-    #[serde(default)]
-    pub speed: Option<String>,
-    /// The Anthropic inference region the row was priced at; `None` = standard.
-    #[serde(default)]
-    pub inference_geo: Option<String>,
-    /// On an adjustment row written by `tollgate rerate`: the trace id of the row it
-    /// re-rates. `None` on a request's own row.
-    #[serde(default)]
-    pub adjusts: Option<String>,
-}
 
 pub(crate) const COLUMNS: &str = "trace_id, key_id, user_id, tenant_id, upstream, model, status, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens, reasoning_tokens, reserved_micros, cost_micros, usage_source, stream, http_status, started_at, settled_at, instance_id, cache_write_1h_tokens, tool_calls, service_tier, price_version, audio_input_tokens, audio_output_tokens, speed, inference_geo, adjusts";
 
@@ -107,14 +51,6 @@ pub(crate) fn row_to_tx(r: &rusqlite::Row<'_>) -> rusqlite::Result<Transaction> 
         inference_geo: r.get(27)?,
         adjusts: r.get(28)?,
     })
-}
-
-/// Result of trying to open a reservation row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Opened {
-    Inserted,
-    /// The trace id exists and is reserved or settled.
-    Duplicate,
 }
 
 /// Insert a `reserved` row, or reuse a `released` row of the same trace id.
@@ -167,34 +103,6 @@ pub fn is_taken(c: &Connection, trace_id: &str) -> Result<bool, DbError> {
         )
         .optional()?;
     Ok(matches!(st.as_deref(), Some("reserved") | Some("settled")))
-}
-
-/// Final figures of a request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Settlement {
-    pub input_tokens: i64,
-    pub cached_input_tokens: i64,
-    pub cache_write_tokens: i64,
-    pub output_tokens: i64,
-    pub reasoning_tokens: i64,
-    /// The long-lifetime part of `cache_write_tokens`.
-    pub cache_write_1h_tokens: i64,
-    /// Server tool calls billed per call.
-    pub tool_calls: i64,
-    /// The service tier the request was priced at.
-    pub service_tier: Option<String>,
-    /// [`crate::billing::price::Price::version`] of the entry that priced it; `None` when no
-    /// entry did.
-    pub price_version: Option<String>,
-    pub audio_input_tokens: i64,
-    pub audio_output_tokens: i64,
-    /// The speed and region the request was priced at.
-    pub speed: Option<String>,
-    pub inference_geo: Option<String>,
-    pub cost_micros: i64,
-    pub usage_source: &'static str,
-    /// Status the client got; `None` when unknown (recovered after a crash).
-    pub http_status: Option<i64>,
 }
 
 /// Settle a reserved row. Returns false when it was not reserved (already final).
@@ -330,15 +238,6 @@ pub fn insert_final(c: &Connection, t: &Transaction) -> Result<usize, DbError> {
     Ok(n)
 }
 
-/// Filter for listing transactions, newest first.
-#[derive(Debug, Clone, Default)]
-pub struct TxFilter {
-    pub key_id: Option<String>,
-    pub since: Option<String>,
-    pub before: Option<String>,
-    pub limit: usize,
-}
-
 pub fn list(c: &Connection, f: &TxFilter) -> Result<Vec<Transaction>, DbError> {
     let mut st = c.prepare(&format!(
         "SELECT {COLUMNS} FROM billing_transactions
@@ -442,6 +341,55 @@ pub fn load_counter(
     Ok(())
 }
 
+/// The embedded database as a [`Ledger`]. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteLedger {
+    db: Db,
+}
+
+impl SqliteLedger {
+    pub fn new(db: Db) -> SqliteLedger {
+        SqliteLedger { db }
+    }
+}
+
+#[async_trait::async_trait]
+impl Ledger for SqliteLedger {
+    async fn list(&self, filter: &TxFilter) -> Result<Vec<Transaction>, LedgerError> {
+        let f = filter.clone();
+        Ok(self.db.call(move |c| list(c, &f)).await?)
+    }
+
+    async fn get(&self, trace_id: &str) -> Result<Option<Transaction>, LedgerError> {
+        let t = trace_id.to_string();
+        Ok(self.db.call(move |c| get(c, &t)).await?)
+    }
+
+    async fn is_taken(&self, trace_id: &str) -> Result<bool, LedgerError> {
+        let t = trace_id.to_string();
+        Ok(self.db.call(move |c| is_taken(c, &t)).await?)
+    }
+
+    async fn load_counter(
+        &self,
+        limit: &AppliedLimit,
+        counter: &mut Counter,
+        now: DateTime<Utc>,
+    ) -> Result<(), LedgerError> {
+        let l = limit.clone();
+        let mut c = counter.clone();
+        let filled = self
+            .db
+            .call(move |conn| {
+                load_counter(conn, &l, &mut c, now)?;
+                Ok(c)
+            })
+            .await?;
+        *counter = filled;
+        Ok(())
+    }
+}
+
 /// [`CounterLoader`] over the embedded ledger.
 pub struct SqliteLoader {
     pub db: Db,
@@ -469,10 +417,3 @@ impl CounterLoader for SqliteLoader {
         Ok(())
     }
 }
-
-/// Parse stored limit text (helper for callers holding strings).
-pub fn parse_limit(s: &str) -> Option<LimitSpec> {
-    LimitSpec::from_str(s).ok()
-}
-
-pub type SharedLoader = Arc<dyn CounterLoader>;
