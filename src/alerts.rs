@@ -56,7 +56,7 @@ use crate::db::{Db, DbError};
 use crate::quota::limit::LimitSpec;
 use crate::quota::store::{AppliedLimit, LimitState, QuotaStore};
 use crate::quota::window::{Window, calendar_bounds};
-use webhook::{RetryPolicy, Webhook, WebhookTarget};
+use webhook::{RetryPolicy, Webhook};
 
 /// Alerts waiting for the background task; more are dropped (and counted).
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -278,14 +278,8 @@ impl Alerts {
         let stats = Arc::new(AlertStats::default());
         let webhook = cfg
             .webhook
-            .as_ref()
-            .and_then(|url| match WebhookTarget::parse(url.expose()) {
-                Ok(t) => Some(Webhook::new(t, RetryPolicy::default())),
-                Err(e) => {
-                    tracing::error!(target: "tollgate::alert", "alerts.webhook {e}; alerts are only logged");
-                    None
-                }
-            });
+            .clone()
+            .map(|t| Webhook::new(t, RetryPolicy::default()));
         let mut marks = Marks::default();
         if let Some(db) = &db {
             let now = Utc::now();
@@ -632,7 +626,7 @@ fn load_marks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Durability, Secret};
+    use crate::config::{Durability, Secret, WebhookTarget};
     use crate::keys::Subject;
     use crate::quota::memory::MemoryStore;
     use crate::quota::store::{Amounts, ReserveOutcome, ReserveRequest};
@@ -1005,6 +999,8 @@ mod tests {
             &env,
         )
         .unwrap();
-        assert_eq!(ok.alerts.webhook, Some(Secret::new("https://h.example/x")));
+        let target = ok.alerts.webhook.unwrap();
+        assert_eq!(target.url(), &Secret::new("https://h.example/x"));
+        assert_eq!(target, WebhookTarget::parse("https://h.example/x").unwrap());
     }
 }

@@ -7,7 +7,6 @@
 //!
 //! Order of checks (SPEC §4.7): 401, 400/413, 409, 403, 429.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -201,17 +200,8 @@ impl Engine {
         upstreams: Arc<Vec<Upstream>>,
         prices: PriceTable,
     ) -> Result<Engine, String> {
-        let mut plans = std::collections::BTreeMap::new();
-        for (name, specs) in &config.plans {
-            let mut v = Vec::new();
-            for s in specs {
-                v.push(
-                    LimitSpec::from_str(s)
-                        .map_err(|e| format!("plans.{name}: invalid limit `{s}`: {e}"))?,
-                );
-            }
-            plans.insert(name.clone(), v);
-        }
+        // Parsed (and checked against the upstreams) by the config reader.
+        let plans = config.plans.clone();
         let metrics = Metrics::new().map_err(|e| e.to_string())?;
         let alerts = crate::alerts::Alerts::new(
             &config.alerts,

@@ -16,7 +16,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`config`] | `config.toml` → validated [`config::Config`] |
+//! | [`config`] | `config.toml` → validated [`config::Config`]: limits, prices and the webhook parsed when read |
 //! | [`proxy`] | pingora `ProxyHttp` glue, upstream addresses |
 //! | [`auth`] | a presented key → its principal: the live in-memory key directory |
 //! | [`keys`] | keys and limits behind the `KeyStore` trait: SQLite and Postgres backends |
