@@ -9,25 +9,14 @@
 --
 -- Time: the server's TIME (reported only). Returns {'OK', now_ms}.
 
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- server_time and the other helpers: lua/prelude.lua, sent ahead of this file.
+local _, now_ms = server_time()
 
 local trace = ARGV[1]
 local C = tonumber(ARGV[2])
-local f = 'h:' .. trace
 
 for i = 1, C do
-  local res, exp = KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local held = redis.call('HGET', res, f)
-  if held then
-    if string.sub(held, 1, 1) == '-' then
-      redis.call('HINCRBY', res, 'sum', string.sub(held, 2))
-    else
-      redis.call('HINCRBY', res, 'sum', '-' .. held)
-    end
-    redis.call('HDEL', res, f)
-  end
-  redis.call('ZREM', exp, trace)
+  drop_hold(KEYS[3 * i + 2], KEYS[3 * i + 3], trace)
 end
 redis.call('DEL', KEYS[1])
 return {'OK', now_ms}

@@ -44,9 +44,8 @@
 -- (buckets only for rolling counters: the counted non-empty ones).
 -- Numbers are exact up to 2^53 (Lua doubles).
 
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- server_time and the other helpers: lua/prelude.lua, sent ahead of this file.
+local now_s, now_ms = server_time()
 
 local trace = ARGV[1]
 local ttl = tonumber(ARGV[2])
@@ -71,45 +70,14 @@ for i = 1, C do
   a[i] = tonumber(ARGV[o + 2])
   b[i] = tonumber(ARGV[o + 3])
   amt[i] = ARGV[o + 4]
-  if kind[i] == 'c' and not (a[i] <= now_s and now_s < b[i]) then
-    return {'TIME', now_ms}
-  end
+end
+if window_passed(4, C, now_s) then
+  return {'TIME', now_ms}
 end
 
-local missing = {}
-for i = 1, C do
-  if redis.call('EXISTS', KEYS[3 * i + 1]) == 0 then
-    missing[#missing + 1] = i
-  end
-end
-if #missing > 0 then
-  local out = {'SEED', now_ms, tonumber(redis.call('GET', KEYS[3]) or '0')}
-  for _, i in ipairs(missing) do
-    out[#out + 1] = i
-  end
-  return out
-end
-
--- Negates an integer in text form (no round trip through a double).
-local function neg(s)
-  if string.sub(s, 1, 1) == '-' then
-    return string.sub(s, 2)
-  end
-  return '-' .. s
-end
-
--- Holds whose expiry passed (their instance died) stop counting.
-local function reap(res, exp)
-  local gone = redis.call('ZRANGEBYSCORE', exp, '-inf', now_ms, 'LIMIT', 0, 256)
-  for _, tr in ipairs(gone) do
-    local f = 'h:' .. tr
-    local held = redis.call('HGET', res, f)
-    if held then
-      redis.call('HINCRBY', res, 'sum', neg(held))
-      redis.call('HDEL', res, f)
-    end
-    redis.call('ZREM', exp, tr)
-  end
+local seed = seed_reply(C, now_ms)
+if seed then
+  return seed
 end
 
 -- Usage counted now, and the state reported to the client.
@@ -156,7 +124,7 @@ end
 
 local used, reserved, states = {}, {}, {}
 for i = 1, C do
-  reap(KEYS[3 * i + 2], KEYS[3 * i + 3])
+  reap(KEYS[3 * i + 2], KEYS[3 * i + 3], now_ms)
   local r = tonumber(redis.call('HGET', KEYS[3 * i + 2], 'sum') or '0')
   if r < 0 then
     r = 0

@@ -19,9 +19,8 @@
 --   {'RETRY', now, seq}   seq moved since the caller's read; nothing written
 --   {'OK', now, written}  counters written (the others were seeded meanwhile)
 
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- server_time and the other helpers: lua/prelude.lua, sent ahead of this file.
+local now_s, now_ms = server_time()
 
 local n = tonumber(ARGV[1])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')

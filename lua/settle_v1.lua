@@ -27,9 +27,8 @@
 --   'TIME'  a calendar window in ARGV does not contain now; nothing changed
 --   'OK'    settled
 
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- server_time and the other helpers: lua/prelude.lua, sent ahead of this file.
+local now_s, now_ms = server_time()
 
 local trace = ARGV[1]
 local done_ttl = tonumber(ARGV[2])
@@ -40,27 +39,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return {'DONE', now_ms}
 end
 
-for i = 1, C do
-  local o = 4 + 4 * (i - 1)
-  if ARGV[o + 1] == 'c' then
-    local a, b = tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3])
-    if not (a <= now_s and now_s < b) then
-      return {'TIME', now_ms}
-    end
-  end
-end
-
-local function neg(s)
-  if string.sub(s, 1, 1) == '-' then
-    return string.sub(s, 2)
-  end
-  return '-' .. s
-end
-
-local function incr_clamped(key, field, amount)
-  if redis.call('HINCRBY', key, field, amount) < 0 then
-    redis.call('HSET', key, field, 0)
-  end
+if window_passed(4, C, now_s) then
+  return {'TIME', now_ms}
 end
 
 for i = 1, C do
@@ -68,13 +48,7 @@ for i = 1, C do
   local kind, a, b, amount = ARGV[o + 1], tonumber(ARGV[o + 2]), tonumber(ARGV[o + 3]), ARGV[o + 4]
   local data, res, exp = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
 
-  local f = 'h:' .. trace
-  local held = redis.call('HGET', res, f)
-  if held then
-    redis.call('HINCRBY', res, 'sum', neg(held))
-    redis.call('HDEL', res, f)
-  end
-  redis.call('ZREM', exp, trace)
+  drop_hold(res, exp, trace)
 
   if tonumber(amount) ~= 0 and redis.call('EXISTS', data) == 1 then
     if kind == 'c' then

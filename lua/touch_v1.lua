@@ -11,8 +11,8 @@
 -- Time: the server's TIME. Returns {'OK', now_ms}, or {'GONE', now_ms} when the hold no
 -- longer exists (settled, released, or reaped): nothing is changed then.
 
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- server_time and the other helpers: lua/prelude.lua, sent ahead of this file.
+local _, now_ms = server_time()
 
 local trace = ARGV[1]
 local ttl = tonumber(ARGV[2])

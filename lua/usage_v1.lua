@@ -13,9 +13,8 @@
 --   {'SEED', now, seq, c1, c2, ...}  counters without data; nothing changed
 --   {'OK', now, states}              one {reserved, used, [bucket index, amount]...} per counter
 
-local t = redis.call('TIME')
-local now_s = tonumber(t[1])
-local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- server_time and the other helpers: lua/prelude.lua, sent ahead of this file.
+local now_s, now_ms = server_time()
 
 local C = tonumber(ARGV[1])
 local kind, a = {}, {}
@@ -23,44 +22,20 @@ for i = 1, C do
   local o = 1 + 4 * (i - 1)
   kind[i] = ARGV[o + 1]
   a[i] = tonumber(ARGV[o + 2])
-  local b = tonumber(ARGV[o + 3])
-  if kind[i] == 'c' and not (a[i] <= now_s and now_s < b) then
-    return {'TIME', now_ms}
-  end
+end
+if window_passed(1, C, now_s) then
+  return {'TIME', now_ms}
 end
 
-local missing = {}
-for i = 1, C do
-  if redis.call('EXISTS', KEYS[3 * i + 1]) == 0 then
-    missing[#missing + 1] = i
-  end
-end
-if #missing > 0 then
-  local out = {'SEED', now_ms, tonumber(redis.call('GET', KEYS[3]) or '0')}
-  for _, i in ipairs(missing) do
-    out[#out + 1] = i
-  end
-  return out
-end
-
-local function neg(s)
-  if string.sub(s, 1, 1) == '-' then
-    return string.sub(s, 2)
-  end
-  return '-' .. s
+local seed = seed_reply(C, now_ms)
+if seed then
+  return seed
 end
 
 local states = {}
 for i = 1, C do
   local data, res, exp = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  for _, tr in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', now_ms, 'LIMIT', 0, 256)) do
-    local held = redis.call('HGET', res, 'h:' .. tr)
-    if held then
-      redis.call('HINCRBY', res, 'sum', neg(held))
-      redis.call('HDEL', res, 'h:' .. tr)
-    end
-    redis.call('ZREM', exp, tr)
-  end
+  reap(res, exp, now_ms)
   local r = tonumber(redis.call('HGET', res, 'sum') or '0')
   if r < 0 then
     r = 0

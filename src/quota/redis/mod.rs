@@ -4,11 +4,13 @@
 //! # Scripts
 //!
 //! Each verb is one Lua script under `lua/` (`reserve_v1`, `settle_v1`, `release_v1`,
-//! `usage_v1`, `seed_v1`, `touch_v1`), embedded with `include_str!` and sent as EVALSHA
-//! (reloaded on NOSCRIPT, e.g. after a restart or `SCRIPT FLUSH`). Each file's header documents
-//! its KEYS, ARGV and reply. A script runs atomically, so a reserve checks every limit against
-//! `used + held + estimate` and holds on all of them, or changes nothing. Key layout and hash
-//! tags: see [`layout`].
+//! `usage_v1`, `seed_v1`, `touch_v1`, `forget_v1`), embedded with `include_str!` and sent as
+//! EVALSHA (reloaded on NOSCRIPT, e.g. after a restart or `SCRIPT FLUSH`). The helpers they
+//! share (reading `TIME`, the calendar-window check, the `SEED` reply, dropping and reaping
+//! holds) live once in `lua/prelude.lua`, prepended to every script when the store is built.
+//! Each file's header documents its KEYS, ARGV and reply. A script runs atomically, so a
+//! reserve checks every limit against `used + held + estimate` and holds on all of them, or
+//! changes nothing. Key layout and hash tags: see [`layout`].
 //!
 //! # Time
 //!
@@ -76,8 +78,11 @@ pub use conn::{ConnectOptions, Target, classify};
 pub use layout::{PREFIX, Plan, SubjectRoots, hash_tag};
 use reply::{RawState, Reply};
 
-/// The scripts, compiled in.
+/// The scripts, compiled in. Each file under `lua/` is a script's body; Redis is sent
+/// [`lua::source`] of it, the shared prelude followed by the body.
 pub mod lua {
+    /// Helpers every script may call (server time, window check, seeding reply, holds).
+    pub const PRELUDE: &str = include_str!("../../../lua/prelude.lua");
     pub const RESERVE: &str = include_str!("../../../lua/reserve_v1.lua");
     pub const SETTLE: &str = include_str!("../../../lua/settle_v1.lua");
     pub const RELEASE: &str = include_str!("../../../lua/release_v1.lua");
@@ -85,6 +90,16 @@ pub mod lua {
     pub const SEED: &str = include_str!("../../../lua/seed_v1.lua");
     pub const TOUCH: &str = include_str!("../../../lua/touch_v1.lua");
     pub const FORGET: &str = include_str!("../../../lua/forget_v1.lua");
+
+    /// The script Redis runs for `body`: the prelude, then the body, so the SHA that EVALSHA
+    /// names covers both.
+    pub fn source(body: &str) -> String {
+        let mut s = String::with_capacity(PRELUDE.len() + 1 + body.len());
+        s.push_str(PRELUDE);
+        s.push('\n');
+        s.push_str(body);
+        s
+    }
 }
 
 /// Round trips one verb may take: clock correction, seeding, and the call itself.
@@ -157,13 +172,13 @@ impl RedisStore {
             loader,
             roots: None,
             scripts: Scripts {
-                reserve: Script::new(lua::RESERVE),
-                settle: Script::new(lua::SETTLE),
-                release: Script::new(lua::RELEASE),
-                usage: Script::new(lua::USAGE),
-                seed: Script::new(lua::SEED),
-                touch: Script::new(lua::TOUCH),
-                forget: Script::new(lua::FORGET),
+                reserve: Script::new(&lua::source(lua::RESERVE)),
+                settle: Script::new(&lua::source(lua::SETTLE)),
+                release: Script::new(&lua::source(lua::RELEASE)),
+                usage: Script::new(&lua::source(lua::USAGE)),
+                seed: Script::new(&lua::source(lua::SEED)),
+                touch: Script::new(&lua::source(lua::TOUCH)),
+                forget: Script::new(&lua::source(lua::FORGET)),
             },
             holds: Mutex::new(HashMap::new()),
             offset_ms: AtomicI64::new(0),
