@@ -2,11 +2,13 @@
 # Build: cmake is needed by pingora's zlib-ng, a C compiler and make by ring/zstd/SQLite
 # and jemalloc (all in the rust image but cmake).
 # Every file the build reads is copied below; tests/dockerfile.rs fails when one is not
-# (Cargo.toml targets, include_str!/include_bytes! sources, the baked-in config).
+# (Cargo.toml targets, the workspace members under crates/, include_str!/include_bytes!
+# sources, the baked-in config).
 FROM rust:1-bookworm AS builder
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 COPY src ./src
 COPY benches ./benches
 COPY migrations ./migrations

@@ -17,13 +17,14 @@ run: build
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test:
 	./scripts/setup.sh --test
 	# Thread count via the environment: the criterion benches (run once each as smoke
-	# tests) do not accept libtest's --test-threads flag.
-	RUST_TEST_THREADS=4 $(CARGO) test --all-targets
+	# tests) do not accept libtest's --test-threads flag. --workspace: the crates under
+	# crates/ (token counting, the mock upstream) have their own tests.
+	RUST_TEST_THREADS=4 $(CARGO) test --workspace --all-targets
 
 fmt:
 	$(CARGO) fmt --all

@@ -21,7 +21,7 @@
 //! | [`auth`] | a presented key → its principal: the live in-memory key directory |
 //! | [`keys`] | keys and limits behind the `KeyStore` trait: SQLite and Postgres backends |
 //! | [`api`] | provider wire formats: SSE parser, usage meter |
-//! | [`tokens`] | tokenizers and input estimates |
+//! | [`tokens`] | input estimates; counting and the model → encoding table are the `tollgate-tokens` crate, re-exported |
 //! | [`engine`] | admit (parse, estimate, reserve, journal) and finish (settle/release) |
 //! | [`quota`] | limit specs, windows, counters, the `QuotaStore` trait, memory and Redis backends |
 //! | [`billing`], [`money`] | prices and integer micro-dollar arithmetic |
@@ -36,7 +36,11 @@
 //! | [`spend`] | spend reports over the ledger of record (`/admin/spend`, `tollgate report`), SQLite and Postgres |
 //! | [`passthrough`] | unmetered provider routes (`GET /v1/models`, …): patterns and matching |
 //! | [`net`] | bounds on client connections shared by both listeners (stalled writes, per-address caps) |
-//! | [`mock`] | the fake OpenAI/Anthropic upstream |
+//!
+//! Beside this crate, in the same workspace: `crates/tokens` (`tollgate-tokens`: the
+//! vocabularies, [`tokens::count`], [`tokens::encoding_for_model`]) and
+//! `crates/mock-upstream` (`mock_upstream`: the fake OpenAI/Anthropic upstream behind
+//! `tollgate mock-upstream`, the integration tests and the benchmarks).
 
 pub mod admin;
 pub mod alerts;
@@ -52,7 +56,6 @@ pub mod journal;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
-pub mod mock;
 pub mod money;
 pub mod net;
 pub mod passthrough;

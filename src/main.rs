@@ -381,12 +381,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::MockUpstream { listen } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
-                let listener = tollgate::mock::bind(listen)?;
+                let listener = mock_upstream::bind(listen)?;
                 eprintln!(
                     "mock upstream listening on http://{}",
                     listener.local_addr()?
                 );
-                tollgate::mock::serve(listener, async {
+                mock_upstream::serve(listener, async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await

@@ -73,8 +73,8 @@ impl Admin {
     }
 }
 
-async fn start(extra: &str, opts: ProxyOptions) -> (tollgate::mock::MockHandle, Proxy) {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+async fn start(extra: &str, opts: ProxyOptions) -> (mock_upstream::MockHandle, Proxy) {
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -1298,7 +1298,7 @@ async fn squatter(
 // Multi-threaded: the squatter answers while the test thread waits for the CLI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sends_the_admin_token_only_to_the_instance_that_proves_itself() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let mut proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;

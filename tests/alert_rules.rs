@@ -130,7 +130,7 @@ async fn every_metric_the_rules_query_is_exported() {
     }
     assert!(queried.len() >= 7, "{queried:?}");
 
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;

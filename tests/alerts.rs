@@ -104,8 +104,8 @@ impl Receiver {
     }
 }
 
-async fn setup(receiver: &Receiver, thresholds: &str) -> (tollgate::mock::MockHandle, Proxy) {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+async fn setup(receiver: &Receiver, thresholds: &str) -> (mock_upstream::MockHandle, Proxy) {
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(

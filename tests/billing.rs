@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-async fn setup(extra_toml: &str) -> (tollgate::mock::MockHandle, Proxy) {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+async fn setup(extra_toml: &str) -> (mock_upstream::MockHandle, Proxy) {
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -219,6 +219,103 @@ async fn estimated_output_when_usage_never_arrives() {
         (got - expected).abs() * 100 <= expected,
         "estimated {got} vs tiktoken {expected}"
     );
+}
+
+/// The mock's usage and tollgate's counts agree for the same text and model, for a GPT and a
+/// Claude model: both count through `tollgate-tokens`'s one model → encoding table (Claude
+/// with cl100k). The prompt is text on which o200k and cl100k disagree, so a mock counting a
+/// model with another encoding than tollgate's fails here. The same seeded answer is asked
+/// for twice, with and without the upstream's usage; the second row is settled from
+/// tollgate's own count of the text it saw.
+#[tokio::test]
+async fn upstream_usage_and_tollgates_count_agree_for_gpt_and_claude() {
+    use tollgate::tokens::{self, Encoding};
+    let prompt = "Русский текст с ёлками, 日本語のテキストと中文文本, Ελληνικά, हिन्दी पाठ";
+    assert_ne!(
+        tokens::count(Encoding::O200k, prompt),
+        tokens::count(Encoding::Cl100k, prompt)
+    );
+    let (_mock, proxy) = setup("").await;
+    let (_, key) = proxy.create_live_key(&[]).await;
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"model":"gpt-4o-mini","stream":true,"prompt":prompt,"max_tokens":1000}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model":"claude-sonnet-4-5","stream":true,"max_tokens":1000,"messages":[{"role":"user","content":prompt}]}),
+        ),
+    ];
+    for (path, body) in &cases {
+        let model = body["model"].as_str().unwrap();
+        let (enc, _) = tokens::encoding_for_model(model);
+        let mut rows = Vec::new();
+        for withheld in [false, true] {
+            let mut headers = vec![("x-mock-words", "150"), ("x-mock-seed", "7")];
+            if withheld {
+                headers.push(("x-mock-no-usage", "1"));
+            }
+            let r = post_json(&proxy.url(path), &key, body, &headers).await;
+            assert_eq!(r.status, 200, "{model}: {}", r.text());
+            // The answer as streamed: completions `text`, Anthropic `delta.text`.
+            let text: String = r
+                .text()
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                .filter_map(|v| {
+                    v.pointer("/choices/0/text")
+                        .or_else(|| v.pointer("/delta/text"))
+                        .and_then(|t| t.as_str())
+                        .map(str::to_string)
+                })
+                .collect();
+            assert!(!text.is_empty(), "{model}: no answer text");
+            let trace = r.header("x-tollgate-trace-id").unwrap().to_string();
+            eventually("settle", || {
+                settled(&proxy)
+                    .iter()
+                    .any(|x| x["trace_id"] == trace.as_str())
+            })
+            .await;
+            let row = settled(&proxy)
+                .into_iter()
+                .find(|x| x["trace_id"] == trace.as_str())
+                .unwrap();
+            let source = if withheld { "estimated" } else { "upstream" };
+            assert_eq!(row["usage_source"], source, "{model}");
+            assert_eq!(
+                row["output_tokens"],
+                tokens::count(enc, &text) as i64,
+                "{model} ({source})"
+            );
+            rows.push(row);
+        }
+        assert_eq!(
+            rows[0]["output_tokens"], rows[1]["output_tokens"],
+            "{model}"
+        );
+        // Input as the mock reported it, against tollgate's estimate of the same request.
+        let reported = rows[0]["input_tokens"].as_i64().unwrap() as u64;
+        if *path == "/v1/completions" {
+            // A prompt is counted as it is, on both sides.
+            assert_eq!(reported, tokens::openai_completions_input(body, enc));
+        } else {
+            // Chat framing on both sides (3 per message, 3 for the reply); tollgate's estimate
+            // also counts the role's name, the mock does not.
+            assert_eq!(
+                reported,
+                tokens::count(enc, prompt) as u64
+                    + tokens::TOKENS_PER_MESSAGE
+                    + tokens::REPLY_PRIMING
+            );
+            assert_eq!(
+                reported + tokens::count(enc, "user") as u64,
+                tokens::anthropic_messages_input(body, enc)
+            );
+        }
+    }
 }
 
 #[tokio::test]
@@ -727,7 +824,7 @@ async fn quota_refusals_headers_and_usage_endpoint() {
 #[tokio::test]
 async fn megabyte_adversarial_prompts_run_beside_small_requests() {
     // The mock counts each 1 MB prompt too: give it time on a loaded machine.
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -1641,7 +1738,7 @@ async fn the_hold_reads_only_the_output_field_of_the_routes_api() {
 /// is logged.
 #[tokio::test]
 async fn a_retry_right_after_an_upstream_timeout_is_not_refused_by_its_own_hold() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(

@@ -13,8 +13,8 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn start_with(opts: ProxyOptions) -> (tollgate::mock::MockHandle, Proxy) {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+async fn start_with(opts: ProxyOptions) -> (mock_upstream::MockHandle, Proxy) {
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, opts).await;
@@ -1058,7 +1058,7 @@ async fn shared_instance(pg: &common::pg::TestPg, upstream: SocketAddr) -> Proxy
 #[tokio::test]
 async fn a_key_works_at_once_on_every_instance_sharing_the_store() {
     let pg = common::pg::TestPg::start();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let a = shared_instance(&pg, mock.addr).await;

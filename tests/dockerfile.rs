@@ -2,10 +2,11 @@
 //! copies every file the build reads, and the image's baked-in config starts tollgate in
 //! embedded mode under the image's environment.
 //!
-//! What the build reads: `Cargo.toml` and `Cargo.lock`, every target `Cargo.toml` declares
-//! (a declared `[[bench]]` must exist even for `cargo build --bin`), everything under the
-//! library and binary sources, and every file an `include_str!`/`include_bytes!` in them
-//! names (Lua scripts, migrations, the price table, the admin page…).
+//! What the build reads: `Cargo.lock`, and for the root package and every workspace member
+//! (`crates/*`; cargo loads the whole workspace even for one binary) its `Cargo.toml`, every
+//! target it declares (a declared `[[bench]]` must exist even for `cargo build --bin`),
+//! everything under its `src`, and every file an `include_str!`/`include_bytes!` there names
+//! (Lua scripts, migrations, the price table, the admin page…).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -135,30 +136,56 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
-/// Every file the release build of the `tollgate` binary reads, relative to the repo.
+/// Every file the release build of the `tollgate` binary reads, relative to the repo: the
+/// root package's, and those of every workspace member (cargo loads them all).
 fn build_inputs(root: &Path) -> Vec<PathBuf> {
-    let mut out = vec![PathBuf::from("Cargo.toml"), PathBuf::from("Cargo.lock")];
+    let mut out = vec![PathBuf::from("Cargo.lock")];
     let manifest: toml::Table =
         toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
+    let members: Vec<PathBuf> = manifest
+        .get("workspace")
+        .and_then(|w| w.get("members"))
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+        .map(|m| normalize(Path::new(m.as_str().unwrap())))
+        .collect();
+    package_inputs(root, Path::new(""), &mut out);
+    for member in members.iter().filter(|m| !m.as_os_str().is_empty()) {
+        package_inputs(root, member, &mut out);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The files one package (at `dir` under `root`) gives the build: its manifest, build
+/// script, declared targets, and everything under its `src` with what those files embed.
+fn package_inputs(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) {
+    out.push(dir.join("Cargo.toml"));
+    let manifest: toml::Table =
+        toml::from_str(&std::fs::read_to_string(root.join(dir).join("Cargo.toml")).unwrap())
+            .unwrap();
     if let Some(build) = manifest
         .get("package")
         .and_then(|p| p.get("build"))
         .and_then(|b| b.as_str())
     {
-        out.push(build.into());
-    } else if root.join("build.rs").exists() {
-        out.push("build.rs".into());
+        out.push(dir.join(build));
+    } else if root.join(dir).join("build.rs").exists() {
+        out.push(dir.join("build.rs"));
     }
     if let Some(lib) = manifest.get("lib") {
         out.push(
-            lib.get("path")
-                .and_then(|p| p.as_str())
-                .unwrap_or("src/lib.rs")
-                .into(),
+            dir.join(
+                lib.get("path")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or("src/lib.rs"),
+            ),
         );
     }
     // Declared targets must exist for cargo to read the manifest at all.
-    for (kind, dir) in [
+    for (kind, target_dir) in [
         ("bin", "src/bin"),
         ("bench", "benches"),
         ("example", "examples"),
@@ -173,17 +200,17 @@ fn build_inputs(root: &Path) -> Vec<PathBuf> {
             let path = t.get("path").and_then(|p| p.as_str()).map_or_else(
                 || {
                     let name = t.get("name").and_then(|n| n.as_str()).unwrap();
-                    PathBuf::from(format!("{dir}/{name}.rs"))
+                    PathBuf::from(format!("{target_dir}/{name}.rs"))
                 },
                 PathBuf::from,
             );
-            out.push(path);
+            out.push(dir.join(path));
         }
     }
-    // Every source file of the crate, and every file they embed.
-    let mut stack = vec![root.join("src")];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
+    // Every source file of the package, and every file they embed.
+    let mut stack = vec![root.join(dir).join("src")];
+    while let Some(src) = stack.pop() {
+        for entry in std::fs::read_dir(&src).unwrap() {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 stack.push(path);
@@ -199,9 +226,6 @@ fn build_inputs(root: &Path) -> Vec<PathBuf> {
             out.push(rel);
         }
     }
-    out.sort();
-    out.dedup();
-    out
 }
 
 /// Literal paths of `include_str!("…")` / `include_bytes!("…")` (those built with
@@ -316,6 +340,7 @@ fn the_check_catches_a_missing_copy() {
         "COPY lua ./lua",
         "COPY prices.toml ./",
         "COPY benches ./benches",
+        "COPY crates ./crates",
     ] {
         assert!(dockerfile.contains(line), "{line}");
         let broken = dockerfile.replace(line, "");
@@ -337,6 +362,9 @@ fn the_check_catches_a_missing_copy() {
         "migrations/sqlite/0001_init.sql",
         "src/admin/page.html",
         "benches/meter.rs",
+        "crates/mock-upstream/Cargo.toml",
+        "crates/mock-upstream/src/lib.rs",
+        "crates/tokens/src/split.rs",
     ] {
         assert!(inputs.contains(&PathBuf::from(needed)), "{needed}");
     }

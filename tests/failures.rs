@@ -55,13 +55,13 @@ async fn shared_proxy(
 struct Env {
     pg: TestPg,
     redis: RedisServer,
-    mock: tollgate::mock::MockHandle,
+    mock: mock_upstream::MockHandle,
 }
 
 async fn env() -> Env {
     let pg = TestPg::start();
     let redis = RedisServer::start();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     Env { pg, redis, mock }

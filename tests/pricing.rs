@@ -9,8 +9,8 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
-async fn setup(extra_toml: &str) -> (tollgate::mock::MockHandle, Proxy, String) {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+async fn setup(extra_toml: &str) -> (mock_upstream::MockHandle, Proxy, String) {
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(

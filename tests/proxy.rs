@@ -115,7 +115,7 @@ async fn stream_hides_the_injected_usage_chunk() {
 
 #[tokio::test]
 async fn auth_failures_are_401_in_the_provider_shape() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -181,7 +181,7 @@ async fn auth_failures_are_401_in_the_provider_shape() {
 
 #[tokio::test]
 async fn upstream_sees_its_own_keys_and_provider_headers() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -210,7 +210,7 @@ async fn upstream_sees_its_own_keys_and_provider_headers() {
 
 #[tokio::test]
 async fn oversized_bodies_get_413() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -258,7 +258,7 @@ async fn upstream_down_is_502_and_stall_is_504() {
     })
     .await;
 
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -283,7 +283,7 @@ async fn upstream_down_is_502_and_stall_is_504() {
 
 #[tokio::test]
 async fn sse_chunks_are_not_delayed() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -363,7 +363,7 @@ fn check_config_prints_resolved_config_with_secrets_masked() {
 
 #[tokio::test]
 async fn unknown_route_is_404() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -381,7 +381,7 @@ async fn unknown_route_is_404() {
 
 #[tokio::test]
 async fn sigterm_lets_open_streams_finish_and_settle() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let mut proxy = Proxy::start(
@@ -438,7 +438,7 @@ async fn sigterm_lets_open_streams_finish_and_settle() {
 
 #[tokio::test]
 async fn a_key_whose_plan_is_no_longer_defined_is_refused_not_unlimited() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let mut proxy = Proxy::start(

@@ -104,7 +104,7 @@ fn expected_upstream_len(body: &Value, sent: &[u8]) -> usize {
 
 #[tokio::test]
 async fn bodies_of_every_size_are_admitted_before_any_upstream_connection() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let (relay, upstream_connections) = counting_relay(mock.addr).await;
@@ -178,7 +178,7 @@ async fn bodies_of_every_size_are_admitted_before_any_upstream_connection() {
 async fn a_large_body_refused_or_failed_upstream_is_finished_once() {
     // Large bodies go through a subrequest: its refusals, upstream failures and the
     // client leaving must still end in exactly one final ledger row.
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -307,7 +307,7 @@ async fn an_early_refusal_reaches_a_client_that_keeps_sending() {
     // 413 is decided from Content-Length before any byte of the body is read. The client
     // writes all 11 MiB (slowly, in pieces) before it reads: closing at once would reset
     // the connection under the answer.
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -361,7 +361,7 @@ async fn an_early_refusal_reaches_a_client_that_keeps_sending() {
 
 #[tokio::test]
 async fn slow_heads_slow_bodies_and_connection_floods_are_cut_off() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -509,7 +509,7 @@ async fn cut_while_trickling(s: &mut tokio::net::TcpStream, secs: u64) -> bool {
 
 #[tokio::test]
 async fn strangers_cannot_hold_proxy_slots_or_head_memory() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     // 12 slots; by default one address may hold a quarter of them (3).
@@ -637,7 +637,7 @@ async fn strangers_cannot_hold_proxy_slots_or_head_memory() {
 
 #[tokio::test]
 async fn expect_continue_is_answered_once_the_head_passed() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -682,7 +682,7 @@ async fn never_reading(addr: SocketAddr, request: Vec<u8>) -> tokio::net::TcpStr
 
 #[tokio::test]
 async fn clients_that_never_read_their_answers_do_not_keep_their_slots() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -787,7 +787,7 @@ async fn clients_that_never_read_their_answers_do_not_keep_their_slots() {
 /// bound. Once the bodies in flight are done, the next one is admitted.
 #[tokio::test]
 async fn buffered_bodies_share_one_memory_bound() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -854,7 +854,7 @@ async fn concurrent_worst_case_bodies_parse_within_one_memory_bound() {
     const BODY: usize = 2 << 20;
     const BUDGET: u64 = 2 << 20;
     const N: usize = 16;
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(

@@ -27,7 +27,7 @@ const KEYS: &[(&str, &[&str])] = &[
 /// Run `program args` against a fresh proxy with the script environment; panics with the
 /// script's output unless every check passed.
 async fn conformance(program: &Path, args: &[PathBuf]) {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;

@@ -402,7 +402,7 @@ fn debug_options(webhook: &str) -> ProxyOptions {
 
 #[tokio::test]
 async fn no_secret_in_any_output_at_debug_level_embedded() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let (hook, hits) = webhook_receiver().await;
@@ -415,7 +415,7 @@ async fn no_secret_in_any_output_at_debug_level_embedded() {
 async fn no_secret_in_any_output_at_debug_level_shared() {
     let pg = TestPg::start();
     let redis = RedisServer::start_with_password(REDIS_PASSWORD);
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let (hook, hits) = webhook_receiver().await;

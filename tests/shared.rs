@@ -67,9 +67,9 @@ async fn shared_proxy_on(
     p
 }
 
-async fn setup() -> (TestPg, tollgate::mock::MockHandle, Proxy) {
+async fn setup() -> (TestPg, mock_upstream::MockHandle, Proxy) {
     let pg = TestPg::start();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = shared_proxy(&pg, mock.addr).await;
@@ -430,7 +430,7 @@ async fn reconcile_finds_an_injected_difference_and_fix_clears_it() {
 
 #[tokio::test]
 async fn reconcile_works_in_embedded_mode() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
@@ -765,7 +765,7 @@ async fn a_row_postgres_refuses_is_quarantined_and_the_rows_behind_it_ship() {
 #[tokio::test]
 async fn a_repeated_idempotency_key_no_store_can_vouch_for_is_refused_not_paid_twice() {
     let pg = TestPg::start();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let a = shared_proxy(&pg, mock.addr).await;
@@ -865,7 +865,7 @@ fn instance_ids(proxy: &Proxy) -> Vec<String> {
 /// port (before: `<hostname>-<port>`, a new identity per port).
 #[tokio::test]
 async fn an_unconfigured_instance_identity_is_kept_in_the_journal() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -1015,7 +1015,7 @@ async fn rerate_writes_adjustments_to_the_ledger_of_record_once() {
 async fn a_repeated_idempotency_key_settled_but_not_yet_shipped_is_refused_on_another_instance() {
     let pg = TestPg::start();
     let redis = common::redis::RedisServer::start();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let ledger = PgLedger::new(&pg.url()).unwrap();

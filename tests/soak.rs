@@ -461,7 +461,7 @@ async fn soak() {
     let minutes = (s.run.as_secs().div_ceil(60) as i64).max(1);
     let pg = TestPg::start();
     let mut redis = RedisServer::start();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let mut proxies = vec![

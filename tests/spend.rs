@@ -479,7 +479,7 @@ fn json_cell(v: &Value) -> String {
 
 #[tokio::test]
 async fn api_cli_and_csv_agree_with_the_ledger() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let mut proxy = Proxy::start(
@@ -634,7 +634,7 @@ async fn api_cli_and_csv_agree_with_the_ledger() {
 #[tokio::test]
 async fn shared_mode_reports_the_postgres_ledger() {
     let pg = TestPg::start();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

@@ -194,7 +194,7 @@ fn limit_row<'a>(dom: &'a str, key_id: &str, l: &Value) -> &'a str {
 #[tokio::test]
 async fn usage_page_shows_keys_limits_usage_and_transactions() {
     let bin = chromium();
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(
@@ -391,7 +391,7 @@ fn element<'a>(dom: &'a str, open: &str, close: &str) -> &'a str {
 
 #[tokio::test]
 async fn spend_charts_show_the_numbers_of_the_spend_api() {
-    let mock = tollgate::mock::start("127.0.0.1:0".parse().unwrap())
+    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
     let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;

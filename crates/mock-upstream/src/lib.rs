@@ -1,5 +1,8 @@
-//! `tollgate mock-upstream`: a fake OpenAI + Anthropic server that speaks the providers' real
-//! wire formats, for tests, the demo and load benchmarks.
+//! The mock upstream (`tollgate mock-upstream`): a fake OpenAI + Anthropic server that speaks
+//! the providers' real wire formats, for tests, the demo and load benchmarks. A workspace crate
+//! of its own (`crates/mock-upstream`): tollgate's binary uses it for that command, the
+//! library never does. It counts tokens through `tollgate-tokens`, the crate tollgate
+//! estimates with.
 //!
 //! Owns: the HTTP server (hyper 1, HTTP/1.1 and HTTP/2 prior knowledge on one port), routing,
 //! upstream-key checks, request recording, and the per-request behaviour switches. The formats
@@ -43,8 +46,10 @@
 //! # Usage numbers
 //!
 //! Output tokens are the exact tiktoken count of the complete answer text (tool calls: of the
-//! complete arguments JSON) — o200k_base for gpt-4o/4.1/5, the o-series and Claude, cl100k_base
-//! for gpt-4, gpt-3.5 and text-embedding-* — plus `x-mock-reasoning-tokens`. Input tokens: the
+//! complete arguments JSON) in the encoding tollgate counts the model with (`tollgate-tokens`:
+//! o200k_base for gpt-4o/4.1/5 and the o-series, cl100k_base for gpt-4, gpt-3.5,
+//! text-embedding-* and Claude, o200k_base for other names), so a text's count is the same on
+//! both sides — plus `x-mock-reasoning-tokens`. Input tokens: the
 //! request's text contents joined with `\n` and counted with the same encoding, plus 3 per
 //! message and 3 more (message routes); completions and embeddings count their inputs exactly.
 //! OpenAI `cached_tokens` is `min(x-mock-cached-tokens, prompt_tokens)` and `cache_write_tokens`
@@ -396,8 +401,7 @@ async fn run(
     // First use of a tiktoken vocabulary takes 100–200 ms; pay it before the first request
     // instead of on a reactor thread in the middle of one. Connections queue meanwhile.
     let warm = tokio::task::spawn_blocking(|| {
-        let _ = text::Encoding::O200k.count("warm");
-        let _ = text::Encoding::Cl100k.count("warm");
+        tollgate_tokens::warm();
     });
     if let Err(e) = warm.await {
         tracing::warn!(error = %e, "tokenizer warm-up failed");

@@ -1,7 +1,8 @@
 //! Answer generation and token accounting for the mock upstream.
 //!
-//! Owns: the seeded word generator, how an answer is cut into content chunks, the model →
-//! tiktoken encoding map, the prompt/answer token counts and the cache that keeps them cheap.
+//! Owns: the seeded word generator, how an answer is cut into content chunks, the prompt/answer
+//! token counts and the cache that keeps them cheap. Which encoding a model counts with is
+//! tollgate's table (`tollgate-tokens`), not the mock's own.
 //!
 //! Counting rules (they only need to be deterministic and realistic, and are what the mock
 //! reports as usage):
@@ -19,6 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use tiktoken_rs::CoreBPE;
+pub(crate) use tollgate_tokens::Encoding;
 
 use super::controls::Controls;
 
@@ -236,71 +238,27 @@ pub(crate) fn chunk_ends(text: &str, tool: bool, seed: u64, exact: Option<usize>
     out
 }
 
-/// The two tiktoken vocabularies the mock needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Encoding {
-    O200k,
-    Cl100k,
-}
-
-impl Encoding {
-    pub(crate) fn bpe(self) -> &'static CoreBPE {
-        match self {
-            Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
-            Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
-        }
-    }
-
-    /// Exact tiktoken count, through the product's linear-time counter (identical counts,
-    /// checked against tiktoken-rs in `tokens`), so adversarial prompts don't stall the mock.
-    pub(crate) fn count(self, text: &str) -> u64 {
-        if text.is_empty() {
-            return 0;
-        }
-        let enc = match self {
-            Encoding::O200k => crate::tokens::Encoding::O200k,
-            Encoding::Cl100k => crate::tokens::Encoding::Cl100k,
-        };
-        crate::tokens::count(enc, text) as u64
+/// tiktoken-rs's copy of a vocabulary, for cutting an answer at a token boundary (it decodes
+/// token ids back to text); counting goes through [`count`].
+fn bpe(enc: Encoding) -> &'static CoreBPE {
+    match enc {
+        Encoding::O200k => tiktoken_rs::o200k_base_singleton(),
+        Encoding::Cl100k => tiktoken_rs::cl100k_base_singleton(),
     }
 }
 
-/// o200k_base for gpt-4o/4.1/4.5/5, the o-series and Claude (Anthropic publishes no tokenizer;
-/// o200k is the documented stand-in); cl100k_base for gpt-4, gpt-3.5 and text-embedding-*.
-/// Unknown models get o200k, the vocabulary of every current OpenAI model.
+/// Exact tiktoken count, through tollgate's linear-time counter (identical counts, checked
+/// against tiktoken-rs in `tollgate-tokens`), so adversarial prompts don't stall the mock.
+pub(crate) fn count(enc: Encoding, text: &str) -> u64 {
+    tollgate_tokens::count(enc, text) as u64
+}
+
+/// The encoding a model's text is counted with: tollgate's own table
+/// ([`tollgate_tokens::encoding_for_model`]), so the usage the mock reports for a text is the
+/// count tollgate makes of the same text (o200k for gpt-4o/4.1/5 and the o-series, cl100k for
+/// gpt-4, gpt-3.5, text-embedding-* and Claude, o200k for anything else).
 pub(crate) fn encoding_for_model(model: &str) -> Encoding {
-    let m = model.to_ascii_lowercase();
-    let m = m.rsplit('/').next().unwrap_or(&m);
-    const O200K: &[&str] = &[
-        "gpt-4o",
-        "gpt-4.1",
-        "gpt-4.5",
-        "gpt-5",
-        "o1",
-        "o3",
-        "o4",
-        "chatgpt-",
-        "gpt-oss",
-        "codex",
-        "computer-use",
-        "claude",
-    ];
-    const CL100K: &[&str] = &[
-        "gpt-4",
-        "gpt-3.5",
-        "gpt-35",
-        "text-embedding",
-        "text-davinci",
-        "davinci",
-        "babbage",
-    ];
-    if O200K.iter().any(|p| m.starts_with(p)) {
-        Encoding::O200k
-    } else if CL100K.iter().any(|p| m.starts_with(p)) {
-        Encoding::Cl100k
-    } else {
-        Encoding::O200k
-    }
+    tollgate_tokens::encoding_for_model(model).0
 }
 
 /// Prompt text collected from a request body, for the input-token count.
@@ -329,8 +287,8 @@ impl Prompt {
 
     pub(crate) fn count(&self, enc: Encoding) -> u64 {
         let overhead = self.messages.map_or(0, |n| 3 * n + 3);
-        let apart: u64 = self.apart.iter().map(|s| enc.count(s)).sum();
-        enc.count(&self.text) + overhead + self.token_ids + apart
+        let apart: u64 = self.apart.iter().map(|s| count(enc, s)).sum();
+        count(enc, &self.text) + overhead + self.token_ids + apart
     }
 }
 
@@ -372,14 +330,14 @@ impl CountCache {
 /// Cuts `text` to its first `max` tokens, the way a provider stops at `max_tokens`.
 /// Returns the new byte length, or `None` when no cut is needed.
 fn truncate_to_tokens(enc: Encoding, text: &str, max: u64) -> Option<usize> {
-    let tokens = enc.bpe().encode_ordinary(text);
+    let tokens = bpe(enc).encode_ordinary(text);
     if tokens.len() as u64 <= max {
         return None;
     }
     let keep = usize::try_from(max).unwrap_or(usize::MAX).min(tokens.len());
     // Decoding a token prefix of ASCII text is always valid UTF-8; if it ever were not, the
     // answer is left whole rather than cut at a wrong place.
-    let prefix = enc.bpe().decode(&tokens[..keep]).ok()?;
+    let prefix = bpe(enc).decode(&tokens[..keep]).ok()?;
     text.starts_with(prefix.as_str()).then_some(prefix.len())
 }
 
@@ -503,7 +461,7 @@ pub(crate) fn build_turn(
         }
         Counted {
             input: prompt().count(enc),
-            visible_output: enc.count(&text),
+            visible_output: count(enc, &text),
             text_len: text.len(),
             truncated: cut.is_some(),
         }
@@ -593,23 +551,6 @@ mod tests {
     }
 
     #[test]
-    fn encodings_follow_model_families() {
-        assert_eq!(encoding_for_model("gpt-4o-mini"), Encoding::O200k);
-        assert_eq!(encoding_for_model("gpt-5"), Encoding::O200k);
-        assert_eq!(encoding_for_model("o3-mini"), Encoding::O200k);
-        assert_eq!(encoding_for_model("claude-sonnet-4-5"), Encoding::O200k);
-        assert_eq!(encoding_for_model("gpt-4-turbo"), Encoding::Cl100k);
-        assert_eq!(
-            encoding_for_model("gpt-3.5-turbo-instruct"),
-            Encoding::Cl100k
-        );
-        assert_eq!(
-            encoding_for_model("text-embedding-3-small"),
-            Encoding::Cl100k
-        );
-    }
-
-    #[test]
     fn json_strings_are_escaped() {
         let mut s = String::new();
         push_json_str(&mut s, "a\"b\\c\nd\u{1}é");
@@ -621,7 +562,7 @@ mod tests {
     fn truncation_stops_at_the_token_limit() {
         let text = answer_text(11, 60);
         let len = truncate_to_tokens(Encoding::O200k, &text, 10).unwrap();
-        assert_eq!(Encoding::O200k.count(&text[..len]), 10);
+        assert_eq!(count(Encoding::O200k, &text[..len]), 10);
         assert_eq!(truncate_to_tokens(Encoding::O200k, &text, 10_000), None);
     }
 }

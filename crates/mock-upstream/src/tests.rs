@@ -576,6 +576,7 @@ async fn completions_and_embeddings_use_cl100k() {
     h.shutdown().await;
 }
 
+/// Claude is counted with cl100k, as tollgate counts it.
 fn anthropic_body(stream: bool) -> Value {
     json!({
         "model": "claude-sonnet-4-5",
@@ -622,7 +623,7 @@ async fn anthropic_stream_has_cumulative_output_tokens() {
     assert_eq!(start["usage"]["output_tokens"], 1);
     assert_eq!(
         start["usage"]["input_tokens"],
-        o200k("You are precise.\nExplain reservations.") + 3 * 2 + 3
+        cl100k("You are precise.\nExplain reservations.") + 3 * 2 + 3
     );
     assert_eq!(start["usage"]["cache_read_input_tokens"], 100);
     assert_eq!(start["usage"]["cache_creation_input_tokens"], 50);
@@ -633,7 +634,7 @@ async fn anthropic_stream_has_cumulative_output_tokens() {
     let delta = &events[events.len() - 2].1;
     assert_eq!(delta["delta"]["stop_reason"], "end_turn");
     // Cumulative: the whole answer, not the increment since message_start.
-    assert_eq!(delta["usage"]["output_tokens"], o200k(&text));
+    assert_eq!(delta["usage"]["output_tokens"], cl100k(&text));
     h.shutdown().await;
 }
 
@@ -647,7 +648,7 @@ async fn anthropic_non_stream_and_tool_use() {
     assert_eq!(doc["role"], "assistant");
     assert_eq!(doc["stop_reason"], "end_turn");
     let text = doc["content"][0]["text"].as_str().unwrap();
-    assert_eq!(doc["usage"]["output_tokens"], o200k(text));
+    assert_eq!(doc["usage"]["output_tokens"], cl100k(text));
 
     let mut body = anthropic_body(true);
     body["tools"] = json!([{"name": "search", "input_schema": {"type": "object"}}]);
@@ -663,7 +664,7 @@ async fn anthropic_non_stream_and_tool_use() {
     assert!(serde_json::from_str::<Value>(&json_text).is_ok());
     let delta = &events[events.len() - 2].1;
     assert_eq!(delta["delta"]["stop_reason"], "tool_use");
-    assert_eq!(delta["usage"]["output_tokens"], o200k(&json_text));
+    assert_eq!(delta["usage"]["output_tokens"], cl100k(&json_text));
 
     let mut missing = anthropic_body(false);
     missing.as_object_mut().unwrap().remove("max_tokens");

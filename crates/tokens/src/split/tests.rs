@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 
 use super::{CACHED_LEN, SLOTS, Splitter, count};
-use crate::tokens::Encoding;
+use crate::Encoding;
 
 const ENCODINGS: [Encoding; 2] = [Encoding::O200k, Encoding::Cl100k];
 
