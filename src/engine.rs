@@ -887,7 +887,12 @@ impl Engine {
                     cost_micros: s.cost_micros,
                 };
                 let seq = r.as_ref().ok().copied().flatten();
-                if let Err(e) = self
+                if r.is_err() && self.applier.get().is_some() {
+                    // Not journaled: the journal is the only path to the shared counters,
+                    // and the recovery at the next start settles this row through it. The
+                    // hold is no longer kept alive; it expires by `reservation_ttl`.
+                    self.store.forget(&trace);
+                } else if let Err(e) = self
                     .count_settle(seq, &trace, amounts, adm.started_at, &adm.limits)
                     .await
                 {

@@ -18,6 +18,7 @@ use crate::proxy::Gateway;
 use crate::proxy::listener::Guarded;
 use crate::proxy::upstream::{Upstream, resolve_loop};
 use crate::quota::fallback::{Backlog, FallbackStore, LastKnown};
+use crate::quota::fleet::{Fleet, FleetGate};
 use crate::quota::memory::{CounterLoader, MemoryStore};
 use crate::quota::redis::RedisOptions;
 use crate::quota::shared::{DirectoryRoots, LazyRedis};
@@ -100,12 +101,28 @@ pub fn build_engine_parts(
             // Redis's counters outlive an outage: a reseed while Postgres is unreachable
             // never goes below the last state Redis reported (SPEC §4).
             let known = Arc::new(LastKnown::default());
-            let seed: Arc<dyn CounterLoader> = match &outbox {
-                Some(ob) => Arc::new(
-                    crate::shared::loader::SharedLoader::new(ob.pg().clone(), ob.reader().clone())
-                        .not_below(known.clone()),
-                ),
-                None => loader.clone(),
+            let fleet = Arc::new(Fleet::new(config.server.instance_id.clone()));
+            let (seed, local_seed): (Arc<dyn CounterLoader>, Arc<dyn CounterLoader>) = match &outbox
+            {
+                Some(ob) => {
+                    let not_below = || {
+                        crate::shared::loader::SharedLoader::new(
+                            ob.pg().clone(),
+                            ob.reader().clone(),
+                        )
+                        .not_below(known.clone())
+                    };
+                    (
+                        // A counter missing in Redis waits for the other instances'
+                        // backlogs before it is rebuilt (issue: refill before they ship).
+                        Arc::new(FleetGate {
+                            inner: Arc::new(not_below()),
+                            fleet: fleet.clone(),
+                        }),
+                        Arc::new(not_below()),
+                    )
+                }
+                None => (loader.clone(), loader.clone()),
             };
             let redis = Arc::new(LazyRedis::new(
                 url.expose().to_string(),
@@ -117,9 +134,10 @@ pub fn build_engine_parts(
                 redis,
                 config.storage.on_unavailable,
                 config.quota.timezone,
-                Some(loader),
+                Some(local_seed),
                 known,
             ));
+            f.set_fleet(fleet);
             fallback = Some(f.clone());
             f
         }
@@ -177,7 +195,8 @@ async fn plan_watch(engine: Arc<Engine>) {
 async fn probe_loop(engine: Arc<Engine>) {
     let mut last: Vec<(&'static str, bool)> = engine.store().health();
     loop {
-        tokio::time::sleep(crate::quota::fallback::PROBE_EVERY).await;
+        // First pass at once: the first heartbeat tells this instance who else enforces
+        // the same limits.
         engine.store().recover().await;
         let now = engine.store().health();
         for (name, up) in &now {
@@ -191,6 +210,7 @@ async fn probe_loop(engine: Arc<Engine>) {
             }
         }
         last = now;
+        tokio::time::sleep(crate::quota::fallback::PROBE_EVERY).await;
     }
 }
 

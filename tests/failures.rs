@@ -174,6 +174,17 @@ async fn wait_redis(proxy: &Proxy, state: &str) {
     }
 }
 
+/// Waits until a request of `key_id` is journaled open: its `reserved` row has shipped
+/// to Postgres. (The Redis hold comes first — the quota check decides before the journal
+/// is written — so a hold alone does not mean the request went upstream.)
+async fn wait_journaled_open(pg: &TestPg, key_id: &str) {
+    pg.wait_ledger(&format!("an open row of {key_id}"), |rows| {
+        rows.iter()
+            .any(|r| r["key_id"] == key_id && r["status"] == "reserved")
+    })
+    .await;
+}
+
 /// `used` of the key's requests limit, as the running instance reports it (Redis when up).
 /// Waits until the settled `requests` usage of `key_id` is `n` (settles land just after the
 /// client has its answer), then checks it stays there (nothing counted twice).
@@ -591,7 +602,7 @@ async fn sigkill_recovery_settles_reach_the_redis_counters() {
             .await;
         })
     };
-    wait_open(&proxy, 1).await;
+    wait_journaled_open(&env.pg, &key_id).await;
     proxy.kill9();
     let _ = inflight.await;
     proxy.spawn().await;
@@ -643,7 +654,7 @@ async fn recovery_takes_open_rows_written_under_another_instance_id() {
             .await;
         })
     };
-    wait_open(&proxy, 1).await;
+    wait_journaled_open(&env.pg, &key_id).await;
     proxy.kill9();
     let _ = inflight.await;
     let text = std::fs::read_to_string(&proxy.config_path)
@@ -1027,4 +1038,140 @@ async fn a_failing_store_is_answered_with_a_trace_id_never_its_error_text() {
             .any(|l| l.contains(&trace) && l.contains("store unavailable")),
         "{logs}"
     );
+}
+
+/// Waits until `proxy` has heard from `n` instances (itself included) through Redis.
+async fn wait_fleet(proxy: &Proxy, n: usize) {
+    let t0 = Instant::now();
+    loop {
+        let v = readyz(proxy).await;
+        if v["fleet"]["live"] == n {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "fleet of {n} never seen: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 10, defect 13 (the local-mode share, SPEC §5): while Redis is down, each of two
+/// instances admits at most its half of what remained, so the cap holds between them
+/// (before: each admitted all that remained, 32 of a cap of 20).
+#[tokio::test]
+async fn two_instances_share_what_remains_while_redis_is_down() {
+    let mut env = env().await;
+    let a = env.proxy("local", "sidecar-a").await;
+    let b = env.proxy("local", "sidecar-b").await;
+    let (key_id, key) = a.create_live_key(&["--limit", "requests:total=20"]).await;
+    wait_key(&b, &key).await;
+    for p in [&a, &b] {
+        for _ in 0..2 {
+            assert_eq!(chat(p, &key).await.status, 200);
+        }
+    }
+    settled_in_pg(&env.pg, &key_id, 4).await;
+    for p in [&a, &b] {
+        wait_fleet(p, 2).await;
+    }
+
+    env.redis.kill();
+    let statuses = burst(&[&a, &b], &key, 40).await;
+    // 16 remained: 8 each.
+    assert_eq!(count(&statuses, 200), 16, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 24, "{statuses:?}");
+
+    env.redis.restart();
+    for p in [&a, &b] {
+        wait_redis(p, "up").await;
+    }
+    settled_in_pg(&env.pg, &key_id, 20).await;
+    assert_used(&a, &key_id, 20, "after the outage").await;
+    assert_used(&b, &key_id, 20, "after the outage").await;
+    assert_eq!(chat(&b, &key).await.status, 429);
+    assert_eq!(chat(&a, &key).await.status, 429);
+}
+
+/// Issue 10, defect 13 (refill before the backlogs are in): Redis comes back empty while
+/// another instance has not yet applied the settles it made during the outage (here it is
+/// frozen). Those settles already shipped to Postgres: a rebuild from the ledger now, then
+/// that instance's replay, would count them twice. The rebuild waits for it; meanwhile
+/// the first instance goes on with its local counters.
+#[tokio::test]
+async fn a_counter_lost_in_an_outage_is_rebuilt_after_every_instance_caught_up() {
+    let mut env = env().await;
+    let a = env.proxy("local", "sidecar-a").await;
+    let b = env.proxy("local", "sidecar-b").await;
+    let (key_id, key) = a.create_live_key(&["--limit", "requests:total=40"]).await;
+    wait_key(&b, &key).await;
+    assert_eq!(chat(&a, &key).await.status, 200);
+    assert_eq!(chat(&b, &key).await.status, 200);
+    for p in [&a, &b] {
+        wait_fleet(p, 2).await;
+    }
+
+    env.redis.kill();
+    for _ in 0..5 {
+        assert_eq!(chat(&b, &key).await.status, 200);
+    }
+    // b's five settles are in Postgres, and in no Redis.
+    settled_in_pg(&env.pg, &key_id, 7).await;
+    b.signal("STOP");
+    env.redis.restart();
+    wait_redis(&a, "up").await;
+    // b has not been heard from since the outage: a waits for it before any rebuild.
+    let t0 = Instant::now();
+    while readyz(&a).await["fleet"]["waiting_on"] != serde_json::json!(["sidecar-b"]) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a never waited for b"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for _ in 0..3 {
+        assert_eq!(chat(&a, &key).await.status, 200);
+    }
+    b.signal("CONT");
+    wait_redis(&b, "up").await;
+    settled_in_pg(&env.pg, &key_id, 10).await;
+    assert_used(&a, &key_id, 10, "every request counted once").await;
+    assert_used(&b, &key_id, 10, "every request counted once").await;
+    reconcile_clean(&a);
+}
+
+/// Issue 10, defect 13 (local counters from the journal alone): with Postgres and Redis
+/// both down, an instance's local counter starts from what Redis last reported to it —
+/// not from its own journal, which lacks the other instance's usage — and a counter it
+/// knows nothing of is refused rather than started from zero.
+#[tokio::test]
+async fn local_counters_in_a_double_outage_start_from_what_redis_reported() {
+    let mut env = env().await;
+    let a = env.proxy("local", "sidecar-a").await;
+    let b = env.proxy("local", "sidecar-b").await;
+    let (key_id, key) = a.create_live_key(&["--limit", "requests:total=10"]).await;
+    let (_, unseen) = a.create_live_key(&["--limit", "requests:total=10"]).await;
+    wait_key(&b, &key).await;
+    wait_key(&a, &unseen).await;
+    for _ in 0..8 {
+        assert_eq!(chat(&b, &key).await.status, 200);
+    }
+    // Redis tells a: 8 used, plus a's own hold.
+    assert_eq!(chat(&a, &key).await.status, 200);
+    settled_in_pg(&env.pg, &key_id, 9).await;
+    wait_fleet(&a, 2).await;
+
+    env.pg.stop();
+    env.redis.kill();
+    // a's journal has 1 of the 9. Redis last said 9: one left, and a's share of it is 0.
+    let statuses = burst(&[&a], &key, 5).await;
+    assert_eq!(count(&statuses, 429), 5, "{statuses:?}");
+    // A key a never counted: nothing known of it, refused.
+    let r = chat(&a, &unseen).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+
+    env.pg.start_again();
+    env.redis.restart();
+    wait_redis(&a, "up").await;
+    assert_used(&a, &key_id, 9, "nothing admitted in the outage").await;
 }

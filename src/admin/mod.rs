@@ -568,20 +568,23 @@ async fn readyz(engine: &Engine) -> Resp {
         .iter()
         .map(|(k, up)| (*k, if *up { "up" } else { "down" }))
         .collect();
-    json(
-        status,
-        &serde_json::json!({
-            "status": if ready { "ready" } else { "unavailable" },
-            "mode": engine.config().storage.mode,
-            "stores": stores,
-            "open_reservations": engine.store().open_holds(),
-            "backlog": journal.backlog,
-            // Events the ledger of record refused (shared mode): shipping goes on behind
-            // them, so they do not make the instance unready, but each is a charge missing
-            // from the ledger of record until an operator replays it.
-            "quarantined": journal.quarantined,
-        }),
-    )
+    let mut body = serde_json::json!({
+        "status": if ready { "ready" } else { "unavailable" },
+        "mode": engine.config().storage.mode,
+        "stores": stores,
+        "open_reservations": engine.store().open_holds(),
+        "backlog": journal.backlog,
+        // Events the ledger of record refused (shared mode): shipping goes on behind
+        // them, so they do not make the instance unready, but each is a charge missing
+        // from the ledger of record until an operator replays it.
+        "quarantined": journal.quarantined,
+    });
+    // Shared counters: the instances sharing them as last heard (the local-mode share
+    // divides by `live`), and those a rebuild of a missing counter waits for.
+    if let Some((live, waiting_on)) = engine.store().fleet() {
+        body["fleet"] = serde_json::json!({"live": live, "waiting_on": waiting_on});
+    }
+    json(status, &body)
 }
 
 /// Levels are read at scrape time (cheaper than tracking every change), then rendered.

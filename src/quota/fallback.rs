@@ -7,7 +7,7 @@
 //!
 //! - `local`: this instance enforces with its own in-process counters, seeded from the
 //!   durable history (the loader) or, when that is unreachable too, from the last state the
-//!   primary reported. The durable history has settled requests only, so the holds this
+//!   primary reported (nothing known of a counter: refused). The durable history has settled requests only, so the holds this
 //!   instance had in the primary when it went down (requests still running) are carried
 //!   over into the local counters before any local decision; otherwise the cap would be
 //!   exceeded by up to the number of requests in flight.
@@ -22,10 +22,11 @@
 //! makes it authoritative again and drops every local counter and hold, so the next outage
 //! starts from fresh state.
 //!
-//! Bounds of `local`: N instances enforcing one budget each with its own counters can admit
-//! up to N times what remains during the outage; replay then makes the shared counters
-//! exact again (over-admission is visible, never lost). Requests admitted locally and still
-//! running when the primary comes back are not held there until they settle.
+//! Bounds of `local`: each instance admits at most its share of what remained when its
+//! counter was loaded (`remaining / live`, [`crate::quota::fleet`]), so N instances stay
+//! within the cap between them, up to the requests in flight at the outage's edges that
+//! no instance's base counted yet. Requests admitted locally and still running when the
+//! primary comes back are held in it before it is authoritative again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock, Weak};
@@ -35,6 +36,7 @@ use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
 use crate::config::OnUnavailable;
+use crate::quota::fleet::Fleet;
 use crate::quota::memory::{CounterLoader, MemoryStore};
 use crate::quota::store::{
     Amounts, AppliedLimit, LimitState, QuotaError, QuotaStore, ReserveOutcome, ReserveRequest,
@@ -50,6 +52,11 @@ pub trait Backlog: Send + Sync {
     /// Apply every journaled settle and release not yet applied to the primary, to the
     /// primary only ([`QuotaStore::replay_settle`]); `Err` when it failed part way.
     async fn replay(&self) -> Result<(), QuotaError>;
+    /// Whether journaled changes wait longer than the normal lag to reach the primary or
+    /// the ledger of record (told to the other instances, [`crate::quota::fleet`]).
+    fn behind(&self) -> bool {
+        false
+    }
 }
 
 /// The last `used + reserved` the primary reported per counter, with its window: what is
@@ -94,9 +101,9 @@ fn pending() -> QuotaError {
 #[derive(Default)]
 struct State {
     primary_up: bool,
-    /// Trace ids held in the local counters (admitted while the primary was down, or
-    /// carried over from it).
-    local: HashSet<String>,
+    /// Requests held in the local counters (admitted while the primary was down, or
+    /// carried over from it), by trace id: carried into the primary when it is back.
+    local: HashMap<String, ReserveRequest>,
     /// Trace ids whose settle the local counters already count.
     counted_locally: HashSet<String>,
     /// Requests held in the primary and not yet settled or released (policy `local`
@@ -116,6 +123,8 @@ pub struct FallbackStore {
     /// Replays the journal to the primary before it is authoritative again.
     backlog: OnceLock<Weak<dyn Backlog>>,
     known: Arc<LastKnown>,
+    /// The instances enforcing the same limits (shared store with a heartbeat).
+    fleet: OnceLock<Arc<Fleet>>,
 }
 
 /// Seeds local counters: durable history first, the primary's last report otherwise.
@@ -132,19 +141,31 @@ impl CounterLoader for LocalSeed {
         counter: &mut Counter,
         now: DateTime<Utc>,
     ) -> Result<(), QuotaError> {
-        if let Some(inner) = &self.inner {
-            let mut c = counter.clone();
-            if inner.load(limit, &mut c, now).await.is_ok() {
-                *counter = c;
-                return Ok(());
+        let failed = match &self.inner {
+            Some(inner) => {
+                let mut c = counter.clone();
+                match inner.load(limit, &mut c, now).await {
+                    Ok(()) => {
+                        *counter = c;
+                        return Ok(());
+                    }
+                    Err(e) => Some(e),
+                }
             }
-        }
+            None => None,
+        };
         // Still the same window? Then start from what the primary last said.
         let window_start = counter.window_start(now);
-        if let Some(used) = self.known.known(limit, window_start) {
-            counter.add(window_start.unwrap_or(now), used, now);
+        match (self.known.known(limit, window_start), failed) {
+            (Some(used), _) => {
+                counter.add(window_start.unwrap_or(now), used, now);
+                Ok(())
+            }
+            // Nothing known of this counter: refuse it (fail closed) rather than assume
+            // nothing was used.
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -175,6 +196,38 @@ impl FallbackStore {
             handover: tokio::sync::RwLock::new(()),
             backlog: OnceLock::new(),
             known,
+            fleet: OnceLock::new(),
+        }
+    }
+
+    /// Heartbeat as `fleet`'s instance while the primary answers, and enforce this
+    /// instance's share of the fleet in the local counters (set once, at start).
+    pub fn set_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Heartbeat when one is due (primary up): learn the fleet, and set the local share to
+    /// the instances live now, for the next outage.
+    pub async fn heartbeat(&self) {
+        let Some(fleet) = self.fleet.get() else {
+            return;
+        };
+        if !self.primary_up() || !fleet.due() {
+            return;
+        }
+        let behind = self
+            .backlog
+            .get()
+            .and_then(Weak::upgrade)
+            .is_some_and(|b| b.behind());
+        match self.primary.heartbeat(fleet.me(), behind).await {
+            Ok(Some(peers)) => {
+                fleet.observe(&peers);
+                self.local.set_share(fleet.live());
+            }
+            Ok(None) => {}
+            Err(e @ QuotaError::Unavailable(_)) => self.mark_down(&e).await,
+            Err(e) => tracing::warn!(error = %e, "heartbeat to the quota store failed"),
         }
     }
 
@@ -191,6 +244,9 @@ impl FallbackStore {
     async fn mark_down(&self, e: &QuotaError) {
         if !self.primary_up() {
             return;
+        }
+        if let Some(f) = self.fleet.get() {
+            f.lost_contact();
         }
         // Taken before the flip, so local reserves wait for the carried-over holds.
         let _g = self.handover.write().await;
@@ -218,14 +274,16 @@ impl FallbackStore {
         }
     }
 
-    /// Hold `req` (admitted by the primary) in the local counters too. A refusal means the
-    /// local counters already count at least as much; its settle then adds the actual.
+    /// Hold `req` (admitted by the primary) in the local counters too, whatever they say:
+    /// the primary admitted it, and it counts against this instance's share.
     async fn hold_locally(&self, req: &ReserveRequest) {
-        match self.local.reserve(req).await {
-            Ok(ReserveOutcome::Admitted(_)) => {
-                self.state.lock().local.insert(req.trace_id.clone());
+        match self.local.hold(req).await {
+            Ok(()) => {
+                self.state
+                    .lock()
+                    .local
+                    .insert(req.trace_id.clone(), req.clone());
             }
-            Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, trace_id = %req.trace_id, "cannot hold a request in flight locally")
             }
@@ -254,10 +312,38 @@ impl FallbackStore {
         }
         {
             let _g = self.handover.write().await;
+            // Requests admitted locally and still running are held in the primary before
+            // it decides again, so it does not admit past them.
+            let carried: Vec<ReserveRequest> = self.state.lock().local.values().cloned().collect();
+            let mut held = Vec::new();
+            for req in &carried {
+                match self.primary.reserve(req).await {
+                    Ok(ReserveOutcome::Admitted(_)) => held.push(req.clone()),
+                    // Full already (its settle adds the actual), or held.
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "carrying local holds to the quota store failed; will retry");
+                        for r in &held {
+                            self.primary.forget(&r.trace_id);
+                            let _ = self.primary.release(&r.trace_id).await;
+                        }
+                        return false;
+                    }
+                }
+            }
             let mut s = self.state.lock();
             s.primary_up = true;
+            // Those that finished meanwhile have their settle or release in the journal,
+            // which the applier replays onto the hold carried here.
+            let running: Vec<ReserveRequest> = held
+                .into_iter()
+                .filter(|r| s.local.contains_key(&r.trace_id))
+                .collect();
             s.local.clear();
             s.counted_locally.clear();
+            for r in running {
+                s.primary_holds.insert(r.trace_id.clone(), r);
+            }
             self.local.clear();
         }
         tracing::info!("quota store reachable again; journal replayed, it is authoritative again");
@@ -303,7 +389,10 @@ impl QuotaStore for FallbackStore {
                 let _g = self.handover.read().await;
                 let out = self.local.reserve(req).await?;
                 if matches!(out, ReserveOutcome::Admitted(_)) {
-                    self.state.lock().local.insert(req.trace_id.clone());
+                    self.state
+                        .lock()
+                        .local
+                        .insert(req.trace_id.clone(), req.clone());
                 }
                 Ok(out)
             }
@@ -323,7 +412,7 @@ impl QuotaStore for FallbackStore {
         let was_local = {
             let mut s = self.state.lock();
             s.primary_holds.remove(trace_id);
-            s.local.remove(trace_id)
+            s.local.remove(trace_id).is_some()
         };
         if self.primary_up() {
             if was_local {
@@ -362,7 +451,7 @@ impl QuotaStore for FallbackStore {
         let was_local = {
             let mut s = self.state.lock();
             s.primary_holds.remove(trace_id);
-            s.local.remove(trace_id)
+            s.local.remove(trace_id).is_some()
         };
         if was_local {
             self.local.release(trace_id).await?;
@@ -441,8 +530,14 @@ impl QuotaStore for FallbackStore {
         vec![("redis", self.primary_up())]
     }
 
+    fn fleet(&self) -> Option<(usize, Vec<String>)> {
+        self.fleet.get().map(|f| (f.live(), f.waiting_on()))
+    }
+
     async fn recover(&self) {
-        self.probe().await;
+        if self.probe().await {
+            self.heartbeat().await;
+        }
     }
 
     async fn rebuild(&self, limits: &[AppliedLimit]) -> Result<(), QuotaError> {

@@ -39,6 +39,36 @@ pub trait CounterLoader: Send + Sync {
 struct Entry {
     counter: Counter,
     reserved: i64,
+    /// Usage when the counter was loaded, and the window it was in: the share of the
+    /// remaining allowance ([`MemoryStore::set_share`]) is taken from what remained then.
+    base: i64,
+    base_window: Option<DateTime<Utc>>,
+}
+
+impl Entry {
+    fn new(counter: Counter, now: DateTime<Utc>) -> Entry {
+        Entry {
+            base: counter.used(now),
+            base_window: counter.window_start(now),
+            counter,
+            reserved: 0,
+        }
+    }
+
+    /// The cap this store enforces for `value` when it holds one of `share` equal shares
+    /// of what remained at load: `base + (value - base) / share`. A new window since the
+    /// load starts from nothing used.
+    fn cap(&self, value: i64, share: usize, now: DateTime<Utc>) -> i64 {
+        if share <= 1 {
+            return value;
+        }
+        let base = if self.counter.window_start(now) == self.base_window {
+            self.base.clamp(0, value.max(0))
+        } else {
+            0
+        };
+        base + (value - base).max(0) / share as i64
+    }
 }
 
 struct Hold {
@@ -57,6 +87,9 @@ pub struct MemoryStore {
     tz: Tz,
     inner: Mutex<Inner>,
     loader: Option<Arc<dyn CounterLoader>>,
+    /// Of how many equal shares of each limit's remaining allowance this store enforces
+    /// one (1: the whole limit).
+    share: std::sync::atomic::AtomicUsize,
 }
 
 impl MemoryStore {
@@ -65,7 +98,22 @@ impl MemoryStore {
             tz,
             inner: Mutex::new(Inner::default()),
             loader,
+            share: std::sync::atomic::AtomicUsize::new(1),
         }
+    }
+
+    /// Enforce one of `n` equal shares of what remains of each limit (as of each
+    /// counter's load): the local fallback of `n` instances enforcing the same limits
+    /// ([`crate::quota::fleet`]). 1 (the default) enforces whole limits.
+    pub fn set_share(&self, n: usize) {
+        self.share
+            .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Hold `req` without checking any cap: a request another store admitted, carried
+    /// over into this one. A trace id already held is left as it is.
+    pub async fn hold(&self, req: &ReserveRequest) -> Result<(), QuotaError> {
+        self.reserve_checked(req, false).await.map(|_| ())
     }
 
     /// Make sure every limit has a counter, loading missing ones outside the lock.
@@ -93,10 +141,10 @@ impl MemoryStore {
             let mut inner = self.inner.lock();
             if inner.settle_seq == seq || self.loader.is_none() {
                 for (k, c) in loaded {
-                    inner.counters.entry(k).or_insert(Entry {
-                        counter: c,
-                        reserved: 0,
-                    });
+                    inner
+                        .counters
+                        .entry(k)
+                        .or_insert_with(|| Entry::new(c, now));
                 }
                 return Ok(());
             }
@@ -112,10 +160,10 @@ impl MemoryStore {
         }
         let mut inner = self.inner.lock();
         for (k, c) in fresh {
-            inner.counters.entry(k).or_insert(Entry {
-                counter: c,
-                reserved: 0,
-            });
+            inner
+                .counters
+                .entry(k)
+                .or_insert_with(|| Entry::new(c, now));
         }
         Ok(())
     }
@@ -140,12 +188,16 @@ fn state_of(l: &AppliedLimit, e: &Entry, now: DateTime<Utc>) -> LimitState {
     }
 }
 
-#[async_trait::async_trait]
-impl QuotaStore for MemoryStore {
-    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, QuotaError> {
+impl MemoryStore {
+    async fn reserve_checked(
+        &self,
+        req: &ReserveRequest,
+        check: bool,
+    ) -> Result<ReserveOutcome, QuotaError> {
         let now = Utc::now();
+        let share = self.share.load(std::sync::atomic::Ordering::Relaxed);
         // Disabled limits refuse without touching any counter.
-        if let Some(l) = req.limits.iter().find(|l| l.spec.is_disabled()) {
+        if let Some(l) = req.limits.iter().find(|l| check && l.spec.is_disabled()) {
             if self.inner.lock().holds.contains_key(&req.trace_id) {
                 return Ok(ReserveOutcome::Duplicate);
             }
@@ -169,8 +221,9 @@ impl QuotaStore for MemoryStore {
             };
             let used = e.counter.used(now);
             let have = used.saturating_add(e.reserved);
-            if have.saturating_add(amount) > l.spec.value {
-                let retry_after = e.counter.retry_after(now, have, amount, l.spec.value);
+            let cap = e.cap(l.spec.value, share, now);
+            if check && have.saturating_add(amount) > cap {
+                let retry_after = e.counter.retry_after(now, have, amount, cap);
                 return Ok(ReserveOutcome::Exceeded {
                     limit: l.clone(),
                     retry_after,
@@ -204,6 +257,13 @@ impl QuotaStore for MemoryStore {
             .collect();
         inner.holds.insert(req.trace_id.clone(), Hold { items });
         Ok(ReserveOutcome::Admitted(states))
+    }
+}
+
+#[async_trait::async_trait]
+impl QuotaStore for MemoryStore {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, QuotaError> {
+        self.reserve_checked(req, true).await
     }
 
     async fn settle(
@@ -288,15 +348,13 @@ impl QuotaStore for MemoryStore {
                     continue;
                 }
                 match inner.counters.get_mut(&l.counter_key()) {
-                    Some(e) => e.counter = c,
+                    Some(e) => {
+                        e.base = c.used(now);
+                        e.base_window = c.window_start(now);
+                        e.counter = c;
+                    }
                     None => {
-                        inner.counters.insert(
-                            l.counter_key(),
-                            Entry {
-                                counter: c,
-                                reserved: 0,
-                            },
-                        );
+                        inner.counters.insert(l.counter_key(), Entry::new(c, now));
                     }
                 }
                 break;
@@ -479,5 +537,53 @@ mod tests {
         );
         let plain = MemoryStore::new(chrono_tz::UTC, None);
         assert!(plain.rebuild(&limits).await.is_err());
+    }
+
+    /// The local-mode share: each of `n` instances admits at most its share of what
+    /// remained when its counter was loaded; carried-over holds are never refused.
+    #[tokio::test]
+    async fn a_share_admits_its_part_of_what_remained() {
+        let loader = Arc::new(FixedLoader(std::sync::atomic::AtomicI64::new(4)));
+        let store = MemoryStore::new(chrono_tz::UTC, Some(loader));
+        store.set_share(2);
+        let limits = vec![limit("requests:total=10")];
+        let mut admitted = 0;
+        for i in 0..10 {
+            if matches!(
+                store
+                    .reserve(&req(&format!("t{i}"), &limits, 0))
+                    .await
+                    .unwrap(),
+                ReserveOutcome::Admitted(_)
+            ) {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 3, "4 used, 6 remained, half of them");
+        // Three instances: a third of the 6 (rounded down) in all, with the three already
+        // held counting against it.
+        store.set_share(3);
+        assert!(matches!(
+            store.reserve(&req("x", &limits, 0)).await.unwrap(),
+            ReserveOutcome::Exceeded { .. }
+        ));
+        // A carried-over hold is taken whatever the share says.
+        store.hold(&req("carried", &limits, 0)).await.unwrap();
+        assert_eq!(store.usage(&limits).await.unwrap()[0].reserved, 4);
+        // The whole limit again: 4 used + 4 held, 2 more.
+        store.set_share(1);
+        for i in 0..2 {
+            assert!(matches!(
+                store
+                    .reserve(&req(&format!("w{i}"), &limits, 0))
+                    .await
+                    .unwrap(),
+                ReserveOutcome::Admitted(_)
+            ));
+        }
+        assert!(matches!(
+            store.reserve(&req("w2", &limits, 0)).await.unwrap(),
+            ReserveOutcome::Exceeded { .. }
+        ));
     }
 }

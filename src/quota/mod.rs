@@ -5,6 +5,7 @@
 //! agree on what a limit means.
 
 pub mod fallback;
+pub mod fleet;
 pub mod limit;
 pub mod memory;
 pub mod redis;

@@ -95,6 +95,14 @@ impl QuotaStore for LazyRedis {
         self.store().await?.ping().await
     }
 
+    async fn heartbeat(
+        &self,
+        instance: &str,
+        behind: bool,
+    ) -> Result<Option<Vec<crate::quota::fleet::Peer>>, QuotaError> {
+        self.store().await?.heartbeat(instance, behind).await
+    }
+
     async fn usage(&self, limits: &[AppliedLimit]) -> Result<Vec<LimitState>, QuotaError> {
         self.store().await?.usage(limits).await
     }

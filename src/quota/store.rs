@@ -180,6 +180,24 @@ pub trait QuotaStore: Send + Sync {
     async fn ping(&self) -> Result<(), QuotaError> {
         Ok(())
     }
+    /// The instances enforcing the same limits, as this one last heard (`live`, the
+    /// other instances a rebuild of a missing shared counter waits for); `None` when the
+    /// counters are not shared.
+    fn fleet(&self) -> Option<(usize, Vec<String>)> {
+        None
+    }
+    /// Tell the shared store this instance is alive, and whether it is `behind` (has
+    /// journaled counter changes the shared counters or the ledger of record lack); learn
+    /// every instance it remembers ([`crate::quota::fleet`]). `None`: this store is not
+    /// shared (nobody else enforces the same limits).
+    async fn heartbeat(
+        &self,
+        instance: &str,
+        behind: bool,
+    ) -> Result<Option<Vec<crate::quota::fleet::Peer>>, QuotaError> {
+        let _ = (instance, behind);
+        Ok(None)
+    }
     /// Apply a journaled settle to the shared counters only — never to a local fallback —
     /// idempotently per trace id (the applier's replay, [`crate::shared::applier`]).
     async fn replay_settle(

@@ -47,6 +47,10 @@ pub const PARALLEL: usize = 32;
 pub const PASS_EVERY: Duration = Duration::from_millis(250);
 /// Marks waiting past this many are flushed at once.
 const FLUSH_AT: usize = 512;
+/// Journaled changes older than this, not yet applied to Redis or not yet shipped to
+/// Postgres, make this instance *behind* ([`crate::quota::fleet`]): past the normal lag
+/// of a pass or two.
+pub const BEHIND_AFTER: Duration = Duration::from_secs(2);
 
 /// The limits a journaled row counts against: its key's, user's, tenant's and plan's for
 /// its upstream, as the key directory has them now.
@@ -65,6 +69,10 @@ pub struct Applier {
     wake: Notify,
     /// One replay at a time (the background loop and the probe).
     pass: tokio::sync::Mutex<()>,
+    /// Journaled changes wait past [`BEHIND_AFTER`] (as of the last status refresh).
+    behind: std::sync::atomic::AtomicBool,
+    /// Events the store refused outright, set aside (see [`Applier::replay_pending`]).
+    set_aside: std::sync::atomic::AtomicU64,
 }
 
 /// What one event asks of the counters.
@@ -116,6 +124,8 @@ impl Applier {
             done: Mutex::new(Vec::new()),
             wake: Notify::new(),
             pass: tokio::sync::Mutex::new(()),
+            behind: std::sync::atomic::AtomicBool::new(false),
+            set_aside: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -208,8 +218,10 @@ impl Applier {
     }
 
     /// Apply every unapplied event to the shared counters (never a local fallback),
-    /// oldest first, [`PARALLEL`] at a time. Stops at the first failure (the events not
-    /// applied stay unapplied). Returns how many were applied.
+    /// oldest first, [`PARALLEL`] at a time. Stops when the store is unreachable (the
+    /// events not applied stay unapplied); an event the store refuses outright is set
+    /// aside (logged, counted, marked applied) so it cannot hold up the rest. Returns how
+    /// many were applied.
     pub async fn replay_pending(&self) -> Result<u64, QuotaError> {
         let _pass = self.pass.lock().await;
         let Some(limits_of) = self.limits.upgrade() else {
@@ -271,9 +283,19 @@ impl Applier {
                             self.applied(seq);
                             applied += 1;
                         }
-                        Ok((seq, Err(e))) => {
+                        Ok((seq, Err(e @ QuotaError::Unavailable(_)))) => {
                             self.unclaim(seq);
                             failed.get_or_insert(e);
+                        }
+                        Ok((seq, Err(e))) => {
+                            // The store answered and refused this one event: retrying
+                            // cannot help, and it must not hold up the events behind it.
+                            // The ledger has it; `reconcile --fix` brings it to the
+                            // counters.
+                            tracing::error!(seq, error = %e, "journal event set aside: the quota store refused it; run `tollgate reconcile --fix`");
+                            self.set_aside
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.applied(seq);
                         }
                         Err(e) => {
                             failed.get_or_insert(QuotaError::Other(format!("replay task: {e}")));
@@ -318,12 +340,42 @@ impl Applier {
         let r = self
             .outbox
             .reader()
-            .read(|c| Ok((outbox::unapplied_sync(c)?, outbox::progress_sync(c)?)))
+            .read(|c| {
+                Ok((
+                    outbox::unapplied_sync(c)?,
+                    outbox::progress_sync(c)?,
+                    outbox::lag_sync(c)?,
+                ))
+            })
             .await;
         match r {
-            Ok(((n, _), p)) => self.outbox.note_applier(n, p),
-            Err(e) => tracing::warn!(error = %e, "cannot count the counters backlog"),
+            Ok(((n, _), p, (unapplied, unshipped))) => {
+                self.outbox.note_applier(n, p);
+                let cutoff = Utc::now()
+                    - chrono::TimeDelta::from_std(BEHIND_AFTER)
+                        .unwrap_or(chrono::TimeDelta::zero());
+                let old = |t: Option<String>| {
+                    t.and_then(|t| crate::time::from_text(&t))
+                        .is_some_and(|t| t < cutoff)
+                };
+                self.behind.store(
+                    old(unapplied) || old(unshipped),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            Err(e) => {
+                // Not knowing is not "caught up".
+                self.behind
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, "cannot count the counters backlog");
+            }
         }
+    }
+
+    /// Events set aside since start: the shared store refused them for a reason other
+    /// than being unreachable (a retry would fail the same way).
+    pub fn set_aside_total(&self) -> u64 {
+        self.set_aside.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Run forever: flush marks, replay what is unapplied while Redis is up, refresh
@@ -355,5 +407,9 @@ impl Applier {
 impl Backlog for Applier {
     async fn replay(&self) -> Result<(), QuotaError> {
         self.replay_pending().await.map(|_| ())
+    }
+
+    fn behind(&self) -> bool {
+        self.behind.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -220,6 +220,16 @@ pub fn unapplied_sync(c: &Connection) -> Result<(u64, Option<i64>), DbError> {
     )
 }
 
+/// Creation times of the oldest event not yet applied to the shared counters and of the
+/// oldest not yet shipped (RFC 3339), each `None` when there is none.
+pub fn lag_sync(c: &Connection) -> Result<(Option<String>, Option<String>), DbError> {
+    Ok(c.prepare_cached(
+        "SELECT (SELECT MIN(created_at) FROM journal_events WHERE applied_at IS NULL),
+                (SELECT MIN(created_at) FROM journal_events WHERE shipped_at IS NULL)",
+    )?
+    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?)
+}
+
 /// How far each target has come: every event up to these sequence numbers has reached it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {

@@ -212,6 +212,17 @@ impl Proxy {
         }
     }
 
+    /// Send `signal` (`STOP`, `CONT`, ...) to the running process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("not running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
     /// SIGKILL, no cleanup.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

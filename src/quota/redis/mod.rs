@@ -90,6 +90,7 @@ pub mod lua {
     pub const SEED: &str = include_str!("../../../lua/seed_v1.lua");
     pub const TOUCH: &str = include_str!("../../../lua/touch_v1.lua");
     pub const FORGET: &str = include_str!("../../../lua/forget_v1.lua");
+    pub const HEARTBEAT: &str = include_str!("../../../lua/heartbeat_v1.lua");
 
     /// The script Redis runs for `body`: the prelude, then the body, so the SHA that EVALSHA
     /// names covers both.
@@ -138,6 +139,7 @@ struct Scripts {
     seed: Script,
     touch: Script,
     forget: Script,
+    heartbeat: Script,
 }
 
 pub struct RedisStore {
@@ -179,6 +181,7 @@ impl RedisStore {
                 seed: Script::new(&lua::source(lua::SEED)),
                 touch: Script::new(&lua::source(lua::TOUCH)),
                 forget: Script::new(&lua::source(lua::FORGET)),
+                heartbeat: Script::new(&lua::source(lua::HEARTBEAT)),
             },
             holds: Mutex::new(HashMap::new()),
             offset_ms: AtomicI64::new(0),
@@ -523,6 +526,52 @@ impl QuotaStore for RedisStore {
 
     async fn ping(&self) -> Result<(), QuotaError> {
         self.conn.ping(self.opts.connect.call_timeout).await
+    }
+
+    async fn heartbeat(
+        &self,
+        instance: &str,
+        behind: bool,
+    ) -> Result<Option<Vec<crate::quota::fleet::Peer>>, QuotaError> {
+        let mut inv = self.scripts.heartbeat.prepare_invoke();
+        inv.key(crate::quota::fleet::FLEET_KEY)
+            .arg(instance)
+            .arg(if behind { "1" } else { "0" })
+            .arg(crate::quota::fleet::FORGET_AFTER.as_millis() as u64);
+        let r = self.call(&inv).await?;
+        if r.status != "OK" {
+            return Err(QuotaError::Other(format!(
+                "heartbeat answered {}",
+                r.status
+            )));
+        }
+        let items = match r.rest.first() {
+            Some(Value::Array(items)) => items.clone(),
+            _ => Vec::new(),
+        };
+        let mut peers = Vec::with_capacity(items.len() / 3);
+        for p in items.chunks(3) {
+            let [id, age, behind] = p else {
+                return Err(QuotaError::Other(
+                    "heartbeat reply has the wrong length".into(),
+                ));
+            };
+            let id = match id {
+                Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                Value::SimpleString(s) => s.clone(),
+                _ => {
+                    return Err(QuotaError::Other(
+                        "heartbeat reply: id is not a string".into(),
+                    ));
+                }
+            };
+            peers.push(crate::quota::fleet::Peer {
+                id,
+                age: Duration::from_millis(u64::try_from(reply::int(age)?).unwrap_or(0)),
+                behind: reply::int(behind)? != 0,
+            });
+        }
+        Ok(Some(peers))
     }
 
     /// No longer refresh `trace_id`'s hold: it expires after `reservation_ttl` unless a

@@ -1,0 +1,280 @@
+//! The fleet: the instances that enforce the same limits on one shared store (Redis).
+//!
+//! Every instance heartbeats into the shared store ([`QuotaStore::heartbeat`], every
+//! [`BEAT_EVERY`] while the store answers) with whether it is *behind*: it has journaled
+//! counter changes the shared counters have not had applied, or that have not reached the
+//! ledger of record, for longer than the normal lag. From the answers each instance keeps
+//! its own view, used for two decisions (SPEC §5):
+//!
+//! - **the local-mode share.** While the shared store is down, an instance enforcing with
+//!   its own counters admits at most `remaining / live` of each limit, where `live` is the
+//!   number of instances heard from within [`LIVE_FOR`] the last time the store answered
+//!   (this one included). N instances then stay within the cap between them, up to the
+//!   bounds docs/architecture.md lists.
+//! - **no refill before the backlogs are in.** A counter missing in the shared store
+//!   (flushed, evicted, restarted empty) is seeded from the ledger of record plus this
+//!   instance's journal. While another instance is behind, that ledger lacks its backlog,
+//!   and its applier would then add the same events on top of a seed that already counts
+//!   the ones that shipped; so the seed waits ([`Fleet::waiting_on`]) until every
+//!   remembered instance has said it is not behind — or has been silent for
+//!   [`FORGET_AFTER`] while this instance was in contact (it is gone; its backlog comes
+//!   back with it, and `reconcile --fix` repairs what an instance that never returns
+//!   leaves).
+//!
+//! A peer that has not been heard from for [`STALE_AFTER`] may be in the same outage this
+//! instance just came out of, with a backlog it could not report: it counts as behind.
+//!
+//! [`QuotaStore::heartbeat`]: crate::quota::store::QuotaStore::heartbeat
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+
+use crate::quota::memory::CounterLoader;
+use crate::quota::store::{AppliedLimit, QuotaError};
+use crate::quota::window::Counter;
+
+/// The shared store's key of the fleet hash.
+/// (Under [`crate::quota::redis::PREFIX`]; the tests hold the two together.)
+pub const FLEET_KEY: &str = "tg:v1:fleet";
+
+/// How often an instance heartbeats while the shared store answers.
+pub const BEAT_EVERY: Duration = Duration::from_secs(1);
+/// An instance heard from within this long counts in the local-mode share.
+pub const LIVE_FOR: Duration = Duration::from_secs(10);
+/// An instance not heard from for this long may hold a backlog it could not report.
+pub const STALE_AFTER: Duration = Duration::from_secs(3);
+/// An instance silent for this long, while this one was in contact, is gone.
+pub const FORGET_AFTER: Duration = Duration::from_secs(30);
+
+/// One instance as the shared store remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub id: String,
+    /// Since its last heartbeat, by the store's clock.
+    pub age: Duration,
+    /// It said it has a backlog the shared counters or the ledger of record lack.
+    pub behind: bool,
+}
+
+struct Heard {
+    at: Instant,
+    behind: bool,
+}
+
+#[derive(Default)]
+struct View {
+    last_beat: Option<Instant>,
+    /// Since when this instance has been in contact with the store without a break.
+    contact_since: Option<Instant>,
+    peers: HashMap<String, Heard>,
+    /// Instances heard from within [`LIVE_FOR`] at the last answer (this one included).
+    live: usize,
+}
+
+/// This instance's view of the fleet.
+pub struct Fleet {
+    me: String,
+    view: Mutex<View>,
+}
+
+impl Fleet {
+    pub fn new(me: impl Into<String>) -> Fleet {
+        Fleet {
+            me: me.into(),
+            view: Mutex::new(View {
+                live: 1,
+                ..View::default()
+            }),
+        }
+    }
+
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Whether a heartbeat is due.
+    pub fn due(&self) -> bool {
+        self.view
+            .lock()
+            .last_beat
+            .is_none_or(|t| t.elapsed() >= BEAT_EVERY)
+    }
+
+    /// Record an answer of the shared store.
+    pub fn observe(&self, peers: &[Peer]) {
+        self.observe_at(peers, Instant::now());
+    }
+
+    fn observe_at(&self, peers: &[Peer], now: Instant) {
+        let mut v = self.view.lock();
+        v.last_beat = Some(now);
+        v.contact_since.get_or_insert(now);
+        let mut live = 1;
+        for p in peers.iter().filter(|p| p.id != self.me) {
+            let at = now.checked_sub(p.age).unwrap_or(now);
+            let e = v.peers.entry(p.id.clone()).or_insert(Heard {
+                at,
+                behind: p.behind,
+            });
+            if at >= e.at {
+                e.at = at;
+                e.behind = p.behind;
+            }
+            if p.age <= LIVE_FOR {
+                live += 1;
+            }
+        }
+        v.live = live;
+        let since = v.contact_since.unwrap_or(now);
+        v.peers
+            .retain(|_, h| now.duration_since(h.at.max(since)) < FORGET_AFTER);
+    }
+
+    /// The shared store did not answer: contact is broken until the next answer.
+    pub fn lost_contact(&self) {
+        let mut v = self.view.lock();
+        v.contact_since = None;
+        v.last_beat = None;
+    }
+
+    /// Instances that counted in the share the last time the store answered (≥ 1).
+    pub fn live(&self) -> usize {
+        self.view.lock().live.max(1)
+    }
+
+    /// The other instances a seed of a missing shared counter must wait for: behind, or
+    /// silent for [`STALE_AFTER`] but not yet for [`FORGET_AFTER`] of this instance's
+    /// contact.
+    pub fn waiting_on(&self) -> Vec<String> {
+        self.waiting_on_at(Instant::now())
+    }
+
+    fn waiting_on_at(&self, now: Instant) -> Vec<String> {
+        let v = self.view.lock();
+        let since = v.contact_since.unwrap_or(now);
+        let mut out: Vec<String> = v
+            .peers
+            .iter()
+            .filter(|(_, h)| {
+                let silent = now.duration_since(h.at);
+                let gone = now.duration_since(h.at.max(since)) >= FORGET_AFTER;
+                !gone && (h.behind || silent >= STALE_AFTER)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// Seeds of shared counters wait for the fleet: a [`CounterLoader`] that refuses
+/// (`Unavailable`) while another instance may hold a backlog the ledger lacks
+/// ([`Fleet::waiting_on`]), and otherwise loads through `inner`.
+pub struct FleetGate {
+    pub inner: Arc<dyn CounterLoader>,
+    pub fleet: Arc<Fleet>,
+}
+
+#[async_trait::async_trait]
+impl CounterLoader for FleetGate {
+    async fn load(
+        &self,
+        limit: &AppliedLimit,
+        counter: &mut Counter,
+        now: DateTime<Utc>,
+    ) -> Result<(), QuotaError> {
+        let waiting = self.fleet.waiting_on();
+        if !waiting.is_empty() {
+            return Err(QuotaError::Unavailable(format!(
+                "counter not rebuilt yet: waiting for {} other instance(s) to bring their journal backlog to the shared counters and the ledger",
+                waiting.len()
+            )));
+        }
+        self.inner.load(limit, counter, now).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::redis::PREFIX;
+
+    fn peer(id: &str, age_ms: u64, behind: bool) -> Peer {
+        Peer {
+            id: id.into(),
+            age: Duration::from_millis(age_ms),
+            behind,
+        }
+    }
+
+    #[test]
+    fn the_key_lives_under_the_store_prefix() {
+        assert_eq!(FLEET_KEY, format!("{PREFIX}fleet"));
+    }
+
+    #[test]
+    fn live_counts_recent_instances_and_itself() {
+        let f = Fleet::new("a");
+        assert_eq!(f.live(), 1);
+        f.observe(&[
+            peer("a", 0, false),
+            peer("b", 500, false),
+            peer("c", 9_000, false),
+            peer("d", 12_000, false),
+        ]);
+        assert_eq!(f.live(), 3, "a, b and c; d is older than LIVE_FOR");
+    }
+
+    #[test]
+    fn seeds_wait_for_peers_behind_or_silent() {
+        let f = Fleet::new("a");
+        f.observe(&[peer("a", 0, false), peer("b", 100, false)]);
+        assert!(f.waiting_on().is_empty());
+        f.observe(&[peer("a", 0, false), peer("b", 100, true)]);
+        assert_eq!(f.waiting_on(), vec!["b".to_string()]);
+        // Silent past STALE_AFTER: may be in the outage this instance came out of.
+        f.observe(&[peer("a", 0, false), peer("b", 4_000, false)]);
+        assert_eq!(f.waiting_on(), vec!["b".to_string()]);
+        f.observe(&[peer("a", 0, false), peer("b", 50, false)]);
+        assert!(f.waiting_on().is_empty());
+    }
+
+    #[test]
+    fn an_older_answer_never_overrides_a_newer_one() {
+        let f = Fleet::new("a");
+        f.observe(&[peer("b", 0, true)]);
+        // A reply that reports b older than already heard (it went quiet since) keeps
+        // what is newest.
+        f.observe(&[peer("b", 2_000, false)]);
+        assert_eq!(f.waiting_on(), vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn a_peer_missing_from_the_store_is_waited_for_until_forgotten() {
+        let f = Fleet::new("a");
+        let t0 = Instant::now();
+        f.observe_at(&[peer("b", 0, false)], t0);
+        // An outage of 20 s; the store comes back empty: b is not in its answer, and may
+        // be replaying the backlog of that outage.
+        f.lost_contact();
+        let back = t0 + Duration::from_secs(20);
+        f.observe_at(&[peer("a", 0, false)], back);
+        assert_eq!(f.live(), 1);
+        assert_eq!(f.waiting_on_at(back), vec!["b".to_string()]);
+        // Still silent FORGET_AFTER into the contact: gone.
+        let later = back + FORGET_AFTER;
+        f.observe_at(&[peer("a", 0, false)], later);
+        assert!(f.waiting_on_at(later).is_empty());
+        // b heard from again right after coming back: waited for no more.
+        let f = Fleet::new("a");
+        f.observe_at(&[peer("b", 0, false)], t0);
+        f.lost_contact();
+        f.observe_at(&[peer("a", 0, false), peer("b", 10, false)], back);
+        assert!(f.waiting_on_at(back).is_empty());
+    }
+}
