@@ -114,7 +114,8 @@ pub fn build_engine_parts(
                     };
                     (
                         // A counter missing in Redis waits for the other instances'
-                        // backlogs before it is rebuilt (issue: refill before they ship).
+                        // backlogs before it is rebuilt: a ledger without them counts
+                        // them never, or twice once they replay.
                         Arc::new(FleetGate {
                             inner: Arc::new(not_below()),
                             fleet: fleet.clone(),
