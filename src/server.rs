@@ -101,7 +101,31 @@ pub fn build_engine_parts(
             // Redis's counters outlive an outage: a reseed while Postgres is unreachable
             // never goes below the last state Redis reported (SPEC §4).
             let known = Arc::new(LastKnown::default());
-            let fleet = Arc::new(Fleet::new(config.server.instance_id.clone()));
+            // The share starts from what the previous run last heard, so a process
+            // started during an outage does not take the whole remainder.
+            let last_live = db
+                .call_blocking(|c| crate::shared::outbox::meta_get(c, FLEET_LIVE))
+                .ok()
+                .flatten()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(1);
+            let fleet =
+                Arc::new(Fleet::new(config.server.instance_id.clone()).with_last_live(last_live));
+            {
+                let db = db.clone();
+                fleet.on_live(move |n| {
+                    let db = db.clone();
+                    tokio::spawn(async move {
+                        let v = n.to_string();
+                        if let Err(e) = db
+                            .call(move |c| crate::shared::outbox::meta_set(c, FLEET_LIVE, &v))
+                            .await
+                        {
+                            tracing::warn!(error = %e, "cannot keep the fleet size in the journal");
+                        }
+                    });
+                });
+            }
             let (seed, local_seed): (Arc<dyn CounterLoader>, Arc<dyn CounterLoader>) = match &outbox
             {
                 Some(ob) => {
@@ -164,12 +188,18 @@ pub fn build_engine_parts(
     if let (Some(ob), Some(f)) = (&outbox, &fallback) {
         let limits: std::sync::Weak<dyn LimitsOf> = Arc::downgrade(&engine) as _;
         let applier = Applier::new(ob.clone(), store, limits);
+        if let Some(fleet) = f.fleet_handle() {
+            applier.set_fleet(fleet);
+        }
         let backlog: std::sync::Weak<dyn Backlog> = Arc::downgrade(&applier) as _;
         f.set_backlog(backlog);
         engine.set_applier(applier);
     }
     Ok((engine, outbox))
 }
+
+/// `journal_meta` name of the last fleet size heard (`quota::fleet`).
+const FLEET_LIVE: &str = "fleet_live";
 
 /// Log (at error level) every active key whose plan the configuration does not define, at
 /// start and whenever the key directory changes (a refresh from another instance's

@@ -911,13 +911,14 @@ async fn a_reseed_while_postgres_is_down_never_lowers_what_redis_reported() {
     let (_, other) = {
         env.pg.start_again();
         let k = a.create_live_key(&["--limit", "requests:total=10"]).await;
-        wait_key(&b, &k.1).await;
+        wait_key_unread().await;
         env.pg.stop();
         assert_eq!(env.redis.cli(&["FLUSHALL"]).trim(), "OK");
         k
     };
     let r = chat(&b, &other).await;
     assert_eq!(r.status, 503, "{}", r.text());
+    refused_as_unknown(&b);
     env.pg.start_again();
     settled_in_pg(&env.pg, &key_id, 10).await;
 }
@@ -1040,6 +1041,23 @@ async fn a_failing_store_is_answered_with_a_trace_id_never_its_error_text() {
     );
 }
 
+/// Lets `proxy`'s key directory pick up a key created elsewhere without sending it a
+/// request: any request reads the key's counters (even passthrough routes check the
+/// requests limit), and what Redis reports then is known to the instance. The directory
+/// refreshes every 250 ms.
+async fn wait_key_unread() {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+}
+
+/// The instance refused a counter because nothing was known of it (not, say, because
+/// it could not look the key up).
+fn refused_as_unknown(proxy: &Proxy) {
+    assert!(
+        proxy.logs().contains("nothing is known of this counter"),
+        "refused for another reason"
+    );
+}
+
 /// Waits until `proxy` has heard from `n` instances (itself included) through Redis.
 async fn wait_fleet(proxy: &Proxy, n: usize) {
     let t0 = Instant::now();
@@ -1150,9 +1168,10 @@ async fn local_counters_in_a_double_outage_start_from_what_redis_reported() {
     let a = env.proxy("local", "sidecar-a").await;
     let b = env.proxy("local", "sidecar-b").await;
     let (key_id, key) = a.create_live_key(&["--limit", "requests:total=10"]).await;
-    let (_, unseen) = a.create_live_key(&["--limit", "requests:total=10"]).await;
+    // Created through b: a never reads its counters before the outage.
+    let (_, unseen) = b.create_live_key(&["--limit", "requests:total=10"]).await;
     wait_key(&b, &key).await;
-    wait_key(&a, &unseen).await;
+    wait_key_unread().await;
     for _ in 0..8 {
         assert_eq!(chat(&b, &key).await.status, 200);
     }
@@ -1169,9 +1188,69 @@ async fn local_counters_in_a_double_outage_start_from_what_redis_reported() {
     // A key a never counted: nothing known of it, refused.
     let r = chat(&a, &unseen).await;
     assert_eq!(r.status, 503, "{}", r.text());
+    refused_as_unknown(&a);
 
     env.pg.start_again();
     env.redis.restart();
     wait_redis(&a, "up").await;
     assert_used(&a, &key_id, 9, "nothing admitted in the outage").await;
+}
+
+/// A rebuild the fleet defers is decided by the local counters for that request only:
+/// an instance waiting for a silent peer keeps Redis in force (before: it marked Redis
+/// down at every such request, and the flips kept it from ever forgetting the peer).
+#[tokio::test]
+async fn a_silent_peer_defers_rebuilds_without_taking_redis_out_of_force() {
+    let env = env().await;
+    let a = env.proxy("local", "sidecar-a").await;
+    let mut b = env.proxy("local", "sidecar-b").await;
+    wait_fleet(&a, 2).await;
+    b.kill9();
+    // b is silent past STALE_AFTER: a waits for it before rebuilding a missing counter.
+    let t0 = Instant::now();
+    while readyz(&a).await["fleet"]["waiting_on"] != serde_json::json!(["sidecar-b"]) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a never waited for b"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (key_id, key) = a.create_live_key(&["--limit", "requests:total=4"]).await;
+    // Live, two instances: a's share of the 4 is 2.
+    let statuses = burst(&[&a], &key, 4).await;
+    assert_eq!(count(&statuses, 200), 2, "{statuses:?}");
+    assert_eq!(readyz(&a).await["stores"]["redis"], "up");
+    assert!(
+        !a.logs().contains("switching to the on_unavailable policy"),
+        "a deferred rebuild took Redis out of force"
+    );
+    // Once b is forgotten, the counter is rebuilt from the ledger: 2 used, 2 left.
+    settled_in_pg(&env.pg, &key_id, 2).await;
+    let t0 = Instant::now();
+    while readyz(&a).await["fleet"]["waiting_on"] != serde_json::json!([]) {
+        assert!(t0.elapsed() < Duration::from_secs(40), "b never forgotten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_used(&a, &key_id, 2, "rebuilt from the ledger").await;
+    let statuses = burst(&[&a], &key, 4).await;
+    assert_eq!(count(&statuses, 200), 2, "{statuses:?}");
+}
+
+/// Two processes under one `server.instance_id` (a copied config): each counts the
+/// other in the local-mode share, instead of each taking the whole of it.
+#[tokio::test]
+async fn two_processes_under_one_instance_id_both_count_in_the_share() {
+    let env = env().await;
+    let a = env.proxy("local", "sidecar-a").await;
+    let twin = env.proxy("local", "sidecar-a").await;
+    for p in [&a, &twin] {
+        wait_fleet(p, 2).await;
+    }
+    assert!(
+        a.logs()
+            .contains("another process heartbeats under this instance id")
+            || twin
+                .logs()
+                .contains("another process heartbeats under this instance id")
+    );
 }

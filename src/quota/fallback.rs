@@ -57,6 +57,11 @@ pub trait Backlog: Send + Sync {
     fn behind(&self) -> bool {
         false
     }
+    /// Whether this instance's own changes wait longer than the normal lag to reach the
+    /// primary (its replay is pending).
+    fn unapplied(&self) -> bool {
+        false
+    }
 }
 
 /// The last `used + reserved` the primary reported per counter, with its window: what is
@@ -125,6 +130,10 @@ pub struct FallbackStore {
     known: Arc<LastKnown>,
     /// The instances enforcing the same limits (shared store with a heartbeat).
     fleet: OnceLock<Arc<Fleet>>,
+    /// Some request was decided locally while the primary was up (a deferred rebuild).
+    deferred: std::sync::atomic::AtomicBool,
+    /// A duplicated instance id was reported (logged once per episode).
+    twin: std::sync::atomic::AtomicBool,
 }
 
 /// Seeds local counters: durable history first, the primary's last report otherwise.
@@ -197,6 +206,8 @@ impl FallbackStore {
             backlog: OnceLock::new(),
             known,
             fleet: OnceLock::new(),
+            deferred: std::sync::atomic::AtomicBool::new(false),
+            twin: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -204,6 +215,11 @@ impl FallbackStore {
     /// instance's share of the fleet in the local counters (set once, at start).
     pub fn set_fleet(&self, fleet: Arc<Fleet>) {
         let _ = self.fleet.set(fleet);
+    }
+
+    /// The fleet this store heartbeats for, if any.
+    pub fn fleet_handle(&self) -> Option<Arc<Fleet>> {
+        self.fleet.get().cloned()
     }
 
     /// Heartbeat when one is due (primary up): learn the fleet, and set the local share to
@@ -220,10 +236,20 @@ impl FallbackStore {
             .get()
             .and_then(Weak::upgrade)
             .is_some_and(|b| b.behind());
-        match self.primary.heartbeat(fleet.me(), behind).await {
-            Ok(Some(peers)) => {
-                fleet.observe(&peers);
+        match self
+            .primary
+            .heartbeat(fleet.me(), fleet.nonce(), behind)
+            .await
+        {
+            Ok(Some(hb)) => {
+                fleet.observe(&hb.peers, hb.twin);
                 self.local.set_share(fleet.live());
+                let was = self
+                    .twin
+                    .swap(hb.twin, std::sync::atomic::Ordering::Relaxed);
+                if hb.twin && !was {
+                    tracing::error!(instance_id = %fleet.me(), "another process heartbeats under this instance id; give every instance its own server.instance_id (each is counted in the local-mode share meanwhile)");
+                }
             }
             Ok(None) => {}
             Err(e @ QuotaError::Unavailable(_)) => self.mark_down(&e).await,
@@ -259,6 +285,15 @@ impl FallbackStore {
             tracing::warn!(error = %e, policy = ?self.policy, "quota store unavailable; switching to the on_unavailable policy");
             std::mem::take(&mut s.primary_holds)
         };
+        // Local counters left from a deferred rebuild are stale: start this outage from
+        // fresh loads, keeping the requests they still hold.
+        let running: Vec<ReserveRequest> = self.state.lock().local.values().cloned().collect();
+        self.local.clear();
+        for req in &running {
+            if let Err(e) = self.local.hold(req).await {
+                tracing::warn!(error = %e, trace_id = %req.trace_id, "cannot hold a request in flight locally");
+            }
+        }
         let n = held.len();
         for req in held.into_values() {
             // Finished locally from now on: the primary stops refreshing its hold, which
@@ -294,6 +329,87 @@ impl FallbackStore {
         self.known.record(states);
     }
 
+    /// The primary's answer, while it is up: `None` when it went down (now marked) —
+    /// the policy decides then. A rebuild the fleet defers is decided by the local
+    /// counters, the primary staying in force.
+    async fn reserve_primary(
+        &self,
+        req: &ReserveRequest,
+    ) -> Result<Option<ReserveOutcome>, QuotaError> {
+        if !self.primary_up() {
+            return Ok(None);
+        }
+        match self.primary.reserve(req).await {
+            Ok(out) => {
+                if let ReserveOutcome::Admitted(states) = &out {
+                    {
+                        self.remember(states);
+                        if self.policy == OnUnavailable::Local {
+                            let late = {
+                                let mut s = self.state.lock();
+                                if s.primary_up {
+                                    s.primary_holds.insert(req.trace_id.clone(), req.clone());
+                                }
+                                !s.primary_up
+                            };
+                            // The primary went down since it answered: carry this one over.
+                            if late {
+                                let _g = self.handover.read().await;
+                                self.hold_locally(req).await;
+                            }
+                        }
+                    }
+                }
+                if self.deferred.load(std::sync::atomic::Ordering::Relaxed) {
+                    // These counters are in the primary now: local copies made while their
+                    // rebuild was deferred would be stale at the next deferral.
+                    self.local.drop_idle(&req.limits);
+                }
+                Ok(Some(out))
+            }
+            Err(QuotaError::Deferred(why)) => {
+                tracing::debug!(trace_id = %req.trace_id, reason = %why, "decided by the local counters");
+                let _g = self.handover.read().await;
+                self.reserve_by_policy(req, true).await.map(Some)
+            }
+            Err(e @ QuotaError::Unavailable(_)) => {
+                self.mark_down(&e).await;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `on_unavailable` decides `req` (the caller holds the hand-over lock for reading).
+    async fn reserve_by_policy(
+        &self,
+        req: &ReserveRequest,
+        deferred: bool,
+    ) -> Result<ReserveOutcome, QuotaError> {
+        match self.policy {
+            OnUnavailable::Closed => Err(QuotaError::Unavailable(if deferred {
+                "a counter is being rebuilt after an outage and on_unavailable = \"closed\"".into()
+            } else {
+                "quota store down and on_unavailable = \"closed\"".into()
+            })),
+            OnUnavailable::Open => Ok(ReserveOutcome::Admitted(Vec::new())),
+            OnUnavailable::Local => {
+                let out = self.local.reserve(req).await?;
+                if matches!(out, ReserveOutcome::Admitted(_)) {
+                    self.state
+                        .lock()
+                        .local
+                        .insert(req.trace_id.clone(), req.clone());
+                    if deferred {
+                        self.deferred
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Probe a down primary once: a real round trip; when it answers, have the journal's
     /// backlog replayed to it (idempotent per trace id), then make it authoritative again
     /// and drop every local counter and hold. Returns whether the primary is up afterwards.
@@ -319,8 +435,14 @@ impl FallbackStore {
             for req in &carried {
                 match self.primary.reserve(req).await {
                     Ok(ReserveOutcome::Admitted(_)) => held.push(req.clone()),
-                    // Full already (its settle adds the actual), or held.
-                    Ok(_) => {}
+                    // Its hold from before the outage is still there: keep it alive again.
+                    Ok(ReserveOutcome::Duplicate) => {
+                        self.primary.adopt(req);
+                        held.push(req.clone());
+                    }
+                    // Full already (its settle adds the actual), or its counter is not
+                    // rebuilt yet (the rebuild counts what has settled by then).
+                    Ok(_) | Err(QuotaError::Deferred(_)) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "carrying local holds to the quota store failed; will retry");
                         for r in &held {
@@ -354,54 +476,25 @@ impl FallbackStore {
 #[async_trait::async_trait]
 impl QuotaStore for FallbackStore {
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, QuotaError> {
-        if self.primary_up() {
-            match self.primary.reserve(req).await {
-                Ok(out) => {
-                    if let ReserveOutcome::Admitted(states) = &out {
-                        self.remember(states);
-                        if self.policy == OnUnavailable::Local {
-                            let late = {
-                                let mut s = self.state.lock();
-                                if s.primary_up {
-                                    s.primary_holds.insert(req.trace_id.clone(), req.clone());
-                                }
-                                !s.primary_up
-                            };
-                            // The primary went down since it answered: carry this one over.
-                            if late {
-                                let _g = self.handover.read().await;
-                                self.hold_locally(req).await;
-                            }
-                        }
-                    }
-                    return Ok(out);
-                }
-                Err(e @ QuotaError::Unavailable(_)) => self.mark_down(&e).await,
-                Err(e) => return Err(e),
+        // Twice at most: a primary that came back while this request waited for the
+        // hand-over decides it, not the local counters it no longer uses.
+        for attempt in 0..2 {
+            if let Some(out) = self.reserve_primary(req).await? {
+                return Ok(out);
             }
-        }
-        match self.policy {
-            OnUnavailable::Closed => Err(QuotaError::Unavailable(
-                "quota store down and on_unavailable = \"closed\"".into(),
-            )),
-            OnUnavailable::Open => Ok(ReserveOutcome::Admitted(Vec::new())),
-            OnUnavailable::Local => {
-                let _g = self.handover.read().await;
-                let out = self.local.reserve(req).await?;
-                if matches!(out, ReserveOutcome::Admitted(_)) {
-                    self.state
-                        .lock()
-                        .local
-                        .insert(req.trace_id.clone(), req.clone());
-                }
-                Ok(out)
+            let _g = self.handover.read().await;
+            if self.primary_up() && attempt == 0 {
+                continue;
             }
+            return self.reserve_by_policy(req, false).await;
         }
+        Err(QuotaError::Unavailable("quota store flapping".into()))
     }
 
     /// The request path's settle: to the primary while it is up; otherwise counted in the
     /// local counters (once per trace id) and answered `Unavailable` — the journal has it
-    /// and the applier replays it to the primary.
+    /// and the applier replays it to the primary. A request the local counters decided
+    /// while the primary was up (a deferred rebuild) is counted in both.
     async fn settle(
         &self,
         trace_id: &str,
@@ -416,8 +509,11 @@ impl QuotaStore for FallbackStore {
         };
         if self.primary_up() {
             if was_local {
-                // Admitted locally just before the primary came back.
-                self.local.release(trace_id).await?;
+                // Decided locally (a deferred rebuild, or just before the primary came
+                // back): the local counters count it for the decisions they still make.
+                self.local
+                    .settle(trace_id, actual, started_at, limits)
+                    .await?;
             }
             match self
                 .primary
@@ -514,7 +610,11 @@ impl QuotaStore for FallbackStore {
     async fn usage(&self, limits: &[AppliedLimit]) -> Result<Vec<LimitState>, QuotaError> {
         if self.primary_up() {
             match self.primary.usage(limits).await {
-                Ok(s) => return Ok(s),
+                Ok(s) => {
+                    self.remember(&s);
+                    return Ok(s);
+                }
+                Err(QuotaError::Deferred(_)) => return self.local.usage(limits).await,
                 Err(e @ QuotaError::Unavailable(_)) => self.mark_down(&e).await,
                 Err(e) => return Err(e),
             }
@@ -535,14 +635,22 @@ impl QuotaStore for FallbackStore {
     }
 
     async fn recover(&self) {
+        if let Some(f) = self.fleet.get() {
+            f.set_self_behind(
+                self.backlog
+                    .get()
+                    .and_then(Weak::upgrade)
+                    .is_some_and(|b| b.unapplied()),
+            );
+        }
         if self.probe().await {
             self.heartbeat().await;
         }
     }
 
     async fn rebuild(&self, limits: &[AppliedLimit]) -> Result<(), QuotaError> {
-        self.local.rebuild(limits).await?;
         if !self.primary_up() {
+            self.local.rebuild(limits).await?;
             // The counters in force now are the local ones, rebuilt above. Redis's own
             // are fixed by running reconcile again once it is back.
             tracing::warn!(
@@ -553,6 +661,7 @@ impl QuotaStore for FallbackStore {
         match self.primary.rebuild(limits).await {
             Err(e @ QuotaError::Unavailable(_)) => {
                 self.mark_down(&e).await;
+                self.local.rebuild(limits).await?;
                 tracing::warn!(
                     "quota store down: rebuilt the local counters only; run reconcile --fix again once it is back"
                 );

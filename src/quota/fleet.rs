@@ -50,6 +50,8 @@ pub const LIVE_FOR: Duration = Duration::from_secs(10);
 pub const STALE_AFTER: Duration = Duration::from_secs(3);
 /// An instance silent for this long, while this one was in contact, is gone.
 pub const FORGET_AFTER: Duration = Duration::from_secs(30);
+/// How long a rebuild at start waits for the journal's first replay into Redis.
+pub const STARTUP_REPLAY_WAIT: Duration = Duration::from_secs(3);
 
 /// One instance as the shared store remembers it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +61,15 @@ pub struct Peer {
     pub age: Duration,
     /// It said it has a backlog the shared counters or the ledger of record lack.
     pub behind: bool,
+}
+
+/// What one heartbeat learnt.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub peers: Vec<Peer>,
+    /// Another process heartbeats under this instance's id (a duplicated
+    /// `server.instance_id`).
+    pub twin: bool,
 }
 
 struct Heard {
@@ -79,18 +90,73 @@ struct View {
 /// This instance's view of the fleet.
 pub struct Fleet {
     me: String,
+    /// Tells this process's heartbeats from another process's under the same id.
+    nonce: String,
     view: Mutex<View>,
+    /// This instance's own journal has changes Redis lacks (replay pending): its own
+    /// rebuilds wait too, or the replay would land on a seed that counts them.
+    self_behind: std::sync::atomic::AtomicBool,
+    /// The journal's first replay into Redis is done (what a previous run left
+    /// unapplied, and the settles of its recovery, are in Redis).
+    started: tokio::sync::watch::Sender<bool>,
+    /// Told every new `live` count (to keep it for the next start).
+    on_live: std::sync::OnceLock<Box<dyn Fn(usize) + Send + Sync>>,
 }
 
 impl Fleet {
     pub fn new(me: impl Into<String>) -> Fleet {
         Fleet {
             me: me.into(),
+            nonce: uuid::Uuid::now_v7().simple().to_string(),
             view: Mutex::new(View {
                 live: 1,
                 ..View::default()
             }),
+            self_behind: std::sync::atomic::AtomicBool::new(false),
+            started: tokio::sync::watch::Sender::new(false),
+            on_live: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Call `f` with every new `live` count.
+    pub fn on_live(&self, f: impl Fn(usize) + Send + Sync + 'static) {
+        let _ = self.on_live.set(Box::new(f));
+    }
+
+    /// Start from the `live` count a previous run last heard (kept in the journal), so a
+    /// process started during an outage does not take the whole remainder.
+    pub fn with_last_live(self, live: usize) -> Fleet {
+        self.view.lock().live = live.max(1);
+        self
+    }
+
+    pub fn nonce(&self) -> &str {
+        &self.nonce
+    }
+
+    /// Record whether this instance's own journal waits to be applied to Redis.
+    pub fn set_self_behind(&self, behind: bool) {
+        self.self_behind
+            .store(behind, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn self_behind(&self) -> bool {
+        self.self_behind.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The journal's first replay into Redis is done.
+    pub fn mark_started(&self) {
+        self.started
+            .send_if_modified(|s| !std::mem::replace(s, true));
+    }
+
+    /// Wait (at most `limit`) for the journal's first replay into Redis; whether it is done.
+    pub async fn wait_started(&self, limit: Duration) -> bool {
+        let mut rx = self.started.subscribe();
+        matches!(
+            tokio::time::timeout(limit, rx.wait_for(|s| *s)).await,
+            Ok(Ok(_))
+        )
     }
 
     pub fn me(&self) -> &str {
@@ -106,8 +172,20 @@ impl Fleet {
     }
 
     /// Record an answer of the shared store.
-    pub fn observe(&self, peers: &[Peer]) {
+    pub fn observe(&self, peers: &[Peer], twin: bool) {
+        let before = self.live();
         self.observe_at(peers, Instant::now());
+        if twin {
+            // Another process heartbeats under this instance's id: it counts too, or each
+            // twin would take the whole share.
+            self.view.lock().live += 1;
+        }
+        let now = self.live();
+        if now != before
+            && let Some(f) = self.on_live.get()
+        {
+            f(now);
+        }
     }
 
     fn observe_at(&self, peers: &[Peer], now: Instant) {
@@ -173,8 +251,9 @@ impl Fleet {
 }
 
 /// Seeds of shared counters wait for the fleet: a [`CounterLoader`] that refuses
-/// (`Unavailable`) while another instance may hold a backlog the ledger lacks
-/// ([`Fleet::waiting_on`]), and otherwise loads through `inner`.
+/// (`Deferred`: this request is decided by the local counters, Redis stays in force) while
+/// this instance's own journal or another instance's may hold changes the ledger and the
+/// counters lack ([`Fleet::waiting_on`]), and otherwise loads through `inner`.
 pub struct FleetGate {
     pub inner: Arc<dyn CounterLoader>,
     pub fleet: Arc<Fleet>,
@@ -188,9 +267,16 @@ impl CounterLoader for FleetGate {
         counter: &mut Counter,
         now: DateTime<Utc>,
     ) -> Result<(), QuotaError> {
+        // A rebuild right after start would count this instance's unapplied settles
+        // (from its journal) and then see the replay add them again.
+        if !self.fleet.wait_started(STARTUP_REPLAY_WAIT).await || self.fleet.self_behind() {
+            return Err(QuotaError::Deferred(
+                "counter not rebuilt yet: this instance's journal is still being applied to the shared counters".into(),
+            ));
+        }
         let waiting = self.fleet.waiting_on();
         if !waiting.is_empty() {
-            return Err(QuotaError::Unavailable(format!(
+            return Err(QuotaError::Deferred(format!(
                 "counter not rebuilt yet: waiting for {} other instance(s) to bring their journal backlog to the shared counters and the ledger",
                 waiting.len()
             )));
@@ -221,36 +307,39 @@ mod tests {
     fn live_counts_recent_instances_and_itself() {
         let f = Fleet::new("a");
         assert_eq!(f.live(), 1);
-        f.observe(&[
-            peer("a", 0, false),
-            peer("b", 500, false),
-            peer("c", 9_000, false),
-            peer("d", 12_000, false),
-        ]);
+        f.observe(
+            &[
+                peer("a", 0, false),
+                peer("b", 500, false),
+                peer("c", 9_000, false),
+                peer("d", 12_000, false),
+            ],
+            false,
+        );
         assert_eq!(f.live(), 3, "a, b and c; d is older than LIVE_FOR");
     }
 
     #[test]
     fn seeds_wait_for_peers_behind_or_silent() {
         let f = Fleet::new("a");
-        f.observe(&[peer("a", 0, false), peer("b", 100, false)]);
+        f.observe(&[peer("a", 0, false), peer("b", 100, false)], false);
         assert!(f.waiting_on().is_empty());
-        f.observe(&[peer("a", 0, false), peer("b", 100, true)]);
+        f.observe(&[peer("a", 0, false), peer("b", 100, true)], false);
         assert_eq!(f.waiting_on(), vec!["b".to_string()]);
         // Silent past STALE_AFTER: may be in the outage this instance came out of.
-        f.observe(&[peer("a", 0, false), peer("b", 4_000, false)]);
+        f.observe(&[peer("a", 0, false), peer("b", 4_000, false)], false);
         assert_eq!(f.waiting_on(), vec!["b".to_string()]);
-        f.observe(&[peer("a", 0, false), peer("b", 50, false)]);
+        f.observe(&[peer("a", 0, false), peer("b", 50, false)], false);
         assert!(f.waiting_on().is_empty());
     }
 
     #[test]
     fn an_older_answer_never_overrides_a_newer_one() {
         let f = Fleet::new("a");
-        f.observe(&[peer("b", 0, true)]);
+        f.observe(&[peer("b", 0, true)], false);
         // A reply that reports b older than already heard (it went quiet since) keeps
         // what is newest.
-        f.observe(&[peer("b", 2_000, false)]);
+        f.observe(&[peer("b", 2_000, false)], false);
         assert_eq!(f.waiting_on(), vec!["b".to_string()]);
     }
 

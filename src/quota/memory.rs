@@ -110,6 +110,17 @@ impl MemoryStore {
             .store(n.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Forget the counters of `limits` that hold nothing: they are reloaded at next use.
+    pub fn drop_idle(&self, limits: &[AppliedLimit]) {
+        let mut inner = self.inner.lock();
+        for l in limits {
+            let key = l.counter_key();
+            if inner.counters.get(&key).is_some_and(|e| e.reserved == 0) {
+                inner.counters.remove(&key);
+            }
+        }
+    }
+
     /// Hold `req` without checking any cap: a request another store admitted, carried
     /// over into this one. A trace id already held is left as it is.
     pub async fn hold(&self, req: &ReserveRequest) -> Result<(), QuotaError> {

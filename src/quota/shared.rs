@@ -98,9 +98,10 @@ impl QuotaStore for LazyRedis {
     async fn heartbeat(
         &self,
         instance: &str,
+        nonce: &str,
         behind: bool,
-    ) -> Result<Option<Vec<crate::quota::fleet::Peer>>, QuotaError> {
-        self.store().await?.heartbeat(instance, behind).await
+    ) -> Result<Option<crate::quota::fleet::Heartbeat>, QuotaError> {
+        self.store().await?.heartbeat(instance, nonce, behind).await
     }
 
     async fn usage(&self, limits: &[AppliedLimit]) -> Result<Vec<LimitState>, QuotaError> {
@@ -118,6 +119,12 @@ impl QuotaStore for LazyRedis {
     fn forget(&self, trace_id: &str) {
         if let Some(s) = self.cell.get() {
             s.forget(trace_id);
+        }
+    }
+
+    fn adopt(&self, req: &ReserveRequest) {
+        if let Some(s) = self.cell.get() {
+            s.adopt(req);
         }
     }
 }

@@ -150,6 +150,11 @@ pub enum QuotaError {
     Unavailable(String),
     #[error("quota store: {0}")]
     Other(String),
+    /// A counter missing in the shared store cannot be rebuilt yet (another instance's
+    /// journal backlog is not in the ledger and the counters; [`crate::quota::fleet`]):
+    /// decide this request with the local counters, the shared store stays in force.
+    #[error("quota store: {0}")]
+    Deferred(String),
 }
 
 /// A backend that counts and holds.
@@ -186,16 +191,18 @@ pub trait QuotaStore: Send + Sync {
     fn fleet(&self) -> Option<(usize, Vec<String>)> {
         None
     }
-    /// Tell the shared store this instance is alive, and whether it is `behind` (has
+    /// Tell the shared store this instance (this process: `nonce`) is alive, and whether it
+    /// is `behind` (has
     /// journaled counter changes the shared counters or the ledger of record lack); learn
     /// every instance it remembers ([`crate::quota::fleet`]). `None`: this store is not
     /// shared (nobody else enforces the same limits).
     async fn heartbeat(
         &self,
         instance: &str,
+        nonce: &str,
         behind: bool,
-    ) -> Result<Option<Vec<crate::quota::fleet::Peer>>, QuotaError> {
-        let _ = (instance, behind);
+    ) -> Result<Option<crate::quota::fleet::Heartbeat>, QuotaError> {
+        let _ = (instance, nonce, behind);
         Ok(None)
     }
     /// Apply a journaled settle to the shared counters only — never to a local fallback —
@@ -222,6 +229,11 @@ pub trait QuotaStore: Send + Sync {
     /// Whether the shared counters are the ones in force (false while a fallback is).
     fn shared_up(&self) -> bool {
         true
+    }
+    /// Keep refreshing the hold `req` made in the shared store before this process stopped
+    /// tracking it ([`QuotaStore::forget`]): it is running again under this store.
+    fn adopt(&self, req: &ReserveRequest) {
+        let _ = req;
     }
     /// Stop keeping `trace_id`'s hold alive: its request is finished elsewhere (the local
     /// fallback), so the hold may expire by its TTL.

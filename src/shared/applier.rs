@@ -69,8 +69,13 @@ pub struct Applier {
     wake: Notify,
     /// One replay at a time (the background loop and the probe).
     pass: tokio::sync::Mutex<()>,
-    /// Journaled changes wait past [`BEHIND_AFTER`] (as of the last status refresh).
+    /// Journaled changes wait past [`BEHIND_AFTER`] to reach Redis, or (Postgres
+    /// answering) to ship (as of the last status refresh).
     behind: std::sync::atomic::AtomicBool,
+    /// Journaled changes wait past [`BEHIND_AFTER`] to reach Redis.
+    unapplied_old: std::sync::atomic::AtomicBool,
+    /// Told when the first replay is done.
+    fleet: std::sync::OnceLock<Arc<crate::quota::fleet::Fleet>>,
     /// Events the store refused outright, set aside (see [`Applier::replay_pending`]).
     set_aside: std::sync::atomic::AtomicU64,
 }
@@ -124,9 +129,20 @@ impl Applier {
             done: Mutex::new(Vec::new()),
             wake: Notify::new(),
             pass: tokio::sync::Mutex::new(()),
+            // Until the first look at the journal (one pass). What a previous run left
+            // unapplied holds back this instance's own rebuilds until its first replay
+            // ([`crate::quota::fleet::Fleet::wait_started`]).
             behind: std::sync::atomic::AtomicBool::new(false),
+            unapplied_old: std::sync::atomic::AtomicBool::new(false),
+            fleet: std::sync::OnceLock::new(),
             set_aside: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Tell `fleet` when the first replay is done (rebuilds of shared counters wait
+    /// for it).
+    pub fn set_fleet(&self, fleet: Arc<crate::quota::fleet::Fleet>) {
+        let _ = self.fleet.set(fleet);
     }
 
     fn claim(&self, seq: i64) -> bool {
@@ -326,6 +342,9 @@ impl Applier {
             }
         }
         self.flush().await?;
+        if let Some(f) = self.fleet.get() {
+            f.mark_started();
+        }
         if applied > 0 {
             tracing::info!(
                 events = applied,
@@ -358,10 +377,14 @@ impl Applier {
                     t.and_then(|t| crate::time::from_text(&t))
                         .is_some_and(|t| t < cutoff)
                 };
-                self.behind.store(
-                    old(unapplied) || old(unshipped),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
+                // Unshipped while Postgres is down is no reason to hold back another
+                // instance's rebuild: that rebuild cannot read Postgres either.
+                let unapplied = old(unapplied);
+                let unshipped = old(unshipped) && self.outbox.pg_up();
+                self.unapplied_old
+                    .store(unapplied, std::sync::atomic::Ordering::Relaxed);
+                self.behind
+                    .store(unapplied || unshipped, std::sync::atomic::Ordering::Relaxed);
             }
             Err(e) => {
                 // Not knowing is not "caught up".
@@ -411,5 +434,10 @@ impl Backlog for Applier {
 
     fn behind(&self) -> bool {
         self.behind.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn unapplied(&self) -> bool {
+        self.unapplied_old
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }

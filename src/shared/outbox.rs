@@ -288,6 +288,25 @@ pub fn mark_applied(c: &Connection, seqs: &[i64]) -> Result<usize, DbError> {
     .execute(params![list, crate::time::now_text()])?)
 }
 
+/// A named value kept with the journal (`journal_meta`), if set.
+pub fn meta_get(c: &Connection, name: &str) -> Result<Option<String>, DbError> {
+    use rusqlite::OptionalExtension;
+    Ok(
+        c.prepare_cached("SELECT value FROM journal_meta WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
+            .optional()?,
+    )
+}
+
+/// Set a named value kept with the journal.
+pub fn meta_set(c: &Connection, name: &str, value: &str) -> Result<(), DbError> {
+    c.prepare_cached(
+        "INSERT INTO journal_meta (name, value) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([name, value])?;
+    Ok(())
+}
+
 /// This journal's instance identity: the stored one, else `generated` (stored now, once).
 pub fn instance_identity(c: &Connection, generated: &str) -> Result<String, DbError> {
     c.prepare_cached("INSERT INTO journal_meta (name, value) VALUES ('instance_id', ?1) ON CONFLICT(name) DO NOTHING")?

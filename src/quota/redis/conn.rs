@@ -193,7 +193,11 @@ pub fn classify(e: RedisError) -> QuotaError {
                         | ServerErrorKind::BusyLoading
                         | ServerErrorKind::ReadOnly
                 )
-        );
+        )
+        // Out of memory, a busy script, a missing permission: the operator can fix the
+        // server while the request path goes on under its policy; a journaled change
+        // must wait for that, not be set aside.
+        || matches!(e.code(), Some("OOM" | "BUSY" | "NOPERM" | "LOADING"));
     if transient {
         QuotaError::Unavailable(format!("redis: {e}"))
     } else {

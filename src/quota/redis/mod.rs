@@ -531,13 +531,17 @@ impl QuotaStore for RedisStore {
     async fn heartbeat(
         &self,
         instance: &str,
+        nonce: &str,
         behind: bool,
-    ) -> Result<Option<Vec<crate::quota::fleet::Peer>>, QuotaError> {
+    ) -> Result<Option<crate::quota::fleet::Heartbeat>, QuotaError> {
+        use crate::quota::fleet::{BEAT_EVERY, FLEET_KEY, FORGET_AFTER};
         let mut inv = self.scripts.heartbeat.prepare_invoke();
-        inv.key(crate::quota::fleet::FLEET_KEY)
+        inv.key(FLEET_KEY)
             .arg(instance)
             .arg(if behind { "1" } else { "0" })
-            .arg(crate::quota::fleet::FORGET_AFTER.as_millis() as u64);
+            .arg(FORGET_AFTER.as_millis() as u64)
+            .arg(nonce)
+            .arg((BEAT_EVERY * 3).as_millis() as u64);
         let r = self.call(&inv).await?;
         if r.status != "OK" {
             return Err(QuotaError::Other(format!(
@@ -571,7 +575,13 @@ impl QuotaStore for RedisStore {
                 behind: reply::int(behind)? != 0,
             });
         }
-        Ok(Some(peers))
+        let twin = r.rest.get(1).map(reply::int).transpose()?.unwrap_or(0) != 0;
+        Ok(Some(crate::quota::fleet::Heartbeat { peers, twin }))
+    }
+
+    fn adopt(&self, req: &ReserveRequest) {
+        let plan = Plan::new(self.tag_for(&req.limits, &req.trace_id), &req.limits);
+        self.holds.lock().insert(req.trace_id.clone(), plan);
     }
 
     /// No longer refresh `trace_id`'s hold: it expires after `reservation_ttl` unless a
