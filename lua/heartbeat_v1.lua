@@ -14,8 +14,7 @@
 -- Returns {'OK', now_ms, {id, age_ms, behind, ...}, twin 0/1} for every instance still
 -- remembered, this one included.
 
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local _, now_ms = server_time()
 local forget = tonumber(ARGV[3])
 
 local function parse(v)

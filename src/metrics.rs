@@ -153,6 +153,7 @@ pub struct Metrics {
     connections_refused: IntCounterVec,
     journal_oldest_unshipped: IntGauge,
     journal_quarantined: IntCounter,
+    counter_events_set_aside: IntCounter,
     undefined_plan_refusals: IntCounter,
     reconcile_differences: IntGauge,
     models: Mutex<HashSet<String>>,
@@ -277,6 +278,10 @@ impl Metrics {
             "journal_quarantined_total",
             "Journal events the ledger of record refused for their data, set aside in the journal's quarantine so the rows behind them ship (shared mode; always 0 in embedded mode).",
         )?;
+        let counter_events_set_aside = IntCounter::new(
+            "counter_events_set_aside_total",
+            "Journaled counter changes Redis refused outright (not unreachable), set aside so the rest apply; `tollgate reconcile --fix` brings them to the counters (shared mode with Redis).",
+        )?;
         let reconcile_differences = IntGauge::new(
             "reconcile_differences",
             "Counters that differed from the ledger at the last reconcile this instance ran (0 before the first).",
@@ -335,6 +340,7 @@ impl Metrics {
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(journal_oldest_unshipped.clone()))?;
         registry.register(Box::new(journal_quarantined.clone()))?;
+        registry.register(Box::new(counter_events_set_aside.clone()))?;
         registry.register(Box::new(undefined_plan_refusals.clone()))?;
         registry.register(Box::new(reconcile_differences.clone()))?;
         Ok(Metrics {
@@ -360,6 +366,7 @@ impl Metrics {
             connections_refused,
             journal_oldest_unshipped,
             journal_quarantined,
+            counter_events_set_aside,
             undefined_plan_refusals,
             reconcile_differences,
             models: Mutex::new(HashSet::new()),
@@ -500,6 +507,14 @@ impl Metrics {
         let seen = self.journal_quarantined.get();
         if total > seen {
             self.journal_quarantined.inc_by(total - seen);
+        }
+    }
+
+    /// Bring the set-aside counter up to the applier's total (read at scrape time).
+    pub fn set_counter_events_set_aside_total(&self, total: u64) {
+        let seen = self.counter_events_set_aside.get();
+        if total > seen {
+            self.counter_events_set_aside.inc_by(total - seen);
         }
     }
 

@@ -18,7 +18,7 @@ use crate::proxy::Gateway;
 use crate::proxy::listener::Guarded;
 use crate::proxy::upstream::{Upstream, resolve_loop};
 use crate::quota::fallback::{Backlog, FallbackStore, LastKnown};
-use crate::quota::fleet::{Fleet, FleetGate};
+use crate::quota::fleet::{AloneOrNotBelow, Fleet, FleetGate};
 use crate::quota::memory::{CounterLoader, MemoryStore};
 use crate::quota::redis::RedisOptions;
 use crate::quota::shared::{DirectoryRoots, LazyRedis};
@@ -144,7 +144,11 @@ pub fn build_engine_parts(
                             inner: Arc::new(not_below()),
                             fleet: fleet.clone(),
                         }),
-                        Arc::new(not_below()),
+                        Arc::new(AloneOrNotBelow {
+                            not_below: Arc::new(not_below()),
+                            journal: ob.ledger_loader(),
+                            fleet: fleet.clone(),
+                        }),
                     )
                 }
                 None => (loader.clone(), loader.clone()),

@@ -619,6 +619,9 @@ async fn metrics(engine: &Engine) -> Result<Resp, AdminError> {
         .map(|t| (chrono::Utc::now() - t).to_std().unwrap_or_default());
     m.set_journal_oldest_unshipped(oldest);
     m.set_journal_quarantined_total(journal.quarantined_total);
+    if let Some(a) = engine.applier() {
+        m.set_counter_events_set_aside_total(a.set_aside_total());
+    }
     let text = m
         .render()
         .map_err(|e| AdminError::Internal(e.to_string()))?;

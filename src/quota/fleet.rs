@@ -285,6 +285,37 @@ impl CounterLoader for FleetGate {
     }
 }
 
+/// The local counters' loader: the ledger of record (never below what Redis last
+/// reported; nothing known → refused), except on an instance that last heard of no other
+/// (`live` = 1): its own journal is then the whole fleet's usage (bounded by the journal's
+/// retention), and refusing would stop a lone instance whose Postgres and Redis are both
+/// down for no one else's sake.
+pub struct AloneOrNotBelow {
+    pub not_below: Arc<dyn CounterLoader>,
+    pub journal: Arc<dyn CounterLoader>,
+    pub fleet: Arc<Fleet>,
+}
+
+#[async_trait::async_trait]
+impl CounterLoader for AloneOrNotBelow {
+    async fn load(
+        &self,
+        limit: &AppliedLimit,
+        counter: &mut Counter,
+        now: DateTime<Utc>,
+    ) -> Result<(), QuotaError> {
+        let mut c = counter.clone();
+        match self.not_below.load(limit, &mut c, now).await {
+            Ok(()) => {
+                *counter = c;
+                Ok(())
+            }
+            Err(_) if self.fleet.live() <= 1 => self.journal.load(limit, counter, now).await,
+            Err(e) => Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
