@@ -73,21 +73,6 @@ impl Admin {
     }
 }
 
-async fn start(extra: &str, opts: ProxyOptions) -> (mock_upstream::MockHandle, Proxy) {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            extra: extra.into(),
-            ..opts
-        },
-    )
-    .await;
-    (mock, proxy)
-}
-
 async fn chat(proxy: &Proxy, key: &str) -> Reply {
     post_json(
         &proxy.url(CHAT),
@@ -137,10 +122,9 @@ async fn settled_rows(proxy: &Proxy, key_id: &str, n: usize) -> Vec<Value> {
 
 #[tokio::test]
 async fn every_documented_route_works() {
-    let (_mock, proxy) = start(
+    let (_mock, proxy) = start(ProxyOptions::with_extra(
         "[plans.free]\nlimits = [\"requests:minute=100\"]\n",
-        ProxyOptions::default(),
-    )
+    ))
     .await;
     let admin = Admin::new(&proxy);
 
@@ -436,7 +420,7 @@ async fn every_documented_route_works() {
 
 #[tokio::test]
 async fn admin_routes_need_the_admin_token() {
-    let (_mock, proxy) = start("", ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let admin = Admin::new(&proxy);
     let doc: Value = serde_json::from_str(tollgate::admin::OPENAPI).unwrap();
     let wrong = "Bearer wrong-token";
@@ -608,7 +592,7 @@ async fn admin_routes_need_the_admin_token() {
 
 #[tokio::test]
 async fn key_changes_apply_to_the_proxy_immediately() {
-    let (_mock, proxy) = start("", ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let admin = Admin::new(&proxy);
     // The background refresh polls every 250 ms; five create→use and revoke→use rounds
     // back to back only pass if the admin API installs each change itself.
@@ -666,25 +650,24 @@ async fn key_changes_apply_to_the_proxy_immediately() {
 
 #[tokio::test]
 async fn transactions_page_newest_first_without_gaps() {
-    let (_mock, proxy) = start("", ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let admin = Admin::new(&proxy);
     let (id, secret) = proxy.create_live_key(&[]).await;
     let (other, other_secret) = proxy.create_live_key(&[]).await;
     // Concurrent requests so that some may share a start time.
-    let mut tasks = Vec::new();
-    for i in 0..7 {
-        let url = proxy.url(CHAT);
+    let url = proxy.url(CHAT);
+    let fired = fire(7, |i| {
+        let url = url.clone();
         let key = if i == 3 {
             other_secret.clone()
         } else {
             secret.clone()
         };
-        tasks.push(tokio::spawn(async move {
-            post_json(&url, &key, &chat_body("gpt-4o-mini", false, "hi"), &[]).await
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
+        async move { post_json(&url, &key, &chat_body("gpt-4o-mini", false, "hi"), &[]).await }
+    })
+    .await;
+    for status in fired.statuses() {
+        assert_eq!(status, 200);
     }
     settled_rows(&proxy, &id, 6).await;
     settled_rows(&proxy, &other, 1).await;
@@ -822,13 +805,10 @@ fn dashboard_metrics(v: &Value, out: &mut BTreeSet<String>) {
 
 #[tokio::test]
 async fn metrics_after_traffic_cover_the_dashboard() {
-    let (_mock, proxy) = start(
-        "",
-        ProxyOptions {
-            max_request_body: "32KiB".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        max_request_body: "32KiB".into(),
+        ..Default::default()
+    })
     .await;
     let admin = Admin::new(&proxy);
     // Keys made through the admin API are live at once: no polling (whose 401s would
@@ -1021,7 +1001,7 @@ fn raw_request(method: &str, path: &str, head_lines: &[String], body: &str) -> V
 
 #[tokio::test]
 async fn admin_paths_hosts_and_writes_are_checked_before_routing() {
-    let (_mock, proxy) = start("", ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let own_host = format!("host: {}", proxy.admin);
     let token = format!("authorization: Bearer {ADMIN_TOKEN}");
     let json_type = "content-type: application/json".to_string();
@@ -1184,13 +1164,10 @@ async fn admin_paths_hosts_and_writes_are_checked_before_routing() {
 #[tokio::test]
 async fn admin_listener_bounds_slow_heads_and_connections() {
     // Slow heads: a client that never finishes its request head is cut off.
-    let (_mock, proxy) = start(
-        "",
-        ProxyOptions {
-            server_extra: "header_timeout = \"1s\"".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        server_extra: "header_timeout = \"1s\"".into(),
+        ..Default::default()
+    })
     .await;
     use tokio::io::AsyncWriteExt;
     let mut slow = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
@@ -1204,13 +1181,10 @@ async fn admin_listener_bounds_slow_heads_and_connections() {
 
     // The connection cap: with every slot held by idle clients, one more is closed at
     // once; a freed slot is usable again.
-    let (_mock2, proxy) = start(
-        "",
-        ProxyOptions {
-            server_extra: "header_timeout = \"120s\"".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock2, proxy) = start(ProxyOptions {
+        server_extra: "header_timeout = \"120s\"".into(),
+        ..Default::default()
+    })
     .await;
     // Hold connections that were served (each keeps its connection alive after a 200)
     // until one is closed unanswered: at most MAX_CONNECTIONS are held at once. (Counting
@@ -1298,10 +1272,7 @@ async fn squatter(
 // Multi-threaded: the squatter answers while the test thread waits for the CLI.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sends_the_admin_token_only_to_the_instance_that_proves_itself() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, mut proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy.create_live_key(&["--limit", "usd:total=0.01"]).await;
     let r = post_json(
         &proxy.url(CHAT),
@@ -1360,13 +1331,10 @@ async fn connect_from(src: &str, to: std::net::SocketAddr) -> tokio::net::TcpStr
 #[tokio::test]
 async fn a_flood_from_one_address_leaves_slots_for_another() {
     // Connections that send nothing, held open far longer than the test runs.
-    let (_mock, proxy) = start(
-        "",
-        ProxyOptions {
-            server_extra: "header_timeout = \"120s\"".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        server_extra: "header_timeout = \"120s\"".into(),
+        ..Default::default()
+    })
     .await;
     let mut flood = Vec::new();
     for _ in 0..tollgate::admin::MAX_CONNECTIONS + 4 {

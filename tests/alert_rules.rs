@@ -130,10 +130,7 @@ async fn every_metric_the_rules_query_is_exported() {
     }
     assert!(queried.len() >= 7, "{queried:?}");
 
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     // One forwarded request, so the latency histogram has its buckets.
     let (id, key) = proxy
         .create_live_key(&["--limit", "requests:total=10"])

@@ -105,21 +105,11 @@ impl Receiver {
 }
 
 async fn setup(receiver: &Receiver, thresholds: &str) -> (mock_upstream::MockHandle, Proxy) {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            extra: format!(
-                "[alerts]\nthresholds = {thresholds}\nwebhook = \"http://{}/hook\"\n",
-                receiver.addr
-            ),
-            ..Default::default()
-        },
-    )
-    .await;
-    (mock, proxy)
+    start(ProxyOptions::with_extra(format!(
+        "[alerts]\nthresholds = {thresholds}\nwebhook = \"http://{}/hook\"\n",
+        receiver.addr
+    )))
+    .await
 }
 
 fn body(max_tokens: u64) -> Value {

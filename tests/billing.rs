@@ -9,21 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-async fn setup(extra_toml: &str) -> (mock_upstream::MockHandle, Proxy) {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            extra: extra_toml.into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    (mock, proxy)
-}
-
 fn settled(proxy: &Proxy) -> Vec<serde_json::Value> {
     proxy
         .ledger()
@@ -109,7 +94,7 @@ fn visible_usage(format: &str, body: &str) -> (i64, i64) {
 
 #[tokio::test]
 async fn billed_tokens_equal_upstream_usage_for_every_format() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let cases: Vec<(&str, &str, serde_json::Value)> = vec![
         (
@@ -185,7 +170,7 @@ async fn billed_tokens_equal_upstream_usage_for_every_format() {
 
 #[tokio::test]
 async fn estimated_output_when_usage_never_arrives() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let body = json!({"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}],"max_tokens":500});
     let r = post_json(
@@ -235,7 +220,7 @@ async fn upstream_usage_and_tollgates_count_agree_for_gpt_and_claude() {
         tokens::count(Encoding::O200k, prompt),
         tokens::count(Encoding::Cl100k, prompt)
     );
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let cases = [
         (
@@ -320,15 +305,14 @@ async fn upstream_usage_and_tollgates_count_agree_for_gpt_and_claude() {
 
 #[tokio::test]
 async fn concurrent_requests_admit_exactly_the_cap() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy
         .create_live_key(&["--limit", "requests:total=50"])
         .await;
-    let mut tasks = Vec::new();
-    for _ in 0..200 {
-        let url = proxy.url("/v1/chat/completions");
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
+    let url = proxy.url("/v1/chat/completions");
+    let fired = fire(200, |_| {
+        let (url, key) = (url.clone(), key.clone());
+        async move {
             post_json(
                 &url,
                 &key,
@@ -336,12 +320,12 @@ async fn concurrent_requests_admit_exactly_the_cap() {
                 &[("x-mock-words", "5")],
             )
             .await
-        }));
-    }
+        }
+    })
+    .await;
     let mut ok = 0;
     let mut limited = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
+    for r in &fired.replies {
         match r.status {
             200 => ok += 1,
             429 => {
@@ -374,13 +358,12 @@ async fn concurrent_requests_admit_exactly_the_cap() {
 #[tokio::test]
 async fn concurrent_spend_never_exceeds_a_usd_cap() {
     // gpt-4o: $2.50 in / $10 out per 1M. Each request states max_tokens=200.
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy.create_live_key(&["--limit", "usd:total=0.02"]).await;
-    let mut tasks = Vec::new();
-    for _ in 0..100 {
-        let url = proxy.url("/v1/chat/completions");
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
+    let url = proxy.url("/v1/chat/completions");
+    let fired = fire(100, |_| {
+        let (url, key) = (url.clone(), key.clone());
+        async move {
             post_json(
                 &url,
                 &key,
@@ -388,16 +371,13 @@ async fn concurrent_spend_never_exceeds_a_usd_cap() {
                 &[("x-mock-words", "150")],
             )
             .await
-        }));
-    }
-    let mut ok = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
-        assert!(r.status == 200 || r.status == 429, "{}", r.status);
-        if r.status == 200 {
-            ok += 1;
         }
+    })
+    .await;
+    for r in &fired.replies {
+        assert!(r.status == 200 || r.status == 429, "{}", r.status);
     }
+    let ok = fired.count(200);
     assert!(ok > 0);
     eventually("settled", || settled(&proxy).len() == ok).await;
     let spent: i64 = settled(&proxy)
@@ -413,7 +393,7 @@ async fn concurrent_spend_never_exceeds_a_usd_cap() {
 
 #[tokio::test]
 async fn upstream_error_consumes_nothing() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy
         .create_live_key(&["--limit", "requests:total=1"])
         .await;
@@ -450,7 +430,7 @@ async fn upstream_error_consumes_nothing() {
 
 #[tokio::test]
 async fn disconnect_mid_stream_bills_the_partial_and_frees_the_hold() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy
         .create_live_key(&["--limit", "requests:minute=100"])
         .await;
@@ -499,7 +479,7 @@ async fn disconnect_mid_stream_bills_the_partial_and_frees_the_hold() {
 
 #[tokio::test]
 async fn duplicate_idempotency_key_is_409_with_one_row() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy.create_live_key(&[]).await;
     let body = chat_body("gpt-4o-mini", false, "hi");
     let r1 = post_json(
@@ -581,7 +561,7 @@ async fn duplicate_idempotency_key_is_409_with_one_row() {
 
 #[tokio::test]
 async fn kill_9_and_restart_keeps_every_counter() {
-    let (_mock, mut proxy) = setup("").await;
+    let (_mock, mut proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy
         .create_live_key(&[
             "--limit",
@@ -665,7 +645,7 @@ async fn kill_9_and_restart_keeps_every_counter() {
 
 #[tokio::test]
 async fn small_and_large_bodies_are_both_admitted_and_forwarded() {
-    let (mock, proxy) = setup("").await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy
         .create_live_key(&["--limit", "input_tokens:day=10000000"])
         .await;
@@ -706,7 +686,10 @@ async fn small_and_large_bodies_are_both_admitted_and_forwarded() {
 
 #[tokio::test]
 async fn quota_refusals_headers_and_usage_endpoint() {
-    let (_mock, proxy) = setup("[plans.free]\nlimits = [\"requests:minute=2\"]\n").await;
+    let (_mock, proxy) = start(ProxyOptions::with_extra(
+        "[plans.free]\nlimits = [\"requests:minute=2\"]\n",
+    ))
+    .await;
     let (_, key) = proxy
         .create_live_key(&["--plan", "free", "--limit", "tokens:day=100000"])
         .await;
@@ -824,16 +807,10 @@ async fn quota_refusals_headers_and_usage_endpoint() {
 #[tokio::test]
 async fn megabyte_adversarial_prompts_run_beside_small_requests() {
     // The mock counts each 1 MB prompt too: give it time on a loaded machine.
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            first_byte_timeout: "60s".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        first_byte_timeout: "60s".into(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_live_key(&[]).await;
     // 1 MB of "AB" pairs: half a million pre-tokenizer pieces, the slowest shape known for
@@ -873,7 +850,7 @@ async fn megabyte_adversarial_prompts_run_beside_small_requests() {
 
 #[tokio::test]
 async fn limits_set_and_clear_from_the_cli_apply_to_users_and_tenants() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy
         .create_live_key(&["--user", "alice", "--tenant", "acme"])
         .await;
@@ -957,7 +934,7 @@ async fn final_row(proxy: &Proxy, r: &Reply) -> serde_json::Value {
 #[tokio::test]
 async fn the_hold_counts_every_completion_the_upstream_produces() {
     // SPEC §4.2: the output estimate is max output × completions (`n`, `best_of`, prompts).
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&["--limit", "tokens:day=500"]).await;
     let chat = |extra: serde_json::Value| {
         let mut body = json!({"model": "gpt-4o-mini", "max_tokens": 100,
@@ -1047,7 +1024,7 @@ async fn absurd_output_bounds_are_held_as_huge_never_wrapped() {
     // `max_tokens` at u64::MAX used to become -1 tokens in the hold (admitted under any
     // token cap); 1e30 was refused as "not an integer". Both are held as the largest
     // count (2^40) now: any token cap refuses them, an uncapped key is held a positive sum.
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, capped) = proxy.create_live_key(&["--limit", "tokens:day=500"]).await;
     let (_, free) = proxy.create_live_key(&[]).await;
     let huge = [
@@ -1160,7 +1137,7 @@ async fn a_reasoning_stream_cut_before_its_usage_settles_at_the_held_output() {
     // SPEC §4.6: the reasoning tokens of a stream cut before its usage event are invisible
     // to the meter; the request settles at its held output estimate, never at the few
     // visible tokens.
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let cut = [
         ("x-mock-words", "60"),
@@ -1219,7 +1196,7 @@ async fn a_reasoning_stream_cut_before_its_usage_settles_at_the_held_output() {
 async fn background_responses_are_refused() {
     // A background response returns at once and the upstream bills work done later, which
     // no meter sees: refused in OpenAI's error shape, nothing held or forwarded.
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     for background in [json!(true), json!("true"), json!(1)] {
         let body = json!({"model": "gpt-4o-mini", "input": "later", "background": background});
@@ -1247,7 +1224,7 @@ async fn background_responses_are_refused() {
 async fn web_search_fees_are_held_from_the_tool_bound() {
     // Tool fees are part of the worst case: a request allowing 10 searches at $0.01 cannot
     // start under a $0.05 cap, whatever its tokens cost.
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, capped) = proxy.create_live_key(&["--limit", "usd:total=0.05"]).await;
     let (_, free) = proxy.create_live_key(&[]).await;
     let anthropic = |max_uses: Option<u64>| {
@@ -1313,7 +1290,7 @@ async fn web_search_fees_are_held_from_the_tool_bound() {
 async fn a_requested_tier_without_a_price_is_refused() {
     // Holding and billing an unpriced tier at 1× can be a fraction of the invoice: the
     // request is refused, naming the tier (the provider's error shape on each route).
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let mut body = json!({"model": "gpt-6.1-sol", "max_tokens": 50,
                           "messages": [{"role": "user", "content": "hi"}], "service_tier": "scale"});
@@ -1344,7 +1321,7 @@ async fn a_requested_tier_without_a_price_is_refused() {
 async fn legacy_completion_streams_report_exact_usage() {
     // The completions API takes stream_options.include_usage too: tollgate asks for it, bills
     // the upstream's count, and hides the extra event from a client that did not ask.
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let body = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Once upon a time",
                       "max_tokens": 200, "stream": true});
@@ -1442,7 +1419,7 @@ async fn leave_early(
 /// `released` with cost 0.
 #[tokio::test]
 async fn a_client_that_leaves_before_the_answer_still_pays_what_the_upstream_reports() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_id, key) = proxy.create_live_key(&[]).await;
     let body = json!({"model":"gpt-4o-mini","max_tokens":4000,"messages":[{"role":"user","content":"tell me everything"}]});
     // The reference: the same body (the mock's answer is seeded by it), waited for.
@@ -1475,7 +1452,7 @@ async fn a_client_that_leaves_before_the_answer_still_pays_what_the_upstream_rep
 /// the upstream reports, never zero.
 #[tokio::test]
 async fn a_client_that_leaves_before_the_answer_of_a_large_body_still_pays() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_id, key) = proxy.create_live_key(&[]).await;
     let prompt = "tell me everything about this ".repeat(4000);
     assert!(prompt.len() > 64 * 1024);
@@ -1521,7 +1498,7 @@ async fn a_client_that_leaves_before_the_answer_of_a_large_body_still_pays() {
 /// on what the upstream can charge — never at zero.
 #[tokio::test]
 async fn a_client_that_resets_before_the_answer_pays_its_hold() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_id, key) = proxy.create_live_key(&[]).await;
     let body = json!({"model":"gpt-4o-mini","max_tokens":300,"messages":[{"role":"user","content":"hello"}]});
     let row = leave_early(&proxy, &key, "/v1/chat/completions", &body, "reset", true).await;
@@ -1538,7 +1515,7 @@ async fn a_client_that_resets_before_the_answer_pays_its_hold() {
 /// run to. Before the fix: `released`, cost 0.
 #[tokio::test]
 async fn a_stream_whose_client_left_before_the_answer_is_cut_and_billed_as_a_disconnect() {
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_id, key) = proxy.create_live_key(&[]).await;
     let body = json!({"model":"claude-3-5-haiku-20241022","max_tokens":4000,"stream":true,"messages":[{"role":"user","content":"go on"}]});
     let row = leave_early(&proxy, &key, "/v1/messages", &body, "stream-left", false).await;
@@ -1578,28 +1555,21 @@ async fn unseen_input_behind_previous_response_id_never_settles_above_a_usd_cap(
         "input": "ok",
         "max_output_tokens": 16,
     });
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let url = proxy.url("/v1/responses");
-        let key = key.clone();
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            post_json(&url, &key, &body, &[]).await
-        }));
-    }
-    let mut ok = 0;
-    for t in tasks {
-        let r = t.await.unwrap();
+    let url = proxy.url("/v1/responses");
+    let fired = fire(20, |_| {
+        let (url, key, body) = (url.clone(), key.clone(), body.clone());
+        async move { post_json(&url, &key, &body, &[]).await }
+    })
+    .await;
+    for r in &fired.replies {
         assert!(
             r.status == 200 || r.status == 429,
             "{} {}",
             r.status,
             r.text()
         );
-        if r.status == 200 {
-            ok += 1;
-        }
     }
+    let ok = fired.count(200);
     assert!(ok > 0);
     eventually("settled", || settled(&proxy).len() == ok).await;
     let spent: i64 = settled(&proxy)
@@ -1654,7 +1624,7 @@ async fn the_hold_reads_only_the_output_field_of_the_routes_api() {
     // untouched and must not lower the hold. Anthropic with `max_completion_tokens: 1,
     // max_tokens: 3000` generates up to 3000 tokens, so 3000 is held; chat with both of its
     // fields holds the larger.
-    let (_mock, proxy) = setup("").await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, capped) = proxy.create_live_key(&["--limit", "tokens:day=1000"]).await;
     let (_, free) = proxy.create_live_key(&[]).await;
     let msgs = json!([{"role": "user", "content": "hi"}]);
@@ -1738,16 +1708,10 @@ async fn the_hold_reads_only_the_output_field_of_the_routes_api() {
 /// is logged.
 #[tokio::test]
 async fn a_retry_right_after_an_upstream_timeout_is_not_refused_by_its_own_hold() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            first_byte_timeout: "1s".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        first_byte_timeout: "1s".into(),
+        ..Default::default()
+    })
     .await;
     let (id, key) = proxy
         .create_live_key(&["--limit", "requests:total=1"])

@@ -13,14 +13,6 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn start_with(opts: ProxyOptions) -> (mock_upstream::MockHandle, Proxy) {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, opts).await;
-    (mock, proxy)
-}
-
 fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
@@ -30,7 +22,7 @@ fn bearer(key: &str) -> String {
 
 #[tokio::test]
 async fn models_and_count_tokens_pass_through_unbilled() {
-    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy
         .create_live_key(&[
             "--limit",
@@ -183,7 +175,7 @@ async fn models_and_count_tokens_pass_through_unbilled() {
 
 #[tokio::test]
 async fn passthrough_requests_of_one_key_are_rate_bounded() {
-    let (mock, proxy) = start_with(ProxyOptions {
+    let (mock, proxy) = start(ProxyOptions {
         extra: "[quota]\npassthrough_rate = 1\npassthrough_burst = 2\n".into(),
         ..Default::default()
     })
@@ -227,7 +219,7 @@ async fn passthrough_requests_of_one_key_are_rate_bounded() {
 
 #[tokio::test]
 async fn passthrough_needs_a_key_and_reaches_only_what_it_names() {
-    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     mock.clear_recorded();
     let r = send("GET", &proxy.url("/v1/models"), &[], "").await;
@@ -310,7 +302,7 @@ async fn passthrough_needs_a_key_and_reaches_only_what_it_names() {
 
 #[tokio::test]
 async fn passthrough_is_configurable_and_bounded() {
-    let (mock, proxy) = start_with(ProxyOptions {
+    let (mock, proxy) = start(ProxyOptions {
         upstream_extra: r#"passthrough = ["GET /v1/models", "POST /v1/files/{id}/content"]"#.into(),
         max_request_body: "1KiB".into(),
         ..Default::default()
@@ -361,7 +353,7 @@ async fn passthrough_is_configurable_and_bounded() {
 /// Passthrough routes take only their configured methods.
 #[tokio::test]
 async fn metered_routes_take_post_only() {
-    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let auth = bearer(&key);
     mock.clear_recorded();
@@ -442,7 +434,7 @@ async fn metered_routes_take_post_only() {
 /// can never be walked onto a metered route or another endpoint.
 #[tokio::test]
 async fn only_canonical_paths_are_routed_or_forwarded() {
-    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     mock.clear_recorded();
     let body = serde_json::to_string(&chat_body("gpt-4o-mini", false, "hi")).unwrap();
@@ -502,7 +494,7 @@ async fn only_canonical_paths_are_routed_or_forwarded() {
 /// of 0 (blocked) → 403, a limit with nothing left → 429 — and forwards nothing then.
 #[tokio::test]
 async fn passthrough_honours_the_keys_state() {
-    let (mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (revoked_id, revoked) = proxy.create_live_key(&[]).await;
     let (_, blocked) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
     let (_, blocked_user) = proxy.create_live_key(&["--user", "bob"]).await;
@@ -598,7 +590,7 @@ async fn raw_chunked_post(addr: SocketAddr, path: &str, key: &str, body: &[u8]) 
 
 #[tokio::test]
 async fn every_answer_names_the_idempotent_trace() {
-    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy.create_live_key(&["--limit", "requests:day=1"]).await;
     let (off_id, off_key) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
     let url = proxy.url("/v1/chat/completions");
@@ -768,7 +760,7 @@ fn post(url: &str, headers: &[(&str, &str)], body: &Value) -> hyper::Request<Ful
 
 #[tokio::test]
 async fn every_answer_but_a_401_keeps_the_connection() {
-    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let (_, off_key) = proxy.create_live_key(&["--limit", "requests:day=0"]).await;
     let (_, one_key) = proxy.create_live_key(&["--limit", "tokens:day=300"]).await;
@@ -1016,7 +1008,7 @@ async fn metric(proxy: &Proxy, series: &str) -> u64 {
 
 #[tokio::test]
 async fn a_key_works_the_moment_the_cli_returns() {
-    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     for i in 0..15 {
         let (_, key) = proxy.create_key(&["--limit", "requests:day=10"]);
         assert_eq!(usage_status(&proxy, &key).await, 200, "key {i}");
@@ -1033,34 +1025,20 @@ async fn a_key_works_the_moment_the_cli_returns() {
 
 /// A shared-mode instance on `pg` (Redis unreachable: counters fall back to local).
 async fn shared_instance(pg: &common::pg::TestPg, upstream: SocketAddr) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
-    let text = std::fs::read_to_string(&config_path).unwrap().replace(
-        "mode = \"embedded\"",
-        &format!(
-            "mode = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"redis://127.0.0.1:1\"",
-            pg.url()
-        ),
+    let storage = format!(
+        "postgres_url = \"{}\"\nredis_url = \"redis://127.0.0.1:1\"",
+        pg.url()
     );
-    std::fs::write(&config_path, text).unwrap();
-    let mut p = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
-    };
-    p.spawn().await;
-    p
+    Proxy::start_edited(upstream, ProxyOptions::default(), |c| {
+        shared_mode(&c, &storage)
+    })
+    .await
 }
 
 #[tokio::test]
 async fn a_key_works_at_once_on_every_instance_sharing_the_store() {
     let pg = common::pg::TestPg::start();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     let a = shared_instance(&pg, mock.addr).await;
     let b = shared_instance(&pg, mock.addr).await;
     let mut last = None;
@@ -1095,7 +1073,7 @@ async fn a_key_works_at_once_on_every_instance_sharing_the_store() {
 
 #[tokio::test]
 async fn unknown_keys_cost_a_bounded_number_of_store_reads() {
-    let (_mock, proxy) = start_with(ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let reads = "tollgate_key_miss_reads_total";
     let base = metric(&proxy, reads).await;
     // One unknown key, many times: one read, then the negative cache.
@@ -1105,12 +1083,12 @@ async fn unknown_keys_cost_a_bounded_number_of_store_reads() {
     let after_same = metric(&proxy, reads).await;
     assert_eq!(after_same - base, 1);
     // Many distinct unknown keys at once: reads are coalesced and rate-bounded.
-    let n = 400;
+    let n: u64 = 400;
     let t0 = std::time::Instant::now();
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let url = proxy.url("/v1/tollgate/usage");
-        set.spawn(async move {
+    let url = proxy.url("/v1/tollgate/usage");
+    let fired = fire(n as usize, |i| {
+        let url = url.clone();
+        async move {
             send(
                 "GET",
                 &url,
@@ -1118,11 +1096,11 @@ async fn unknown_keys_cost_a_bounded_number_of_store_reads() {
                 "",
             )
             .await
-            .status
-        });
-    }
-    while let Some(s) = set.join_next().await {
-        assert_eq!(s.unwrap(), 401);
+        }
+    })
+    .await;
+    for s in fired.statuses() {
+        assert_eq!(s, 401);
     }
     let elapsed = t0.elapsed();
     let flood = metric(&proxy, reads).await - after_same;

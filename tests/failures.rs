@@ -23,33 +23,14 @@ async fn shared_proxy(
     instance: &str,
     extra: &str,
 ) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
-    let text = std::fs::read_to_string(&config_path)
-        .unwrap()
-        .replace(
-            "mode = \"embedded\"",
-            &format!(
-                "mode = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"{redis_url}\"\non_unavailable = \"{policy}\"\njournal_retention = \"1h\"",
-                pg.url()
-            ),
-        )
-        .replace(
-            "instance_id = \"test-instance\"",
-            &format!("instance_id = \"{instance}\""),
-        )
-        + extra;
-    std::fs::write(&config_path, text).unwrap();
-    let mut p = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
-    };
-    p.spawn().await;
-    p
+    let storage = format!(
+        "postgres_url = \"{}\"\nredis_url = \"{redis_url}\"\non_unavailable = \"{policy}\"\njournal_retention = \"1h\"",
+        pg.url()
+    );
+    Proxy::start_edited(upstream, ProxyOptions::default(), |c| {
+        instance_id(&shared_mode(&c, &storage), instance) + extra
+    })
+    .await
 }
 
 struct Env {
@@ -61,9 +42,7 @@ struct Env {
 async fn env() -> Env {
     let pg = TestPg::start();
     let redis = RedisServer::start();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     Env { pg, redis, mock }
 }
 
@@ -104,11 +83,10 @@ async fn burst(proxies: &[&Proxy], key: &str, n: usize) -> Vec<u16> {
         .iter()
         .map(|p| p.url("/v1/chat/completions"))
         .collect();
-    let mut set = tokio::task::JoinSet::new();
-    for i in 0..n {
+    fire(n, |i| {
         let url = urls[i % urls.len()].clone();
         let key = key.to_string();
-        set.spawn(async move {
+        async move {
             post_json(
                 &url,
                 &key,
@@ -116,14 +94,10 @@ async fn burst(proxies: &[&Proxy], key: &str, n: usize) -> Vec<u16> {
                 &[],
             )
             .await
-            .status
-        });
-    }
-    let mut out = Vec::new();
-    while let Some(s) = set.join_next().await {
-        out.push(s.unwrap());
-    }
-    out
+        }
+    })
+    .await
+    .statuses()
 }
 
 fn count(statuses: &[u16], code: u16) -> usize {

@@ -176,10 +176,7 @@ async fn an_upstream_may_let_callers_pick_the_project() {
 
 #[tokio::test]
 async fn hostile_idempotency_keys_are_refused_or_kept_exactly() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (key_id, key) = proxy.create_live_key(&[]).await;
     let body = serde_json::to_vec(&chat_body("gpt-4o-mini", false, "hi")).unwrap();
     let post = |idem: &[u8]| {

@@ -10,17 +10,7 @@ use common::*;
 use serde_json::{Value, json};
 
 async fn setup(extra_toml: &str) -> (mock_upstream::MockHandle, Proxy, String) {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            extra: extra_toml.into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (mock, proxy) = start(ProxyOptions::with_extra(extra_toml)).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     (mock, proxy, key)
 }

@@ -115,10 +115,7 @@ async fn stream_hides_the_injected_usage_chunk() {
 
 #[tokio::test]
 async fn auth_failures_are_401_in_the_provider_shape() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let body = chat_body("gpt-4o-mini", false, "hi");
     // Missing key.
     let r = send(
@@ -181,10 +178,7 @@ async fn auth_failures_are_401_in_the_provider_shape() {
 
 #[tokio::test]
 async fn upstream_sees_its_own_keys_and_provider_headers() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let r = send(
         "POST",
@@ -210,16 +204,10 @@ async fn upstream_sees_its_own_keys_and_provider_headers() {
 
 #[tokio::test]
 async fn oversized_bodies_get_413() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            max_request_body: "2KiB".into(),
-            ..Default::default()
-        },
-    )
+    let (mock, proxy) = start(ProxyOptions {
+        max_request_body: "2KiB".into(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let r = post_json(
@@ -258,16 +246,10 @@ async fn upstream_down_is_502_and_stall_is_504() {
     })
     .await;
 
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            first_byte_timeout: "1s".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        first_byte_timeout: "1s".into(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let r = post_json(
@@ -283,10 +265,7 @@ async fn upstream_down_is_502_and_stall_is_504() {
 
 #[tokio::test]
 async fn sse_chunks_are_not_delayed() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let auth = format!("Bearer {key}");
     let body = serde_json::to_vec(&chat_body("gpt-4o-mini", true, "hi")).unwrap();
@@ -363,10 +342,7 @@ fn check_config_prints_resolved_config_with_secrets_masked() {
 
 #[tokio::test]
 async fn unknown_route_is_404() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let r = post_json(
         &proxy.url("/v1/images/generations"),
@@ -381,16 +357,10 @@ async fn unknown_route_is_404() {
 
 #[tokio::test]
 async fn sigterm_lets_open_streams_finish_and_settle() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            server_extra: String::new(),
-            ..Default::default()
-        },
-    )
+    let (_mock, mut proxy) = start(ProxyOptions {
+        server_extra: String::new(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let url = proxy.url("/v1/chat/completions");
@@ -438,16 +408,10 @@ async fn sigterm_lets_open_streams_finish_and_settle() {
 
 #[tokio::test]
 async fn a_key_whose_plan_is_no_longer_defined_is_refused_not_unlimited() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            extra: "[plans.free]\nlimits = [\"requests:total=1\"]\n".into(),
-            ..Default::default()
-        },
-    )
+    let (mock, mut proxy) = start(ProxyOptions {
+        extra: "[plans.free]\nlimits = [\"requests:total=1\"]\n".into(),
+        ..Default::default()
+    })
     .await;
     let (id, key) = proxy.create_live_key(&["--plan", "free"]).await;
     let chat = chat_body("gpt-4o-mini", false, "hi");

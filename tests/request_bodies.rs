@@ -104,9 +104,7 @@ fn expected_upstream_len(body: &Value, sent: &[u8]) -> usize {
 
 #[tokio::test]
 async fn bodies_of_every_size_are_admitted_before_any_upstream_connection() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     let (relay, upstream_connections) = counting_relay(mock.addr).await;
     let proxy = Proxy::start(relay, ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
@@ -178,10 +176,7 @@ async fn bodies_of_every_size_are_admitted_before_any_upstream_connection() {
 async fn a_large_body_refused_or_failed_upstream_is_finished_once() {
     // Large bodies go through a subrequest: its refusals, upstream failures and the
     // client leaving must still end in exactly one final ledger row.
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (key_id, key) = proxy.create_live_key(&[]).await;
     let big = |stream: bool| serde_json::to_vec(&chat_of_size(300_000, stream)).unwrap();
 
@@ -307,10 +302,7 @@ async fn an_early_refusal_reaches_a_client_that_keeps_sending() {
     // 413 is decided from Content-Length before any byte of the body is read. The client
     // writes all 11 MiB (slowly, in pieces) before it reads: closing at once would reset
     // the connection under the answer.
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let body = vec![b'x'; 11 << 20];
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -361,16 +353,10 @@ async fn an_early_refusal_reaches_a_client_that_keeps_sending() {
 
 #[tokio::test]
 async fn slow_heads_slow_bodies_and_connection_floods_are_cut_off() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            server_extra: "header_timeout = \"1s\"\nbody_timeout = \"1s\"".into(),
-            ..Default::default()
-        },
-    )
+    let (mock, proxy) = start(ProxyOptions {
+        server_extra: "header_timeout = \"1s\"\nbody_timeout = \"1s\"".into(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_live_key(&[]).await;
 
@@ -509,9 +495,7 @@ async fn cut_while_trickling(s: &mut tokio::net::TcpStream, secs: u64) -> bool {
 
 #[tokio::test]
 async fn strangers_cannot_hold_proxy_slots_or_head_memory() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     // 12 slots; by default one address may hold a quarter of them (3).
     let proxy = Proxy::start(
         mock.addr,
@@ -637,10 +621,7 @@ async fn strangers_cannot_hold_proxy_slots_or_head_memory() {
 
 #[tokio::test]
 async fn expect_continue_is_answered_once_the_head_passed() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (mock, proxy) = start(ProxyOptions::default()).await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let body = serde_json::to_vec(&chat_of_size(200_000, false)).unwrap();
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -682,17 +663,11 @@ async fn never_reading(addr: SocketAddr, request: Vec<u8>) -> tokio::net::TcpStr
 
 #[tokio::test]
 async fn clients_that_never_read_their_answers_do_not_keep_their_slots() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            server_extra: "max_connections = 4\nmax_connections_per_ip = 4\nsend_timeout = \"1s\""
-                .into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        server_extra: "max_connections = 4\nmax_connections_per_ip = 4\nsend_timeout = \"1s\""
+            .into(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_key(&[]);
 
@@ -787,17 +762,11 @@ async fn clients_that_never_read_their_answers_do_not_keep_their_slots() {
 /// bound. Once the bodies in flight are done, the next one is admitted.
 #[tokio::test]
 async fn buffered_bodies_share_one_memory_bound() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            max_request_body: "1MiB".into(),
-            server_extra: "max_buffered_bodies = \"1MiB\"\nbody_timeout = \"20s\"".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        max_request_body: "1MiB".into(),
+        server_extra: "max_buffered_bodies = \"1MiB\"\nbody_timeout = \"20s\"".into(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_live_key(&[]).await;
     let body = serde_json::to_vec(&chat_of_size(700 << 10, false)).unwrap();
@@ -854,17 +823,11 @@ async fn concurrent_worst_case_bodies_parse_within_one_memory_bound() {
     const BODY: usize = 2 << 20;
     const BUDGET: u64 = 2 << 20;
     const N: usize = 16;
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            max_request_body: "2MiB".into(),
-            server_extra: "max_parsing_bytes = \"2MiB\"\nbody_timeout = \"30s\"".into(),
-            ..Default::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        max_request_body: "2MiB".into(),
+        server_extra: "max_parsing_bytes = \"2MiB\"\nbody_timeout = \"30s\"".into(),
+        ..Default::default()
+    })
     .await;
     let (_, key) = proxy.create_live_key(&[]).await;
     // Warm up: one small request, then the baseline.

@@ -27,10 +27,7 @@ const KEYS: &[(&str, &[&str])] = &[
 /// Run `program args` against a fresh proxy with the script environment; panics with the
 /// script's output unless every check passed.
 async fn conformance(program: &Path, args: &[PathBuf]) {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     // tokio's Command: the mock upstream runs on this test's runtime, which a blocking
     // wait would starve.
     let mut cmd = tokio::process::Command::new(program);

@@ -402,11 +402,8 @@ fn debug_options(webhook: &str) -> ProxyOptions {
 
 #[tokio::test]
 async fn no_secret_in_any_output_at_debug_level_embedded() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
     let (hook, hits) = webhook_receiver().await;
-    let proxy = Proxy::start(mock.addr, debug_options(&webhook_url(hook))).await;
+    let (_mock, proxy) = start(debug_options(&webhook_url(hook))).await;
     let (seen, secrets) = exercise(&proxy, &hits).await;
     assert_no_secret(&proxy, &seen, &secrets);
 }
@@ -415,36 +412,22 @@ async fn no_secret_in_any_output_at_debug_level_embedded() {
 async fn no_secret_in_any_output_at_debug_level_shared() {
     let pg = TestPg::start();
     let redis = RedisServer::start_with_password(REDIS_PASSWORD);
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     let (hook, hits) = webhook_receiver().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) =
-        write_config(dir.path(), mock.addr, &debug_options(&webhook_url(hook)));
     // Postgres runs with trust auth, so the password is accepted whatever it is; it is in
     // play all the same (in the URL tollgate holds and connects with).
     let pg_url = pg
         .url()
         .replace("postgres@", &format!("postgres:{PG_PASSWORD}@"));
-    let text = std::fs::read_to_string(&config_path).unwrap().replace(
-        "mode = \"embedded\"",
-        &format!(
-            "mode = \"shared\"\npostgres_url = \"{pg_url}\"\nredis_url = \"{}\"",
-            redis.url()
-        ),
+    let storage = format!(
+        "postgres_url = \"{pg_url}\"\nredis_url = \"{}\"",
+        redis.url()
     );
-    std::fs::write(&config_path, text).unwrap();
-    let mut proxy = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
-    };
-    proxy.spawn().await;
-    let ready = send("GET", &format!("http://{admin}/readyz"), &[], "")
+    let proxy = Proxy::start_edited(mock.addr, debug_options(&webhook_url(hook)), |c| {
+        shared_mode(&c, &storage)
+    })
+    .await;
+    let ready = send("GET", &format!("http://{}/readyz", proxy.admin), &[], "")
         .await
         .json();
     assert_eq!(ready["stores"]["redis"], "up", "{ready}");

@@ -19,25 +19,7 @@ async fn shared_proxy(pg: &TestPg, upstream: std::net::SocketAddr) -> Proxy {
 
 /// A proxy in shared mode against the Postgres at `url`.
 async fn shared_proxy_at(url: &str, upstream: std::net::SocketAddr) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
-    let text = std::fs::read_to_string(&config_path).unwrap().replace(
-        "mode = \"embedded\"",
-        &format!(
-            "mode = \"shared\"\npostgres_url = \"{url}\"\nredis_url = \"redis://127.0.0.1:1\"\njournal_retention = \"1h\"",
-        ),
-    );
-    std::fs::write(&config_path, text).unwrap();
-    let mut p = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
-    };
-    p.spawn().await;
-    p
+    shared_proxy_on(url, "redis://127.0.0.1:1", upstream).await
 }
 
 /// A proxy in shared mode on `postgres_url` with its counters in the Redis at `redis_url`.
@@ -46,32 +28,18 @@ async fn shared_proxy_on(
     redis_url: &str,
     upstream: std::net::SocketAddr,
 ) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) = write_config(dir.path(), upstream, &ProxyOptions::default());
-    let text = std::fs::read_to_string(&config_path).unwrap().replace(
-        "mode = \"embedded\"",
-        &format!(
-            "mode = \"shared\"\npostgres_url = \"{postgres_url}\"\nredis_url = \"{redis_url}\"\njournal_retention = \"1h\""
-        ),
+    let storage = format!(
+        "postgres_url = \"{postgres_url}\"\nredis_url = \"{redis_url}\"\njournal_retention = \"1h\""
     );
-    std::fs::write(&config_path, text).unwrap();
-    let mut p = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
-    };
-    p.spawn().await;
-    p
+    Proxy::start_edited(upstream, ProxyOptions::default(), |c| {
+        shared_mode(&c, &storage)
+    })
+    .await
 }
 
 async fn setup() -> (TestPg, mock_upstream::MockHandle, Proxy) {
     let pg = TestPg::start();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     let proxy = shared_proxy(&pg, mock.addr).await;
     (pg, mock, proxy)
 }
@@ -430,10 +398,7 @@ async fn reconcile_finds_an_injected_difference_and_fix_clears_it() {
 
 #[tokio::test]
 async fn reconcile_works_in_embedded_mode() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (id, key) = proxy
         .create_live_key(&["--limit", "requests:total=10"])
         .await;
@@ -765,9 +730,7 @@ async fn a_row_postgres_refuses_is_quarantined_and_the_rows_behind_it_ship() {
 #[tokio::test]
 async fn a_repeated_idempotency_key_no_store_can_vouch_for_is_refused_not_paid_twice() {
     let pg = TestPg::start();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     let a = shared_proxy(&pg, mock.addr).await;
     let b = shared_proxy(&pg, mock.addr).await;
     let (key_id, key) = a.create_live_key(&[]).await;
@@ -865,24 +828,11 @@ fn instance_ids(proxy: &Proxy) -> Vec<String> {
 /// port (before: `<hostname>-<port>`, a new identity per port).
 #[tokio::test]
 async fn an_unconfigured_instance_identity_is_kept_in_the_journal() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) = write_config(dir.path(), mock.addr, &ProxyOptions::default());
-    let text = std::fs::read_to_string(&config_path)
-        .unwrap()
-        .replace("instance_id = \"test-instance\"\n", "");
-    std::fs::write(&config_path, &text).unwrap();
-    let mut proxy = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
-    };
-    proxy.spawn().await;
+    let mock = mock().await;
+    let mut proxy = Proxy::start_edited(mock.addr, ProxyOptions::default(), |c| {
+        c.replace("instance_id = \"test-instance\"\n", "")
+    })
+    .await;
     let (_, key) = proxy.create_live_key(&[]).await;
     assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
     proxy.wait_settled().await;
@@ -1015,9 +965,7 @@ async fn rerate_writes_adjustments_to_the_ledger_of_record_once() {
 async fn a_repeated_idempotency_key_settled_but_not_yet_shipped_is_refused_on_another_instance() {
     let pg = TestPg::start();
     let redis = common::redis::RedisServer::start();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     let ledger = PgLedger::new(&pg.url()).unwrap();
     ledger.migrate().await.unwrap();
     let admin = pg.client().await;

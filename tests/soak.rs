@@ -406,40 +406,19 @@ struct Check {
 }
 
 async fn proxy(pg: &TestPg, redis: &RedisServer, upstream: SocketAddr, name: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) = write_config(
-        dir.path(),
-        upstream,
-        &ProxyOptions {
-            log_level: "warn".into(),
-            ..Default::default()
-        },
+    let storage = format!(
+        "postgres_url = \"{}\"\nredis_url = \"{}\"\non_unavailable = \"local\"\njournal_retention = \"1h\"",
+        pg.url(),
+        redis.url()
     );
-    let text = std::fs::read_to_string(&config_path)
-        .unwrap()
-        .replace(
-            "mode = \"embedded\"",
-            &format!(
-                "mode = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"{}\"\non_unavailable = \"local\"\njournal_retention = \"1h\"",
-                pg.url(),
-                redis.url()
-            ),
-        )
-        .replace(
-            "instance_id = \"test-instance\"",
-            &format!("instance_id = \"{name}\""),
-        );
-    std::fs::write(&config_path, text).unwrap();
-    let mut p = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
+    let opts = ProxyOptions {
+        log_level: "warn".into(),
+        ..Default::default()
     };
-    p.spawn().await;
-    p
+    Proxy::start_edited(upstream, opts, |c| {
+        instance_id(&shared_mode(&c, &storage), name)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -448,9 +427,7 @@ async fn soak() {
     let minutes = (s.run.as_secs().div_ceil(60) as i64).max(1);
     let pg = TestPg::start();
     let mut redis = RedisServer::start();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let mock = mock().await;
     let mut proxies = vec![
         proxy(&pg, &redis, mock.addr, "soak-a").await,
         proxy(&pg, &redis, mock.addr, "soak-b").await,

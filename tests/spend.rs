@@ -479,16 +479,10 @@ fn json_cell(v: &Value) -> String {
 
 #[tokio::test]
 async fn api_cli_and_csv_agree_with_the_ledger() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let mut proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            extra: "[quota]\ntimezone = \"Asia/Kathmandu\"\n".into(),
-            ..ProxyOptions::default()
-        },
-    )
+    let (_mock, mut proxy) = start(ProxyOptions {
+        extra: "[quota]\ntimezone = \"Asia/Kathmandu\"\n".into(),
+        ..ProxyOptions::default()
+    })
     .await;
     let (a, a_secret) = proxy
         .create_live_key(&["--user", "alice", "--tenant", "acme"])
@@ -634,28 +628,15 @@ async fn api_cli_and_csv_agree_with_the_ledger() {
 #[tokio::test]
 async fn shared_mode_reports_the_postgres_ledger() {
     let pg = TestPg::start();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (config_path, addr, admin) = write_config(dir.path(), mock.addr, &ProxyOptions::default());
-    let text = std::fs::read_to_string(&config_path).unwrap().replace(
-        "mode = \"embedded\"",
-        &format!(
-            "mode = \"shared\"\npostgres_url = \"{}\"\nredis_url = \"redis://127.0.0.1:1\"",
-            pg.url()
-        ),
+    let mock = mock().await;
+    let storage = format!(
+        "postgres_url = \"{}\"\nredis_url = \"redis://127.0.0.1:1\"",
+        pg.url()
     );
-    std::fs::write(&config_path, text).unwrap();
-    let mut proxy = Proxy {
-        child: None,
-        addr,
-        admin,
-        log_path: dir.path().join("proxy.log"),
-        dir,
-        config_path,
-    };
-    proxy.spawn().await;
+    let proxy = Proxy::start_edited(mock.addr, ProxyOptions::default(), |c| {
+        shared_mode(&c, &storage)
+    })
+    .await;
     let (_, secret) = proxy.create_live_key(&["--user", "ops"]).await;
     for _ in 0..3 {
         let r = post_json(

@@ -194,16 +194,10 @@ fn limit_row<'a>(dom: &'a str, key_id: &str, l: &Value) -> &'a str {
 #[tokio::test]
 async fn usage_page_shows_keys_limits_usage_and_transactions() {
     let bin = chromium();
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(
-        mock.addr,
-        ProxyOptions {
-            extra: "[plans.team]\nlimits = [\"tokens:month=2000000\"]\n".into(),
-            ..ProxyOptions::default()
-        },
-    )
+    let (_mock, proxy) = start(ProxyOptions {
+        extra: "[plans.team]\nlimits = [\"tokens:month=2000000\"]\n".into(),
+        ..ProxyOptions::default()
+    })
     .await;
 
     let (a, a_secret) = create_key(
@@ -391,10 +385,7 @@ fn element<'a>(dom: &'a str, open: &str, close: &str) -> &'a str {
 
 #[tokio::test]
 async fn spend_charts_show_the_numbers_of_the_spend_api() {
-    let mock = mock_upstream::start("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let proxy = Proxy::start(mock.addr, ProxyOptions::default()).await;
+    let (_mock, proxy) = start(ProxyOptions::default()).await;
     let (a, _) = create_key(
         &proxy,
         json!({"name": "search-backend", "user": "alice", "tenant": "acme"}),

@@ -149,10 +149,93 @@ format = "json"
     (path, addr, admin)
 }
 
+impl ProxyOptions {
+    /// The defaults with `extra` appended to the config (plans, prices, alerts...).
+    pub fn with_extra(extra: impl Into<String>) -> Self {
+        ProxyOptions {
+            extra: extra.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// `config` (as `write_config` writes it) in shared mode: `settings` (`postgres_url`,
+/// `redis_url`, ...) go under `[storage]` in place of the embedded mode.
+pub fn shared_mode(config: &str, settings: &str) -> String {
+    config.replace(
+        "mode = \"embedded\"",
+        &format!("mode = \"shared\"\n{settings}"),
+    )
+}
+
+/// `config` with `server.instance_id` set to `id`.
+pub fn instance_id(config: &str, id: &str) -> String {
+    config.replace(
+        "instance_id = \"test-instance\"",
+        &format!("instance_id = \"{id}\""),
+    )
+}
+
+/// The mock upstream on a free loopback port.
+pub async fn mock() -> mock_upstream::MockHandle {
+    mock_upstream::start("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// The mock upstream and a proxy in front of it; the proxy is ready when this returns.
+pub async fn start(opts: ProxyOptions) -> (mock_upstream::MockHandle, Proxy) {
+    let mock = mock().await;
+    let proxy = Proxy::start(mock.addr, opts).await;
+    (mock, proxy)
+}
+
+/// What `fire` got back: every reply, in the order the requests were made.
+pub struct Fired {
+    pub replies: Vec<Reply>,
+}
+
+impl Fired {
+    /// How many replies have `status`.
+    pub fn count(&self, status: u16) -> usize {
+        self.replies.iter().filter(|r| r.status == status).count()
+    }
+
+    pub fn statuses(&self) -> Vec<u16> {
+        self.replies.iter().map(|r| r.status).collect()
+    }
+}
+
+/// Send `n` requests at once, each on its own task; `request(i)` makes the i-th.
+pub async fn fire<F, Fut>(n: usize, mut request: F) -> Fired
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Reply> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|i| tokio::spawn(request(i))).collect();
+    let mut replies = Vec::with_capacity(n);
+    for t in tasks {
+        replies.push(t.await.unwrap());
+    }
+    Fired { replies }
+}
+
 impl Proxy {
     pub async fn start(upstream: SocketAddr, opts: ProxyOptions) -> Proxy {
+        Proxy::start_edited(upstream, opts, |config| config).await
+    }
+
+    /// Like `start`, with the written config rewritten by `edit` first (see `shared_mode`,
+    /// `instance_id`).
+    pub async fn start_edited(
+        upstream: SocketAddr,
+        opts: ProxyOptions,
+        edit: impl FnOnce(String) -> String,
+    ) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let (config_path, addr, admin) = write_config(dir.path(), upstream, &opts);
+        let config = std::fs::read_to_string(&config_path).unwrap();
+        std::fs::write(&config_path, edit(config)).unwrap();
         let mut p = Proxy {
             child: None,
             addr,
