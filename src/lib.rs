@@ -36,6 +36,11 @@
 //! | [`spend`] | spend reports over the ledger of record (`/admin/spend`, `tollgate report`), SQLite and Postgres |
 //! | [`passthrough`] | unmetered provider routes (`GET /v1/models`, …): patterns and matching |
 //! | [`net`] | bounds on client connections shared by both listeners (stalled writes, per-address caps) |
+//! | [`errors`] | the errors tollgate answers itself, in the calling provider's error shape |
+//! | [`server`] | start-up: every component built from a [`config::Config`], the pingora server run until a signal |
+//! | [`telemetry`] | logging: `tracing` JSON lines, pingora's `log` records bridged in, third-party levels capped |
+//! | [`time`] | ledger timestamps: UTC text whose order is time order |
+//! | [`instance_proof`] | how the CLI knows it talks to the real instance before it sends the admin token |
 //!
 //! Beside this crate, in the same workspace: `crates/tokens` (`tollgate-tokens`: the
 //! vocabularies, [`tokens::count`], [`tokens::encoding_for_model`]) and

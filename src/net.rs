@@ -81,6 +81,19 @@ impl<S> SendBounded<S> {
             stall: WriteStall::new(send_timeout),
         }
     }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The longest a write may make no progress.
+    pub fn send_timeout(&self) -> Duration {
+        self.stall.timeout()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for SendBounded<S> {

@@ -376,18 +376,26 @@ impl Ledger for SqliteLedger {
         counter: &mut Counter,
         now: DateTime<Utc>,
     ) -> Result<(), LedgerError> {
-        let l = limit.clone();
-        let mut c = counter.clone();
-        let filled = self
-            .db
-            .call(move |conn| {
-                load_counter(conn, &l, &mut c, now)?;
-                Ok(c)
-            })
-            .await?;
-        *counter = filled;
-        Ok(())
+        Ok(load_counter_on(&self.db, limit, counter, now).await?)
     }
+}
+
+/// [`load_counter`] on the writer thread: `counter` is replaced only once the load succeeded.
+async fn load_counter_on(
+    db: &Db,
+    limit: &AppliedLimit,
+    counter: &mut Counter,
+    now: DateTime<Utc>,
+) -> Result<(), DbError> {
+    let l = limit.clone();
+    let mut c = counter.clone();
+    *counter = db
+        .call(move |conn| {
+            load_counter(conn, &l, &mut c, now)?;
+            Ok(c)
+        })
+        .await?;
+    Ok(())
 }
 
 /// [`CounterLoader`] over the embedded ledger.
@@ -403,17 +411,8 @@ impl CounterLoader for SqliteLoader {
         counter: &mut Counter,
         now: DateTime<Utc>,
     ) -> Result<(), QuotaError> {
-        let l = limit.clone();
-        let mut c = counter.clone();
-        let filled = self
-            .db
-            .call(move |conn| {
-                load_counter(conn, &l, &mut c, now)?;
-                Ok(c)
-            })
+        load_counter_on(&self.db, limit, counter, now)
             .await
-            .map_err(|e| QuotaError::Unavailable(e.to_string()))?;
-        *counter = filled;
-        Ok(())
+            .map_err(|e| QuotaError::Unavailable(e.to_string()))
     }
 }

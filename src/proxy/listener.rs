@@ -25,7 +25,7 @@
 //! so a client that sends requests and never reads the answers would keep its connection
 //! (its slot, and the answer's buffers) for ever. Every write, flush or shutdown of a
 //! [`GuardedStream`] that makes no progress for `server.send_timeout` fails with
-//! `TimedOut` ([`WriteStall`]), which ends the connection. A write that progresses
+//! `TimedOut` ([`WriteStall`](crate::net::WriteStall)), which ends the connection. A write that progresses
 //! restarts the clock, so a long stream to a reader that keeps up is never cut.
 
 use std::io;
@@ -49,7 +49,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::engine::Engine;
-use crate::net::{AddressSlot, PerAddress, WriteStall};
+use crate::net::{AddressSlot, PerAddress, SendBounded};
 
 /// Clock states kept in one atomic (anything else is a deadline, see [`GuardedStream`]).
 const HEAD_DONE: u64 = 0;
@@ -131,7 +131,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
 
 /// A client connection with its permit and its request-head clock.
 pub struct GuardedStream {
-    inner: Stream,
+    /// The client's stream; a write that makes no progress for `server.send_timeout` ends.
+    inner: SendBounded<Stream>,
     _permit: OwnedSemaphorePermit,
     /// The connection's share of its client address's cap.
     _slot: Option<AddressSlot>,
@@ -141,14 +142,12 @@ pub struct GuardedStream {
     clock: AtomicU64,
     /// Wakes a read that waits past the deadline.
     timer: Option<(u64, Pin<Box<tokio::time::Sleep>>)>,
-    /// Ends a write that makes no progress for `server.send_timeout`.
-    stall: WriteStall,
 }
 
 impl std::fmt::Debug for GuardedStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuardedStream")
-            .field("inner", &self.inner)
+            .field("inner", self.inner.get_ref())
             .field("clock", &self.clock.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -162,14 +161,13 @@ impl GuardedStream {
         send_timeout: Duration,
     ) -> Self {
         let s = GuardedStream {
-            inner,
+            inner: SendBounded::new(inner, send_timeout),
             _permit: permit,
             _slot: None,
             header_timeout,
             epoch: Instant::now(),
             clock: AtomicU64::new(IDLE),
             timer: None,
-            stall: WriteStall::new(send_timeout),
         };
         s.arm();
         s
@@ -261,27 +259,22 @@ impl AsyncRead for GuardedStream {
     }
 }
 
+// Writes are bounded by the inner `SendBounded`.
 impl AsyncWrite for GuardedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.stall.bound(cx, polled)
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.stall.bound(cx, polled)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.stall.bound(cx, polled)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -289,9 +282,7 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.stall.bound(cx, polled)
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -304,8 +295,8 @@ impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
         // pingora closes a connection through this, not `poll_shutdown`: flushing what is
         // buffered for a client that stopped reading waits for ever without a bound.
-        let bound = self.stall.timeout();
-        if tokio::time::timeout(bound, self.inner.shutdown())
+        let bound = self.inner.send_timeout();
+        if tokio::time::timeout(bound, self.inner.get_mut().shutdown())
             .await
             .is_err()
         {
@@ -316,54 +307,54 @@ impl Shutdown for GuardedStream {
 
 impl UniqueID for GuardedStream {
     fn id(&self) -> UniqueIDType {
-        self.inner.id()
+        self.inner.get_ref().id()
     }
 }
 
 impl Ssl for GuardedStream {
     fn get_ssl(&self) -> Option<&TlsRef> {
-        self.inner.get_ssl()
+        self.inner.get_ref().get_ssl()
     }
 
     fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.inner.get_ssl_digest()
+        self.inner.get_ref().get_ssl_digest()
     }
 
     fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
+        self.inner.get_ref().selected_alpn_proto()
     }
 }
 
 impl GetTimingDigest for GuardedStream {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
+        self.inner.get_ref().get_timing_digest()
     }
 
     fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
+        self.inner.get_ref().get_read_pending_time()
     }
 
     fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
+        self.inner.get_ref().get_write_pending_time()
     }
 }
 
 impl GetProxyDigest for GuardedStream {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
+        self.inner.get_ref().get_proxy_digest()
     }
 }
 
 impl GetSocketDigest for GuardedStream {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
+        self.inner.get_ref().get_socket_digest()
     }
 }
 
 #[async_trait]
 impl Peek for GuardedStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        self.inner.get_mut().try_peek(buf).await
     }
 }
 

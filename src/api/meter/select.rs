@@ -166,7 +166,7 @@ impl<'de> Visitor<'de> for Select<'_> {
             _ => (&[], None),
         };
         let (mut is_call, mut failed) = (false, false);
-        while let Some(key) = map.next_key_seed(KeyIndex(fields))? {
+        while let Some(key) = map.next_key_seed(KeySeed(|k: &str| field_key(fields, k)))? {
             match (key, call) {
                 (Key::Field(i), _) => {
                     map.next_value_seed(Select {
@@ -255,7 +255,7 @@ pub(crate) fn store_label(slot: &mut Option<String>, value: &str) {
     }
 }
 
-/// A map key as [`KeyIndex`] reads it.
+/// A map key as [`field_key`] classifies it.
 enum Key {
     /// Position in the selector's fields.
     Field(usize),
@@ -266,31 +266,37 @@ enum Key {
     Other,
 }
 
-/// Reads a map key and returns its position in `fields`, without allocating the key.
-struct KeyIndex(&'static [(&'static str, Sel)]);
+/// A key of a selected object: its position in `fields`, else `type`, `status` or other.
+fn field_key(fields: &[(&str, Sel)], v: &str) -> Key {
+    match fields.iter().position(|(k, _)| *k == v) {
+        Some(i) => Key::Field(i),
+        None if v == "type" => Key::Type,
+        None if v == "status" => Key::Status,
+        None => Key::Other,
+    }
+}
 
-impl<'de> DeserializeSeed<'de> for KeyIndex {
-    type Value = Key;
+/// Reads a map key and classifies it with the function it holds, without allocating the
+/// key.
+struct KeySeed<F>(F);
 
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+impl<'de, K, F: FnOnce(&str) -> K> DeserializeSeed<'de> for KeySeed<F> {
+    type Value = K;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<K, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl<'de> Visitor<'de> for KeyIndex {
-    type Value = Key;
+impl<'de, K, F: FnOnce(&str) -> K> Visitor<'de> for KeySeed<F> {
+    type Value = K;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object key")
     }
 
-    fn visit_str<E>(self, v: &str) -> Result<Key, E> {
-        Ok(match self.0.iter().position(|(k, _)| *k == v) {
-            Some(i) => Key::Field(i),
-            None if v == "type" => Key::Type,
-            None if v == "status" => Key::Status,
-            None => Key::Other,
-        })
+    fn visit_str<E>(self, v: &str) -> Result<K, E> {
+        Ok((self.0)(v))
     }
 }
 
@@ -339,33 +345,16 @@ enum EnvelopeKey {
     Other,
 }
 
-struct EnvelopeKeySeed(&'static [(&'static str, Sel)]);
-
-impl<'de> DeserializeSeed<'de> for EnvelopeKeySeed {
-    type Value = EnvelopeKey;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<EnvelopeKey, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for EnvelopeKeySeed {
-    type Value = EnvelopeKey;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an object key")
-    }
-
-    fn visit_str<E>(self, v: &str) -> Result<EnvelopeKey, E> {
-        Ok(match v {
-            "usage" => EnvelopeKey::Usage,
-            "error" => EnvelopeKey::Error,
-            "service_tier" => EnvelopeKey::ServiceTier,
-            _ => match self.0.iter().position(|(k, _)| *k == v) {
-                Some(i) => EnvelopeKey::Field(i),
-                None => EnvelopeKey::Other,
-            },
-        })
+/// A top-level key: one the envelope reads itself, else its position in `fields`.
+fn envelope_key(fields: &[(&str, Sel)], v: &str) -> EnvelopeKey {
+    match v {
+        "usage" => EnvelopeKey::Usage,
+        "error" => EnvelopeKey::Error,
+        "service_tier" => EnvelopeKey::ServiceTier,
+        _ => match fields.iter().position(|(k, _)| *k == v) {
+            Some(i) => EnvelopeKey::Field(i),
+            None => EnvelopeKey::Other,
+        },
     }
 }
 
@@ -390,7 +379,7 @@ impl<'de, U: Deserialize<'de>> Visitor<'de> for Envelope<'_, U> {
             error: false,
             items: None,
         };
-        while let Some(key) = map.next_key_seed(EnvelopeKeySeed(self.fields))? {
+        while let Some(key) = map.next_key_seed(KeySeed(|k: &str| envelope_key(self.fields, k)))? {
             match key {
                 EnvelopeKey::Usage => info.usage = map.next_value::<Option<U>>()?,
                 EnvelopeKey::Error => {
