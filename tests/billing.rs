@@ -582,22 +582,7 @@ async fn kill_9_and_restart_keeps_every_counter() {
     }
     eventually("3 settled", || settled(&proxy).len() == 3).await;
     // One request in flight when the process dies.
-    let inflight = {
-        let url = proxy.url("/v1/chat/completions");
-        let key = key.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                post_json(
-                    &url,
-                    &key,
-                    &chat_body("gpt-4o-mini", true, "hi"),
-                    &[("x-mock-words", "1000"), ("x-mock-delay-ms", "20")],
-                ),
-            )
-            .await;
-        })
-    };
+    let inflight = proxy.stream_in_flight(&key, &[]);
     eventually("reserved row", || {
         proxy.ledger().iter().any(|r| r["status"] == "reserved")
     })

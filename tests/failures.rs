@@ -106,25 +106,7 @@ fn count(statuses: &[u16], code: u16) -> usize {
 
 /// Wait until `proxy` accepts `key` (keys reach other instances through Postgres).
 async fn wait_key(proxy: &Proxy, key: &str) {
-    let t0 = Instant::now();
-    loop {
-        let r = send(
-            "GET",
-            &proxy.url("/v1/tollgate/usage"),
-            &[("authorization", &format!("Bearer {key}"))],
-            "",
-        )
-        .await;
-        if r.status == 200 {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(2),
-            "key not live on {}",
-            proxy.addr
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proxy.wait_live(key, Duration::from_secs(2)).await;
 }
 
 async fn readyz(proxy: &Proxy) -> serde_json::Value {
@@ -560,22 +542,7 @@ async fn sigkill_recovery_settles_reach_the_redis_counters() {
     }
     assert_used(&proxy, &key_id, 2, "settled before the crash").await;
     wait_open(&proxy, 0).await;
-    let inflight = {
-        let url = proxy.url("/v1/chat/completions");
-        let key = key.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                post_json(
-                    &url,
-                    &key,
-                    &chat_body("gpt-4o-mini", true, "hi"),
-                    &[("x-mock-words", "1000"), ("x-mock-delay-ms", "20")],
-                ),
-            )
-            .await;
-        })
-    };
+    let inflight = proxy.stream_in_flight(&key, &[]);
     wait_journaled_open(&env.pg, &key_id).await;
     proxy.kill9();
     let _ = inflight.await;
@@ -608,26 +575,7 @@ async fn recovery_takes_open_rows_written_under_another_instance_id() {
     assert_eq!(chat(&proxy, &key).await.status, 200);
     assert_used(&proxy, &key_id, 1, "settled before the crash").await;
     wait_open(&proxy, 0).await;
-    let inflight = {
-        let url = proxy.url("/v1/chat/completions");
-        let key = key.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                post_json(
-                    &url,
-                    &key,
-                    &chat_body("gpt-4o-mini", true, "hi"),
-                    &[
-                        ("x-mock-words", "1000"),
-                        ("x-mock-delay-ms", "20"),
-                        ("idempotency-key", "job-1"),
-                    ],
-                ),
-            )
-            .await;
-        })
-    };
+    let inflight = proxy.stream_in_flight(&key, &[("idempotency-key", "job-1")]);
     wait_journaled_open(&env.pg, &key_id).await;
     proxy.kill9();
     let _ = inflight.await;

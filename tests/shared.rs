@@ -220,22 +220,7 @@ async fn sigkill_mid_stream_is_recovered_and_shipped() {
     for _ in 0..2 {
         assert_eq!(chat(&proxy, &key, false, &[]).await.status, 200);
     }
-    let inflight = {
-        let url = proxy.url("/v1/chat/completions");
-        let key = key.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                post_json(
-                    &url,
-                    &key,
-                    &chat_body("gpt-4o-mini", true, "hi"),
-                    &[("x-mock-words", "1000"), ("x-mock-delay-ms", "20")],
-                ),
-            )
-            .await;
-        })
-    };
+    let inflight = proxy.stream_in_flight(&key, &[]);
     pg.wait_ledger("the reservation reached postgres", |rows| {
         rows.iter().any(|r| r["status"] == "reserved")
     })

@@ -354,6 +354,12 @@ impl Proxy {
     /// Create a key and wait until the running proxy accepts it (≤ 1 s by contract).
     pub async fn create_live_key(&self, extra: &[&str]) -> (String, String) {
         let (id, key) = self.create_key(extra);
+        self.wait_live(&key, Duration::from_secs(1)).await;
+        (id, key)
+    }
+
+    /// Wait until this proxy accepts `key`; fails after `within`.
+    pub async fn wait_live(&self, key: &str, within: Duration) {
         let t0 = Instant::now();
         loop {
             let r = send(
@@ -364,15 +370,35 @@ impl Proxy {
             )
             .await;
             if r.status == 200 {
-                break;
+                return;
             }
             assert!(
-                t0.elapsed() < Duration::from_secs(1),
-                "key not live after 1 s"
+                t0.elapsed() < within,
+                "key not live on {} after {within:?}",
+                self.addr
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        (id, key)
+    }
+
+    /// A slow chat stream (1000 words, 20 ms apart) on its own task, given up after 5 s:
+    /// the request in flight when a test kills the process. `extra` headers go with it.
+    pub fn stream_in_flight(
+        &self,
+        key: &str,
+        extra: &[(&'static str, &'static str)],
+    ) -> tokio::task::JoinHandle<()> {
+        let url = self.url("/v1/chat/completions");
+        let key = key.to_string();
+        let mut headers = vec![("x-mock-words", "1000"), ("x-mock-delay-ms", "20")];
+        headers.extend_from_slice(extra);
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                post_json(&url, &key, &chat_body("gpt-4o-mini", true, "hi"), &headers),
+            )
+            .await;
+        })
     }
 
     pub fn db_path(&self) -> PathBuf {
