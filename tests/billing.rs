@@ -1408,19 +1408,32 @@ async fn a_client_that_leaves_before_the_answer_still_pays_what_the_upstream_rep
     let (_id, key) = proxy.create_live_key(&[]).await;
     let body = json!({"model":"gpt-4o-mini","max_tokens":4000,"messages":[{"role":"user","content":"tell me everything"}]});
     // The reference: the same body (the mock's answer is seeded by it), waited for.
+    leaving_pays_what_waiting_pays(&proxy, &key, &body, "waited", "left").await;
+}
+
+/// `body` sent and waited for (idempotency key `waited`), then sent again by a client that
+/// leaves before the answer (`left`): the second row is settled with the upstream's own
+/// usage, at the cost of the first, never zero.
+async fn leaving_pays_what_waiting_pays(
+    proxy: &Proxy,
+    key: &str,
+    body: &serde_json::Value,
+    waited: &str,
+    left: &str,
+) {
     let r = post_json(
         &proxy.url("/v1/chat/completions"),
-        &key,
-        &body,
-        &[("x-mock-words", "2000"), ("idempotency-key", "waited")],
+        key,
+        body,
+        &[("x-mock-words", "2000"), ("idempotency-key", waited)],
     )
     .await;
     assert_eq!(r.status, 200);
     let (input, output) = visible_usage("chat", &r.text());
     proxy.wait_settled().await;
-    let reference = settled(&proxy).into_iter().next().unwrap();
+    let reference = settled(proxy).into_iter().next().unwrap();
 
-    let row = leave_early(&proxy, &key, "/v1/chat/completions", &body, "left", false).await;
+    let row = leave_early(proxy, key, "/v1/chat/completions", body, left, false).await;
     assert_eq!(row["status"], "settled", "{row}");
     assert_eq!(row["usage_source"], "upstream", "{row}");
     assert_eq!(
@@ -1442,39 +1455,7 @@ async fn a_client_that_leaves_before_the_answer_of_a_large_body_still_pays() {
     let prompt = "tell me everything about this ".repeat(4000);
     assert!(prompt.len() > 64 * 1024);
     let body = json!({"model":"gpt-4o-mini","max_tokens":4000,"messages":[{"role":"user","content":prompt}]});
-    let r = post_json(
-        &proxy.url("/v1/chat/completions"),
-        &key,
-        &body,
-        &[
-            ("x-mock-words", "2000"),
-            ("idempotency-key", "waited-large"),
-        ],
-    )
-    .await;
-    assert_eq!(r.status, 200);
-    let (input, output) = visible_usage("chat", &r.text());
-    proxy.wait_settled().await;
-    let reference = settled(&proxy).into_iter().next().unwrap();
-
-    let row = leave_early(
-        &proxy,
-        &key,
-        "/v1/chat/completions",
-        &body,
-        "left-large",
-        false,
-    )
-    .await;
-    assert_eq!(row["status"], "settled", "{row}");
-    assert_eq!(row["usage_source"], "upstream", "{row}");
-    assert_eq!(
-        (row["input_tokens"].as_i64(), row["output_tokens"].as_i64()),
-        (Some(input), Some(output)),
-        "the upstream's own usage"
-    );
-    assert_eq!(row["cost_micros"], reference["cost_micros"]);
-    assert!(row["cost_micros"].as_i64().unwrap() > 0);
+    leaving_pays_what_waiting_pays(&proxy, &key, &body, "waited-large", "left-large").await;
 }
 
 /// The same with a connection reset instead of a close: the exchange cannot be kept (the
