@@ -24,10 +24,10 @@ use std::time::Instant;
 use tollgate::config::Durability;
 use tollgate::db::Db;
 use tollgate::journal::Journal;
+use tollgate::journal::outbox::Outbox;
+use tollgate::journal::shipper::Shipper;
 use tollgate::ledger::postgres::PgLedger;
 use tollgate::ledger::{Settlement, Transaction};
-use tollgate::shared::outbox::Outbox;
-use tollgate::shared::shipper::Shipper;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

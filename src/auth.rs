@@ -37,8 +37,10 @@ use tokio::time::Instant;
 
 use parking_lot::RwLock;
 
+pub use crate::keys::DirectorySource;
 use crate::keys::{self, KeyRecord, Snapshot, Subject};
 use crate::quota::LimitSpec;
+use crate::quota::redis::SubjectRoots;
 
 /// How often running instances look for key and limit changes.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
@@ -408,15 +410,6 @@ async fn refresh_once(
     Ok(())
 }
 
-/// Source of directory snapshots: the embedded database, or Postgres in shared mode
-/// ([`crate::keys::source_for`]).
-#[async_trait::async_trait]
-pub trait DirectorySource: Send + Sync + 'static {
-    /// The store's change counter.
-    async fn rev(&self) -> Result<i64, crate::db::DbError>;
-    async fn snapshot(&self) -> Result<Snapshot, crate::db::DbError>;
-}
-
 /// Poll the authenticator's store forever, swapping in a new directory whenever its
 /// revision moves. Without a store there is nothing to poll.
 pub async fn refresh_loop(auth: Authenticator) {
@@ -442,6 +435,38 @@ pub async fn refresh_loop(auth: Authenticator) {
                 failing = true;
             }
             Ok(Err(_)) | Err(_) => {}
+        }
+    }
+}
+
+/// Hash-tag roots from the live key directory: a key's counters live under its tenant's
+/// tag (else its user's, else its own), so every counter one request touches shares a
+/// Redis Cluster slot.
+pub struct DirectoryRoots {
+    pub auth: Authenticator,
+}
+
+impl SubjectRoots for DirectoryRoots {
+    fn root_of(&self, subject: &Subject) -> Subject {
+        let dir = self.auth.directory();
+        match subject {
+            Subject::Tenant(_) => subject.clone(),
+            Subject::Key(k) => match dir.by_id(k) {
+                Some((p, _)) => match (&p.tenant, &p.user) {
+                    (Some(t), _) => Subject::Tenant(t.clone()),
+                    (None, Some(u)) => Subject::User(u.clone()),
+                    (None, None) => subject.clone(),
+                },
+                None => subject.clone(),
+            },
+            Subject::User(u) => dir
+                .principals()
+                .find_map(|(p, _)| {
+                    (p.user.as_ref() == Some(u))
+                        .then(|| p.tenant.clone())
+                        .flatten()
+                })
+                .map_or_else(|| subject.clone(), Subject::Tenant),
         }
     }
 }

@@ -31,7 +31,16 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use crate::config::Durability;
+/// `storage.durability`: how hard a journal commit is pushed to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// WAL + `synchronous=NORMAL`: survives a process crash (SIGKILL); a power loss can
+    /// lose the last commits.
+    Normal,
+    /// WAL + `synchronous=FULL`: every journal commit is fsynced.
+    Full,
+}
 
 /// Most jobs committed together.
 const MAX_GROUP: usize = 256;

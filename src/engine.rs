@@ -25,13 +25,13 @@ use crate::journal::{EmbeddedJournal, Journal};
 use crate::keys::Subject;
 use crate::ledger::{Opened, Settlement, Transaction};
 use crate::metrics::{BillingFailure, Metrics};
-use crate::proxy::upstream::Upstream;
 use crate::quota::limit::{LimitSpec, Metric};
 use crate::quota::store::{
     Amounts, AppliedLimit, LimitState, QuotaError, QuotaStore, ReserveOutcome, ReserveRequest,
 };
 use crate::quota::window::Window;
 use crate::tokens::{self, Encoding};
+use crate::upstream::Upstream;
 
 /// Bodies (and output texts) above this size are parsed and counted on the blocking pool,
 /// off the reactor; see [`tokens::SPAWN_BLOCKING_ABOVE_BYTES`] for why this size.
@@ -176,13 +176,13 @@ pub struct Engine {
     passthrough_rate: crate::passthrough::PassthroughRate,
     alerts: crate::alerts::Alerts,
     /// Shared mode with Redis: counter changes go through the journal's applier.
-    applier: std::sync::OnceLock<Arc<crate::shared::applier::Applier>>,
+    applier: std::sync::OnceLock<Arc<crate::journal::applier::Applier>>,
     /// KiB of request bodies that may be parsed into a JSON tree at once, across all
     /// requests (`server.max_parsing_bytes`): a tree costs many times its body's bytes.
     parse_budget: Arc<tokio::sync::Semaphore>,
 }
 
-impl crate::shared::applier::LimitsOf for Engine {
+impl crate::journal::applier::LimitsOf for Engine {
     fn limits_of(&self, row: &Transaction) -> Vec<AppliedLimit> {
         match self.auth.directory().by_id(&row.key_id) {
             Some((p, _)) => self.applicable_limits(&p, Some(&row.upstream)),
@@ -235,12 +235,12 @@ impl Engine {
     }
 
     /// The journal's applier, when counters are shared (Redis).
-    pub fn applier(&self) -> Option<&Arc<crate::shared::applier::Applier>> {
+    pub fn applier(&self) -> Option<&Arc<crate::journal::applier::Applier>> {
         self.applier.get()
     }
 
     /// Route settles and releases through `applier` (set once, at start).
-    pub fn set_applier(&self, applier: Arc<crate::shared::applier::Applier>) {
+    pub fn set_applier(&self, applier: Arc<crate::journal::applier::Applier>) {
         let _ = self.applier.set(applier);
     }
 

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use crate::config::UpstreamKind;
+use crate::api::UpstreamKind;
 
 /// Our error codes (the `code` field), each with its HTTP status and provider error class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

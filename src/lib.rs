@@ -17,7 +17,8 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | `config.toml` → validated [`config::Config`]: limits, prices and the webhook parsed when read |
-//! | [`proxy`] | pingora `ProxyHttp` glue, upstream addresses |
+//! | [`proxy`] | pingora `ProxyHttp` glue |
+//! | [`upstream`] | configured upstreams and their addresses, resolved off the request path |
 //! | [`auth`] | a presented key → its principal: the live in-memory key directory |
 //! | [`keys`] | keys and limits behind the `KeyStore` trait: SQLite and Postgres backends |
 //! | [`api`] | provider wire formats: SSE parser, usage meter |
@@ -31,7 +32,8 @@
 //! | [`metrics`] | Prometheus metrics of one instance |
 //! | [`alerts`] | threshold alerts: log events and webhook deliveries |
 //! | [`pg`] | the Postgres pool, bounds, errors and migrations that keys and the ledger share |
-//! | [`journal`], [`shared`], [`reconcile`] | the `Journal` trait; shared mode's outbox, shipper and applier; counter/ledger reconciliation |
+//! | [`journal`] | the `Journal` trait and its two implementations (embedded; shared mode's outbox) with what drains the outbox (applier → Redis, shipper → Postgres) and the shared-mode counter loader |
+//! | [`reconcile`] | counter/ledger reconciliation |
 //! | [`rerate`] | re-rating settled rows under the current price table: adjustment rows |
 //! | [`spend`] | spend reports over the ledger of record (`/admin/spend`, `tollgate report`), SQLite and Postgres |
 //! | [`passthrough`] | unmetered provider routes (`GET /v1/models`, …): patterns and matching |
@@ -41,6 +43,9 @@
 //! | [`telemetry`] | logging: `tracing` JSON lines, pingora's `log` records bridged in, third-party levels capped |
 //! | [`time`] | ledger timestamps: UTC text whose order is time order |
 //! | [`instance_proof`] | how the CLI knows it talks to the real instance before it sends the admin token |
+//!
+//! Modules are layered (docs/architecture.md, *Layers*; checked by `tests/layers.rs`): a
+//! module uses only modules of lower layers, and pingora only `proxy` and `server`.
 //!
 //! Beside this crate, in the same workspace: `crates/tokens` (`tollgate-tokens`: the
 //! vocabularies, [`tokens::count`], [`tokens::encoding_for_model`]) and
@@ -70,8 +75,8 @@ pub mod quota;
 pub mod reconcile;
 pub mod rerate;
 pub mod server;
-pub mod shared;
 pub mod spend;
 pub mod telemetry;
 pub mod time;
 pub mod tokens;
+pub mod upstream;

@@ -350,9 +350,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (applied, journal) = match cfg.storage.mode {
                 StorageMode::Embedded => (local, None),
                 StorageMode::Shared => {
-                    let pg = tollgate::ledger::postgres::PgLedger::new(
-                        &tollgate::shared::postgres_url(&cfg),
-                    )?;
+                    let pg = tollgate::ledger::postgres::PgLedger::new(&cfg.postgres_url())?;
                     let rt = runtime()?;
                     (rt.block_on(pg.migrate())?, Some(local))
                 }
@@ -427,7 +425,7 @@ fn keys_on_undefined_plans(cfg: &Config) -> Vec<(String, String)> {
         .ok()
         .and_then(|c| match cfg.storage.mode {
             StorageMode::Embedded => tollgate::keys::sqlite::snapshot_sync(&c).ok(),
-            StorageMode::Shared => tollgate::shared::outbox::load_directory(&c).ok().flatten(),
+            StorageMode::Shared => tollgate::keys::postgres::load_directory(&c).ok().flatten(),
         });
     match snapshot {
         Some(s) => tollgate::keys::undefined_plans(s.keys.iter().map(|(_, k)| k), |p| {
@@ -814,8 +812,7 @@ fn export_cmd(args: &ExportArgs) -> Result<ExitCode> {
             export::from_sqlite(&cfg.storage.journal_path, since, until, &mut w)?;
         }
         StorageMode::Shared => {
-            let pg =
-                tollgate::ledger::postgres::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
+            let pg = tollgate::ledger::postgres::PgLedger::new(&cfg.postgres_url())?;
             runtime()?.block_on(export::from_pg(&pg, since, until, &mut w))?;
         }
     }
@@ -835,9 +832,9 @@ fn journal_cmd(cmd: JournalCmd) -> Result<ExitCode> {
                     StorageMode::Shared => {
                         let db = open_db(&cfg)?;
                         let (n, oldest) =
-                            db.call_blocking(tollgate::shared::outbox::backlog_sync)?;
+                            db.call_blocking(tollgate::journal::outbox::backlog_sync)?;
                         let quarantined =
-                            db.call_blocking(tollgate::shared::outbox::quarantine_count)?;
+                            db.call_blocking(tollgate::journal::outbox::quarantine_count)?;
                         json!({"backlog": {"postgres": n}, "oldest_unshipped_at": if n == 0 { None } else { oldest }, "quarantined": quarantined})
                     }
                 },
@@ -875,9 +872,9 @@ fn journal_cmd(cmd: JournalCmd) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let db = open_db(&cfg)?;
-            let outbox = tollgate::shared::open_outbox(&cfg, db)?;
+            let outbox = tollgate::journal::open_outbox(&cfg, db)?;
             let mut shipper =
-                tollgate::shared::shipper::Shipper::new(outbox, cfg.storage.journal_retention);
+                tollgate::journal::shipper::Shipper::new(outbox, cfg.storage.journal_retention);
             let done = runtime()?
                 .block_on(shipper.ship_all(all))
                 .context("cannot ship the journal")?;
@@ -935,8 +932,7 @@ fn rerate_cmd(args: &RerateArgs) -> Result<ExitCode> {
             (plan, written)
         }
         StorageMode::Shared => {
-            let pg =
-                tollgate::ledger::postgres::PgLedger::new(&tollgate::shared::postgres_url(&cfg))?;
+            let pg = tollgate::ledger::postgres::PgLedger::new(&cfg.postgres_url())?;
             rt.block_on(async {
                 let (rows, adjusted) = tollgate::rerate::pg_rows(&pg, &filter).await?;
                 let plan = tollgate::rerate::plan(&rows, &adjusted, &table, &now_text);

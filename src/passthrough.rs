@@ -241,10 +241,10 @@ pub fn check_canonical(path: &str) -> Result<(), NotCanonical> {
 }
 
 /// The default passthrough routes of an upstream kind (SPEC §6).
-pub fn defaults(kind: crate::config::UpstreamKind) -> &'static [&'static str] {
+pub fn defaults(kind: crate::api::UpstreamKind) -> &'static [&'static str] {
     match kind {
-        crate::config::UpstreamKind::Openai => &["GET /v1/models", "GET /v1/models/{id}"],
-        crate::config::UpstreamKind::Anthropic => {
+        crate::api::UpstreamKind::Openai => &["GET /v1/models", "GET /v1/models/{id}"],
+        crate::api::UpstreamKind::Anthropic => {
             &["GET /v1/models", "POST /v1/messages/count_tokens"]
         }
     }
@@ -364,8 +364,8 @@ mod tests {
     #[test]
     fn defaults_parse() {
         for kind in [
-            crate::config::UpstreamKind::Openai,
-            crate::config::UpstreamKind::Anthropic,
+            crate::api::UpstreamKind::Openai,
+            crate::api::UpstreamKind::Anthropic,
         ] {
             for r in defaults(kind) {
                 let p = PassthroughRoute::parse(r).unwrap();

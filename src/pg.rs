@@ -70,7 +70,7 @@ pub enum PgError {
     /// Postgres refused the data itself (SQLSTATE class 22, data exception — a NUL byte
     /// in a text value, say — or 23, integrity constraint violation): sending the same
     /// row again can never succeed. The shipper sets such a row aside
-    /// ([`crate::shared::shipper`]); any other error is retried.
+    /// ([`crate::journal::shipper`]); any other error is retried.
     #[error("postgres refused the row: {0}")]
     Rejected(String),
     /// The input is invalid (bad limit, unknown key...).

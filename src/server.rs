@@ -7,24 +7,25 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{BackgroundService, background_service};
 
+use crate::auth::DirectoryRoots;
 use crate::auth::{Authenticator, Directory};
 use crate::billing::table::PriceTable;
 use crate::config::{Config, StorageMode};
 use crate::db::Db;
 use crate::engine::Engine;
 use crate::journal::Journal;
+use crate::journal::applier::{Applier, LimitsOf};
+use crate::journal::outbox::Outbox;
 use crate::ledger::SqliteLoader;
 use crate::proxy::Gateway;
 use crate::proxy::listener::Guarded;
-use crate::proxy::upstream::{Upstream, resolve_loop};
 use crate::quota::fallback::{Backlog, FallbackStore, LastKnown};
 use crate::quota::fleet::{AloneOrNotBelow, Fleet, FleetGate};
 use crate::quota::memory::{CounterLoader, MemoryStore};
 use crate::quota::redis::RedisOptions;
-use crate::quota::shared::{DirectoryRoots, LazyRedis};
+use crate::quota::shared::LazyRedis;
 use crate::quota::store::QuotaStore;
-use crate::shared::applier::{Applier, LimitsOf};
-use crate::shared::outbox::Outbox;
+use crate::upstream::{Upstream, resolve_loop};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -35,7 +36,7 @@ pub enum StartError {
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Shared(#[from] crate::shared::SharedError),
+    Shared(#[from] crate::journal::SharedError),
 }
 
 /// Open the embedded database named by the config.
@@ -59,7 +60,7 @@ pub fn adopt_instance_identity(config: &mut Config, db: &Db) -> Result<(), Start
         .unwrap_or_default();
     let generated = format!("{}-{tail}", crate::config::hostname());
     config.server.instance_id =
-        db.call_blocking(move |c| crate::shared::outbox::instance_identity(c, &generated))?;
+        db.call_blocking(move |c| crate::journal::outbox::instance_identity(c, &generated))?;
     Ok(())
 }
 
@@ -81,14 +82,14 @@ pub fn build_engine_parts(
     let (snapshot, outbox) = match config.storage.mode {
         StorageMode::Embedded => (db.call_blocking(crate::keys::sqlite::snapshot_sync)?, None),
         StorageMode::Shared => {
-            let outbox = crate::shared::open_outbox(&config, db.clone())?;
+            let outbox = crate::journal::open_outbox(&config, db.clone())?;
             (
                 crate::keys::postgres::initial_snapshot(&config, &db)?,
                 Some(outbox),
             )
         }
     };
-    let source = crate::keys::source_for(&config, &db, outbox.as_ref());
+    let source = crate::keys::source_for(&config, &db, outbox.as_ref().map(|o| o.pg().pool()));
     let auth = Authenticator::with_source(Directory::from_snapshot(snapshot), source);
     let prices = price_table(&config)?;
     let loader: Arc<dyn CounterLoader> = match &outbox {
@@ -104,7 +105,7 @@ pub fn build_engine_parts(
             // The share starts from what the previous run last heard, so a process
             // started during an outage does not take the whole remainder.
             let last_live = db
-                .call_blocking(|c| crate::shared::outbox::meta_get(c, FLEET_LIVE))
+                .call_blocking(|c| crate::journal::outbox::meta_get(c, FLEET_LIVE))
                 .ok()
                 .flatten()
                 .and_then(|v| v.parse::<usize>().ok())
@@ -118,7 +119,7 @@ pub fn build_engine_parts(
                     tokio::spawn(async move {
                         let v = n.to_string();
                         if let Err(e) = db
-                            .call(move |c| crate::shared::outbox::meta_set(c, FLEET_LIVE, &v))
+                            .call(move |c| crate::journal::outbox::meta_set(c, FLEET_LIVE, &v))
                             .await
                         {
                             tracing::warn!(error = %e, "cannot keep the fleet size in the journal");
@@ -130,7 +131,7 @@ pub fn build_engine_parts(
             {
                 Some(ob) => {
                     let not_below = || {
-                        crate::shared::loader::SharedLoader::new(
+                        crate::journal::loader::SharedLoader::new(
                             ob.pg().clone(),
                             ob.reader().clone(),
                         )
@@ -269,7 +270,7 @@ impl BackgroundService for Background {
         let refresh = tokio::spawn(crate::auth::refresh_loop(e.authenticator().clone()));
         let shipper = self.outbox.clone().map(|ob| {
             let retention = e.config().storage.journal_retention;
-            tokio::spawn(crate::shared::shipper::Shipper::new(ob, retention).run())
+            tokio::spawn(crate::journal::shipper::Shipper::new(ob, retention).run())
         });
         let applier = e.applier().map(|a| tokio::spawn(a.clone().run()));
         // `storage.retention`: passes over the ledger of record (Postgres in shared mode).
@@ -333,8 +334,8 @@ fn migrate_postgres(config: &Config) -> Result<(), StartError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let pg = crate::ledger::postgres::PgLedger::new(&crate::shared::postgres_url(config))
-        .map_err(crate::shared::SharedError::from)?;
+    let pg = crate::ledger::postgres::PgLedger::new(&config.postgres_url())
+        .map_err(crate::journal::SharedError::from)?;
     match rt.block_on(pg.migrate()) {
         Ok(v) if v.is_empty() => {}
         Ok(v) => tracing::info!(applied = ?v, "postgres schema migrated"),

@@ -46,3 +46,9 @@ mod tests {
         }
     }
 }
+
+/// The start of the UTC hour containing `t`.
+pub fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    let secs = t.timestamp().div_euclid(3_600) * 3_600;
+    DateTime::from_timestamp(secs, 0).unwrap_or(t)
+}

@@ -16,6 +16,8 @@ use chrono_tz::Tz;
 use common::pg::TestPg;
 use tollgate::config::Durability;
 use tollgate::db::Db;
+use tollgate::journal::outbox::Outbox;
+use tollgate::journal::shipper::Shipper;
 use tollgate::journal::{EmbeddedJournal, Journal};
 use tollgate::keys::Subject;
 use tollgate::ledger::postgres::PgLedger;
@@ -24,8 +26,6 @@ use tollgate::ledger::{Ledger, Opened, Settlement, Transaction, TxFilter};
 use tollgate::quota::limit::LimitSpec;
 use tollgate::quota::store::AppliedLimit;
 use tollgate::quota::window::{CalendarUnit, Counter, calendar_bounds};
-use tollgate::shared::outbox::Outbox;
-use tollgate::shared::shipper::Shipper;
 
 const TZ: Tz = chrono_tz::UTC;
 

@@ -367,8 +367,8 @@ async fn postgres_retention_keeps_counters_reports_and_exports_exact() {
     let dir = tempfile::tempdir().unwrap();
     let journal = dir.path().join("journal.db");
     drop(tollgate::db::Db::open(&journal, tollgate::config::Durability::Normal).unwrap());
-    let reader = tollgate::shared::outbox::Reader::open(&journal).unwrap();
-    let loader = tollgate::shared::loader::SharedLoader::new(ledger_pg.clone(), reader);
+    let reader = tollgate::journal::outbox::Reader::open(&journal).unwrap();
+    let loader = tollgate::journal::loader::SharedLoader::new(ledger_pg.clone(), reader);
     let store = spend::pg::PgSpend::new(&pg.url()).unwrap();
     let counters_before = counters(&loader).await;
     let reports_before = reports(&store).await;

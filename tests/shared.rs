@@ -644,8 +644,12 @@ async fn a_row_postgres_refuses_is_quarantined_and_the_rows_behind_it_ship() {
     {
         let c = rusqlite::Connection::open(proxy.db_path()).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
-        tollgate::shared::outbox::append(&c, tollgate::shared::outbox::EventKind::Settle, &poison)
-            .unwrap();
+        tollgate::journal::outbox::append(
+            &c,
+            tollgate::journal::outbox::EventKind::Settle,
+            &poison,
+        )
+        .unwrap();
     }
     // Traffic behind it ships: a stream, a non-stream, and an upstream error (released).
     let mut traces = vec![first.header("x-tollgate-trace-id").unwrap().to_string()];

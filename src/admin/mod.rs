@@ -664,17 +664,15 @@ impl Stores {
                     db.clone(),
                 ))),
             ),
-            StorageMode::Shared => {
-                match crate::pg::PgPool::new(&crate::shared::postgres_url(config)) {
-                    Ok(pool) => (
-                        Ok(Arc::new(crate::keys::postgres::PgKeyStore::from_pool(
-                            pool.clone(),
-                        ))),
-                        Ok(Arc::new(crate::ledger::postgres::PgLedger::from_pool(pool))),
-                    ),
-                    Err(e) => (Err(e.to_string()), Err(e.to_string())),
-                }
-            }
+            StorageMode::Shared => match crate::pg::PgPool::new(&config.postgres_url()) {
+                Ok(pool) => (
+                    Ok(Arc::new(crate::keys::postgres::PgKeyStore::from_pool(
+                        pool.clone(),
+                    ))),
+                    Ok(Arc::new(crate::ledger::postgres::PgLedger::from_pool(pool))),
+                ),
+                Err(e) => (Err(e.to_string()), Err(e.to_string())),
+            },
         };
         Stores {
             spend,
@@ -763,26 +761,30 @@ async fn dispatch(
             Ok(json(StatusCode::OK, &journal_status(engine).to_json()))
         }
         (Endpoint::Reconcile, m @ (Method::GET | Method::POST)) => {
-            let (status, body) = crate::journal::admin_route(
-                engine,
-                m.as_str(),
-                "/admin/reconcile",
-                req.uri().query(),
-            )
-            .await
-            .unwrap_or((404, serde_json::json!({"error": {"message": "not found"}})));
-            let mut r = json(
-                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                &body,
-            );
-            // A failure names the trace id its detail is logged under, as other routes do.
-            if let Some(v) = body["error"]["trace_id"]
-                .as_str()
-                .and_then(|t| HeaderValue::from_str(t).ok())
-            {
-                r.headers_mut().insert("x-tollgate-trace-id", v);
-            }
-            Ok(r)
+            // `POST ?fix=true` (or `?fix`) rewrites the differing counters from the ledger;
+            // a GET only reports.
+            let fix = m == Method::POST
+                && req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "fix=true" || kv == "fix"));
+            Ok(match crate::reconcile::reconcile(engine, fix).await {
+                Ok(report) => json(StatusCode::OK, &report.to_json()),
+                Err(e) => {
+                    let trace_id = uuid::Uuid::now_v7().to_string();
+                    let e = engine.store_failure(&trace_id, "ledger", &e);
+                    let mut r = json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"error": {"message": e.message, "code": "store_unavailable", "trace_id": trace_id}}),
+                    );
+                    // A failure names the trace id its detail is logged under, as other
+                    // routes do.
+                    if let Ok(v) = HeaderValue::from_str(&trace_id) {
+                        r.headers_mut().insert("x-tollgate-trace-id", v);
+                    }
+                    r
+                }
+            })
         }
         (Endpoint::OpenApi, Method::GET) => {
             let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));

@@ -6,6 +6,15 @@
 pub mod meter;
 pub mod sse;
 
+/// The provider an upstream is (`[[upstreams]].kind`): its credential header and
+/// default passthrough routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamKind {
+    Openai,
+    Anthropic,
+}
+
 /// Wire format of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum ApiFormat {

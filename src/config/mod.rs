@@ -22,9 +22,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::api::UpstreamKind;
 use crate::billing::price::Price;
+pub use crate::db::Durability;
 use crate::passthrough::PassthroughRoute;
 use crate::quota::LimitSpec;
+pub use crate::quota::OnUnavailable;
 
 mod reader;
 mod units;
@@ -194,34 +197,9 @@ pub enum StorageMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OnUnavailable {
-    Local,
-    Open,
-    Closed,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// WAL + `synchronous=NORMAL`: survives a process crash (SIGKILL); a power loss can
-    /// lose the last commits.
-    Normal,
-    /// WAL + `synchronous=FULL`: every journal commit is fsynced.
-    Full,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum UnknownModel {
     Reject,
     Free,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamKind {
-    Openai,
-    Anthropic,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -396,6 +374,15 @@ fn render_issues(file: &str, issues: &[ConfigIssue]) -> String {
 }
 
 impl Config {
+    /// `storage.postgres_url` (validation requires it in shared mode; empty otherwise).
+    pub fn postgres_url(&self) -> String {
+        self.storage
+            .postgres_url
+            .as_ref()
+            .map(|s| s.expose().to_string())
+            .unwrap_or_default()
+    }
+
     /// `text` (an error from a store, say) with every secret of this config masked: the
     /// store URLs by their [`redact_url`] form, their passwords, the webhook URL, the
     /// upstream keys and the admin token. For the log; answers never carry such text.

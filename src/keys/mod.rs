@@ -23,12 +23,11 @@ use base64::Engine;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::auth::DirectorySource;
 use crate::config::{Config, StorageMode};
 use crate::db::{Db, DbError};
-use crate::pg::PgError;
+use crate::pg::{PgError, PgPool};
 use crate::quota::LimitSpec;
-use crate::shared::outbox::Outbox;
+pub use crate::quota::Subject;
 
 /// Prefix of every tollgate secret.
 pub const SECRET_PREFIX: &str = "tg_";
@@ -74,36 +73,13 @@ pub struct NewKey {
     pub limits: Vec<String>,
 }
 
-/// A subject that limits attach to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Subject {
-    Key(String),
-    User(String),
-    Tenant(String),
-}
-
-impl Subject {
-    /// `key:k_…`, `user:…`, `tenant:…` — the text used in storage and usage reports.
-    pub fn as_text(&self) -> String {
-        match self {
-            Subject::Key(k) => format!("key:{k}"),
-            Subject::User(u) => format!("user:{u}"),
-            Subject::Tenant(t) => format!("tenant:{t}"),
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Subject> {
-        let (kind, id) = s.split_once(':')?;
-        if id.is_empty() {
-            return None;
-        }
-        match kind {
-            "key" => Some(Subject::Key(id.to_string())),
-            "user" => Some(Subject::User(id.to_string())),
-            "tenant" => Some(Subject::Tenant(id.to_string())),
-            _ => None,
-        }
-    }
+/// Source of directory snapshots: the embedded database, or Postgres in shared mode
+/// ([`source_for`]).
+#[async_trait::async_trait]
+pub trait DirectorySource: Send + Sync + 'static {
+    /// The store's change counter.
+    async fn rev(&self) -> Result<i64, DbError>;
+    async fn snapshot(&self) -> Result<Snapshot, DbError>;
 }
 
 /// Hex SHA-256 of a secret: the only form in which secrets are stored or compared.
@@ -266,22 +242,16 @@ impl From<DbError> for KeyStoreError {
 pub fn open(config: &Config, db: &Db) -> Result<Arc<dyn KeyStore>, KeyStoreError> {
     Ok(match config.storage.mode {
         StorageMode::Embedded => Arc::new(sqlite::SqliteKeyStore::new(db.clone())),
-        StorageMode::Shared => Arc::new(postgres::PgKeyStore::new(&crate::shared::postgres_url(
-            config,
-        ))?),
+        StorageMode::Shared => Arc::new(postgres::PgKeyStore::new(&config.postgres_url())?),
     })
 }
 
 /// The directory source the auth refresh loop polls for `config`'s mode: the embedded
-/// database, or (shared mode) Postgres over the outbox's pool, copied into the journal.
-pub fn source_for(
-    config: &Config,
-    db: &Db,
-    outbox: Option<&Arc<Outbox>>,
-) -> Arc<dyn DirectorySource> {
-    match (config.storage.mode, outbox) {
-        (StorageMode::Shared, Some(ob)) => Arc::new(postgres::PgDirectory::new(
-            postgres::PgKeyStore::from_pool(ob.pg().pool().clone()),
+/// database, or (shared mode) Postgres over `pool` (the outbox's), copied into the journal.
+pub fn source_for(config: &Config, db: &Db, pool: Option<&PgPool>) -> Arc<dyn DirectorySource> {
+    match (config.storage.mode, pool) {
+        (StorageMode::Shared, Some(pool)) => Arc::new(postgres::PgDirectory::new(
+            postgres::PgKeyStore::from_pool(pool.clone()),
             db.clone(),
         )),
         _ => Arc::new(db.clone()),

@@ -12,16 +12,16 @@
 
 use std::str::FromStr;
 
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::NoTls;
 
 use super::{KeyRecord, KeyStore, KeyStoreError, NewKey, Snapshot, Subject};
-use crate::auth::DirectorySource;
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use crate::keys::DirectorySource;
 use crate::pg::{CONNECT_TIMEOUT, PgError, PgPool, TS_TEXT, bounded, pg_config};
 use crate::quota::LimitSpec;
-use crate::shared::outbox;
 
 /// Keys and limits in Postgres. Cheap to clone (clones share the pool).
 #[derive(Clone)]
@@ -355,11 +355,7 @@ impl DirectorySource for PgDirectory {
             .await
             .map_err(db_err)?;
         let stored = StoredSnapshot::from(&snap);
-        if let Err(e) = self
-            .db
-            .call(move |c| outbox::save_directory(c, &stored))
-            .await
-        {
+        if let Err(e) = self.db.call(move |c| save_directory(c, &stored)).await {
             tracing::warn!(error = %e, "cannot keep a local copy of the key directory");
         }
         Ok(snap)
@@ -370,7 +366,7 @@ impl DirectorySource for PgDirectory {
 /// copy is saved locally), else the last local copy, else empty (logged). Blocking: runs
 /// its own short-lived runtime, so call it from start-up code, never on a reactor.
 pub fn initial_snapshot(config: &Config, db: &Db) -> Result<Snapshot, DbError> {
-    let url = crate::shared::postgres_url(config);
+    let url = config.postgres_url();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -378,10 +374,10 @@ pub fn initial_snapshot(config: &Config, db: &Db) -> Result<Snapshot, DbError> {
     match rt.block_on(fetch_snapshot_once(&url)) {
         Ok(snap) => {
             let stored = StoredSnapshot::from(&snap);
-            db.call_blocking(move |c| outbox::save_directory(c, &stored))?;
+            db.call_blocking(move |c| save_directory(c, &stored))?;
             Ok(snap)
         }
-        Err(e) => match db.call_blocking(outbox::load_directory)? {
+        Err(e) => match db.call_blocking(load_directory)? {
             Some(snap) => {
                 tracing::warn!(error = %e, rev = snap.rev, keys = snap.keys.len(), "postgres unavailable at start; serving the key directory saved locally");
                 Ok(snap)
@@ -579,6 +575,42 @@ fn same_counter(stored: &str, spec: &LimitSpec) -> bool {
     })
 }
 
+// The directory copy kept in the local journal database (`directory_cache`), so a
+// restart while Postgres is down still serves the keys last read.
+
+/// Keep the last directory read from Postgres.
+pub fn save_directory(c: &Connection, s: &StoredSnapshot) -> Result<(), DbError> {
+    let text = serde_json::to_string(s).map_err(|e| DbError::Invalid(e.to_string()))?;
+    // Never over a newer copy: a slow read finishing after a faster, later one must not
+    // put revoked keys back into what a restart while Postgres is down would serve.
+    c.execute(
+        "INSERT INTO directory_cache (id, rev, snapshot, saved_at) VALUES (1, ?1, ?2, ?3)
+         ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, snapshot = excluded.snapshot, saved_at = excluded.saved_at
+         WHERE excluded.rev >= directory_cache.rev",
+        params![s.rev, text, crate::time::now_text()],
+    )?;
+    Ok(())
+}
+
+/// The last directory read from Postgres, if any.
+pub fn load_directory(c: &Connection) -> Result<Option<Snapshot>, DbError> {
+    let text: Option<String> = c
+        .query_row(
+            "SELECT snapshot FROM directory_cache WHERE id = 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    match text {
+        None => Ok(None),
+        Some(t) => {
+            let s: StoredSnapshot = serde_json::from_str(&t)
+                .map_err(|e| DbError::Invalid(format!("corrupt directory cache: {e}")))?;
+            Ok(Some(s.into()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,5 +650,38 @@ mod tests {
         assert!(same_counter("usd:day=1", &spec));
         assert!(!same_counter("usd:month=1", &spec));
         assert!(!same_counter("usd:day@openai=1", &spec));
+    }
+
+    #[tokio::test]
+    async fn directory_cache_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("j.db"), crate::config::Durability::Normal).unwrap();
+        assert!(db.call(load_directory).await.unwrap().is_none());
+        let s = StoredSnapshot {
+            rev: 4,
+            keys: vec![],
+            limits: vec![("user:u".into(), "requests:day=3".into())],
+        };
+        db.call(move |c| save_directory(c, &s)).await.unwrap();
+        let back = db.call(load_directory).await.unwrap().unwrap();
+        assert_eq!(back.rev, 4);
+        assert_eq!(back.limits.len(), 1);
+        // An older read saved late never replaces a newer copy; a newer one does.
+        let older = StoredSnapshot {
+            rev: 3,
+            keys: vec![],
+            limits: vec![],
+        };
+        db.call(move |c| save_directory(c, &older)).await.unwrap();
+        let back = db.call(load_directory).await.unwrap().unwrap();
+        assert_eq!((back.rev, back.limits.len()), (4, 1));
+        let newer = StoredSnapshot {
+            rev: 9,
+            keys: vec![],
+            limits: vec![],
+        };
+        db.call(move |c| save_directory(c, &newer)).await.unwrap();
+        let back = db.call(load_directory).await.unwrap().unwrap();
+        assert_eq!((back.rev, back.limits.len()), (9, 0));
     }
 }

@@ -12,8 +12,8 @@ use super::{
     KeyRecord, KeyStore, KeyStoreError, NewKey, Snapshot, Subject, canonical_limits, generate_id,
     generate_secret, hash_secret, parse_spec_pattern, validate_name,
 };
-use crate::auth::DirectorySource;
 use crate::db::{Db, DbError};
+use crate::keys::DirectorySource;
 use crate::quota::LimitSpec;
 
 pub(crate) fn bump_rev(conn: &Connection) -> Result<(), DbError> {

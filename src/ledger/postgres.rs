@@ -9,8 +9,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use tokio_postgres::types::ToSql;
 
 use super::{Ledger, LedgerError, Transaction, TxFilter};
-use crate::keys::Subject;
 use crate::pg::{PgError, PgPool, TS_TEXT};
+use crate::quota::Subject;
 use crate::quota::limit::Metric;
 use crate::quota::store::AppliedLimit;
 use crate::quota::window::{Counter, Window};
@@ -319,7 +319,7 @@ impl Ledger for PgLedger {
     }
 
     /// The settled sums of the window, attributed as the embedded ledger attributes its
-    /// rows (the read [`crate::shared::loader`] makes of the ledger of record, without its
+    /// rows (the read [`crate::journal::loader`] makes of the ledger of record, without its
     /// journal exclusions).
     async fn load_counter(
         &self,

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Ledger, LedgerError, Opened, Settlement, Transaction, TxFilter};
 use crate::db::{Db, DbError};
-use crate::keys::Subject;
+use crate::quota::Subject;
 use crate::quota::limit::Metric;
 use crate::quota::memory::CounterLoader;
 use crate::quota::store::{AppliedLimit, QuotaError};
@@ -289,7 +289,7 @@ pub fn load_counter(
         _ => counter.window_start(now),
     };
     let since_text = since.map(crate::time::to_text);
-    let since_hour = since.map(|s| crate::time::to_text(crate::spend::hour_floor(s)));
+    let since_hour = since.map(|s| crate::time::to_text(crate::time::hour_floor(s)));
     let metric = limit.spec.metric;
     let expr = match metric {
         // An adjustment row (`tollgate rerate`) changes money, never the request count.

@@ -33,7 +33,6 @@
 //!    connection is free at once) and logged.
 
 pub mod listener;
-pub mod upstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,7 +16,7 @@
 //!
 //! Settles and releases made while the primary is down are counted locally (`local`) and
 //! answered `Unavailable`: they are in the journal, and the applier
-//! ([`crate::shared::applier`]) replays them to the primary — idempotently per trace id,
+//! ([`crate::journal::applier`]) replays them to the primary — idempotently per trace id,
 //! also after a restart during the outage. The probe ([`FallbackStore::probe`]) pings the
 //! primary (a real round trip), has the journal's backlog replayed to it, and only then
 //! makes it authoritative again and drops every local counter and hold, so the next outage
@@ -35,7 +35,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
-use crate::config::OnUnavailable;
+use crate::quota::OnUnavailable;
 use crate::quota::fleet::Fleet;
 use crate::quota::memory::{CounterLoader, MemoryStore};
 use crate::quota::store::{
@@ -675,7 +675,7 @@ impl QuotaStore for FallbackStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Subject;
+    use crate::quota::Subject;
     use std::str::FromStr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -378,7 +378,7 @@ impl QuotaStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::Subject;
+    use crate::quota::Subject;
     use std::str::FromStr;
 
     fn limit(spec: &str) -> AppliedLimit {

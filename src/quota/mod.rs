@@ -11,10 +11,22 @@ pub mod memory;
 pub mod redis;
 pub mod shared;
 pub mod store;
+pub mod subject;
 pub mod window;
 
 pub use limit::{LimitParseError, LimitSpec, Metric};
+pub use subject::Subject;
 pub use window::{
     CalendarUnit, Counter, RollingUnit, RollingWindow, Window, WindowParseError, calendar_bounds,
     ceil_secs,
 };
+
+/// `quota.on_unavailable`: what an instance does while the shared counter store (Redis)
+/// is unreachable (see [`fallback`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnavailable {
+    Local,
+    Open,
+    Closed,
+}

@@ -12,8 +12,6 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use tokio::sync::OnceCell;
 
-use crate::auth::Authenticator;
-use crate::keys::Subject;
 use crate::quota::memory::CounterLoader;
 use crate::quota::redis::{RedisOptions, RedisStore, SubjectRoots, spawn_hold_refresher};
 use crate::quota::store::{
@@ -125,38 +123,6 @@ impl QuotaStore for LazyRedis {
     fn adopt(&self, req: &ReserveRequest) {
         if let Some(s) = self.cell.get() {
             s.adopt(req);
-        }
-    }
-}
-
-/// Hash-tag roots from the live key directory: a key's counters live under its tenant's
-/// tag (else its user's, else its own), so every counter one request touches shares a
-/// Redis Cluster slot.
-pub struct DirectoryRoots {
-    pub auth: Authenticator,
-}
-
-impl SubjectRoots for DirectoryRoots {
-    fn root_of(&self, subject: &Subject) -> Subject {
-        let dir = self.auth.directory();
-        match subject {
-            Subject::Tenant(_) => subject.clone(),
-            Subject::Key(k) => match dir.by_id(k) {
-                Some((p, _)) => match (&p.tenant, &p.user) {
-                    (Some(t), _) => Subject::Tenant(t.clone()),
-                    (None, Some(u)) => Subject::User(u.clone()),
-                    (None, None) => subject.clone(),
-                },
-                None => subject.clone(),
-            },
-            Subject::User(u) => dir
-                .principals()
-                .find_map(|(p, _)| {
-                    (p.user.as_ref() == Some(u))
-                        .then(|| p.tenant.clone())
-                        .flatten()
-                })
-                .map_or_else(|| subject.clone(), Subject::Tenant),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::keys::Subject;
+use crate::quota::Subject;
 use crate::quota::limit::{LimitSpec, Metric};
 
 /// A limit as it applies to one request: whose, and which.
@@ -206,7 +206,7 @@ pub trait QuotaStore: Send + Sync {
         Ok(None)
     }
     /// Apply a journaled settle to the shared counters only — never to a local fallback —
-    /// idempotently per trace id (the applier's replay, [`crate::shared::applier`]).
+    /// idempotently per trace id (the applier's replay, [`crate::journal::applier`]).
     async fn replay_settle(
         &self,
         trace_id: &str,

@@ -380,11 +380,7 @@ pub fn plan(p: &SpendParams, now: DateTime<Utc>, tz: Tz) -> Result<Plan, SpendEr
     })
 }
 
-/// The start of the UTC hour containing `t`.
-pub fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
-    let secs = t.timestamp().div_euclid(3_600) * 3_600;
-    DateTime::from_timestamp(secs, 0).unwrap_or(t)
-}
+pub use crate::time::hour_floor;
 
 /// The hours a report must sum from ledger rows: those containing `since`, `until` or a
 /// bucket bound strictly inside (not at) their start. `None` when there are more than
@@ -535,7 +531,7 @@ pub trait SpendStore: Send + Sync {
 pub fn open(config: &Config, journal_path: &Path) -> Arc<dyn SpendStore> {
     match config.storage.mode {
         StorageMode::Embedded => Arc::new(sqlite::SqliteSpend::new(journal_path)),
-        StorageMode::Shared => match pg::PgSpend::new(&crate::shared::postgres_url(config)) {
+        StorageMode::Shared => match pg::PgSpend::new(&config.postgres_url()) {
             Ok(s) => Arc::new(s),
             Err(e) => Arc::new(Unavailable(e.to_string())),
         },

@@ -31,7 +31,7 @@
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 
-use crate::keys::Subject;
+use crate::quota::Subject;
 use crate::quota::store::{Amounts, AppliedLimit};
 use crate::quota::window::{Window, calendar_bounds};
 

@@ -1,7 +1,7 @@
 //! The applier: brings the shared counters (Redis) up to date from the journal.
 //!
 //! The journal is the only path for a counter change. Every settle and release is an
-//! event in the local journal first ([`crate::shared::outbox`]), written *unapplied*; the
+//! event in the local journal first ([`crate::journal::outbox`]), written *unapplied*; the
 //! applier applies it to the counters and marks it applied. Two callers share one code
 //! path:
 //!
@@ -34,10 +34,10 @@ use chrono::Utc;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use crate::journal::outbox::{self, Outbox};
 use crate::ledger::Transaction;
 use crate::quota::fallback::Backlog;
 use crate::quota::store::{Amounts, AppliedLimit, QuotaError, QuotaStore};
-use crate::shared::outbox::{self, Outbox};
 
 /// Events read per replay batch.
 pub const BATCH: usize = 1000;

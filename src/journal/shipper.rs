@@ -6,7 +6,7 @@
 //! is the whole truth), upserts the batch in one Postgres transaction, then marks it
 //! shipped locally. A crash between the upsert and the mark re-ships the batch at the
 //! next pass, which changes nothing: the upsert only moves a row forward (see
-//! [`crate::shared::pg::PgLedger::upsert_rows`]).
+//! [`crate::ledger::postgres::PgLedger::upsert_rows`]).
 //!
 //! A batch Postgres refuses for its data ([`PgError::Rejected`]: a NUL byte in a text
 //! value, a number out of range) is shipped again row by row, each under a savepoint: the
@@ -24,9 +24,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::journal::outbox::{self, Outbox};
 use crate::ledger::Transaction;
-use crate::shared::outbox::{self, Outbox};
-use crate::shared::pg::PgError;
+use crate::pg::PgError;
 
 /// Events read and upserted per Postgres transaction.
 pub const BATCH: usize = 5000;

@@ -32,10 +32,9 @@ use tokio::sync::Notify;
 
 use crate::db::{Db, DbError};
 use crate::journal::{Journal, JournalStatus};
-use crate::keys::Snapshot;
+use crate::ledger::postgres::PgLedger;
 use crate::ledger::{Opened, Settlement, Transaction};
 use crate::quota::memory::CounterLoader;
-use crate::shared::pg::{PgLedger, StoredSnapshot};
 
 /// Longest time a request waits for the cross-instance duplicate check.
 pub const REMOTE_CHECK_TIMEOUT: Duration = Duration::from_millis(200);
@@ -82,7 +81,7 @@ pub fn append(c: &Connection, kind: EventKind, row: &Transaction) -> Result<(), 
 /// [`append`], returning the event's sequence number. A reserve is written applied: the
 /// quota check held it before it was journaled. A settle or release is written unapplied
 /// when `to_apply` (an applier brings the shared counters up to date from the journal,
-/// [`crate::shared::applier`]); without one, counters live in this process only and are
+/// [`crate::journal::applier`]); without one, counters live in this process only and are
 /// rebuilt from the ledger, so there is nothing to replay.
 pub fn append_seq(
     c: &Connection,
@@ -443,39 +442,6 @@ pub fn compact(c: &Connection, cutoff: &str) -> Result<(usize, usize), DbError> 
     Ok((events, traces))
 }
 
-/// Keep the last directory read from Postgres.
-pub fn save_directory(c: &Connection, s: &StoredSnapshot) -> Result<(), DbError> {
-    let text = serde_json::to_string(s).map_err(|e| DbError::Invalid(e.to_string()))?;
-    // Never over a newer copy: a slow read finishing after a faster, later one must not
-    // put revoked keys back into what a restart while Postgres is down would serve.
-    c.execute(
-        "INSERT INTO directory_cache (id, rev, snapshot, saved_at) VALUES (1, ?1, ?2, ?3)
-         ON CONFLICT(id) DO UPDATE SET rev = excluded.rev, snapshot = excluded.snapshot, saved_at = excluded.saved_at
-         WHERE excluded.rev >= directory_cache.rev",
-        params![s.rev, text, crate::time::now_text()],
-    )?;
-    Ok(())
-}
-
-/// The last directory read from Postgres, if any.
-pub fn load_directory(c: &Connection) -> Result<Option<Snapshot>, DbError> {
-    let text: Option<String> = c
-        .query_row(
-            "SELECT snapshot FROM directory_cache WHERE id = 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    match text {
-        None => Ok(None),
-        Some(t) => {
-            let s: StoredSnapshot = serde_json::from_str(&t)
-                .map_err(|e| DbError::Invalid(format!("corrupt directory cache: {e}")))?;
-            Ok(Some(s.into()))
-        }
-    }
-}
-
 /// A read-only connection to the journal file, used off the writer thread (WAL lets it
 /// read while the writer commits) so large reads never delay appends.
 #[derive(Clone)]
@@ -732,7 +698,7 @@ impl Journal for Outbox {
     }
 
     fn ledger_loader(&self) -> Arc<dyn CounterLoader> {
-        Arc::new(crate::shared::loader::SharedLoader::new(
+        Arc::new(crate::journal::loader::SharedLoader::new(
             self.pg.clone(),
             self.reader.clone(),
         ))
@@ -740,7 +706,8 @@ impl Journal for Outbox {
 
     fn reconcile_loader(&self) -> Arc<dyn CounterLoader> {
         Arc::new(
-            crate::shared::loader::SharedLoader::new(self.pg.clone(), self.reader.clone()).strict(),
+            crate::journal::loader::SharedLoader::new(self.pg.clone(), self.reader.clone())
+                .strict(),
         )
     }
 }
@@ -959,38 +926,5 @@ mod tests {
             .unwrap();
         assert_eq!(added, 0);
         assert_eq!(db.call(quarantine_count).await.unwrap(), 0);
-    }
-
-    #[tokio::test]
-    async fn directory_cache_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("j.db"), Durability::Normal).unwrap();
-        assert!(db.call(load_directory).await.unwrap().is_none());
-        let s = StoredSnapshot {
-            rev: 4,
-            keys: vec![],
-            limits: vec![("user:u".into(), "requests:day=3".into())],
-        };
-        db.call(move |c| save_directory(c, &s)).await.unwrap();
-        let back = db.call(load_directory).await.unwrap().unwrap();
-        assert_eq!(back.rev, 4);
-        assert_eq!(back.limits.len(), 1);
-        // An older read saved late never replaces a newer copy; a newer one does.
-        let older = StoredSnapshot {
-            rev: 3,
-            keys: vec![],
-            limits: vec![],
-        };
-        db.call(move |c| save_directory(c, &older)).await.unwrap();
-        let back = db.call(load_directory).await.unwrap().unwrap();
-        assert_eq!((back.rev, back.limits.len()), (4, 1));
-        let newer = StoredSnapshot {
-            rev: 9,
-            keys: vec![],
-            limits: vec![],
-        };
-        db.call(move |c| save_directory(c, &newer)).await.unwrap();
-        let back = db.call(load_directory).await.unwrap().unwrap();
-        assert_eq!((back.rev, back.limits.len()), (9, 0));
     }
 }

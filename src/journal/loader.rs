@@ -24,12 +24,12 @@ use crate::keys::Subject;
 use crate::ledger::Transaction;
 use std::sync::Arc;
 
+use crate::journal::outbox::{self, Reader};
+use crate::ledger::postgres::PgLedger;
 use crate::quota::fallback::LastKnown;
 use crate::quota::memory::CounterLoader;
 use crate::quota::store::{Amounts, AppliedLimit, QuotaError};
 use crate::quota::window::{Counter, Window};
-use crate::shared::outbox::{self, Reader};
-use crate::shared::pg::PgLedger;
 
 pub struct SharedLoader {
     pg: PgLedger,

@@ -5,7 +5,7 @@
 //!
 //! - [`EmbeddedJournal`] (embedded mode): the SQLite ledger *is* the journal — a `reserved`
 //!   row, later updated to `settled`/`released` (see [`crate::ledger::sqlite`]).
-//! - [`crate::shared::outbox::Outbox`] (shared mode): every event is appended to the local
+//! - [`crate::journal::outbox::Outbox`] (shared mode): every event is appended to the local
 //!   SQLite `journal_events` outbox first; a shipper moves them to the Postgres ledger of
 //!   record.
 //!
@@ -17,11 +17,18 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
+use crate::config::Config;
 use crate::db::{Db, DbError};
-use crate::engine::Engine;
-use crate::ledger::sqlite::{self as ledger, SqliteLoader};
 use crate::ledger::{Opened, Settlement, Transaction};
 use crate::quota::memory::CounterLoader;
+
+pub mod applier;
+pub mod embedded;
+pub mod loader;
+pub mod outbox;
+pub mod shipper;
+
+pub use embedded::EmbeddedJournal;
 
 /// Unshipped events per target, as reported by `journal status` and `GET /admin/journal`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -92,96 +99,18 @@ pub trait Journal: Send + Sync {
     }
 }
 
-/// The embedded ledger as the journal: the behaviour of embedded mode.
-pub struct EmbeddedJournal {
-    db: Db,
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    #[error(transparent)]
+    Postgres(#[from] crate::pg::PgError),
+    #[error(transparent)]
+    Journal(#[from] crate::db::DbError),
 }
 
-impl EmbeddedJournal {
-    pub fn new(db: Db) -> EmbeddedJournal {
-        EmbeddedJournal { db }
-    }
-}
-
-#[async_trait::async_trait]
-impl Journal for EmbeddedJournal {
-    async fn open_reservation(&self, row: Transaction) -> Result<Opened, DbError> {
-        self.db
-            .call(move |c| ledger::open_reservation(c, &row))
-            .await
-    }
-
-    async fn settle(&self, trace_id: &str, s: Settlement) -> Result<Option<i64>, DbError> {
-        let t = trace_id.to_string();
-        let done = self
-            .db
-            .call_deferred(move |c| ledger::settle_row(c, &t, &s))
-            .await?;
-        Ok(done.then_some(0))
-    }
-
-    async fn release(&self, trace_id: &str, http_status: i64) -> Result<Option<i64>, DbError> {
-        let t = trace_id.to_string();
-        let done = self
-            .db
-            .call_deferred(move |c| ledger::release_row(c, &t, http_status))
-            .await?;
-        Ok(done.then_some(0))
-    }
-
-    async fn is_taken(&self, trace_id: &str) -> Result<bool, DbError> {
-        let t = trace_id.to_string();
-        self.db.call(move |c| ledger::is_taken(c, &t)).await
-    }
-
-    async fn open_rows(&self) -> Result<Vec<Transaction>, DbError> {
-        self.db.call(ledger::open_rows).await
-    }
-
-    fn status(&self) -> JournalStatus {
-        JournalStatus::default()
-    }
-
-    fn ledger_loader(&self) -> Arc<dyn CounterLoader> {
-        Arc::new(SqliteLoader {
-            db: self.db.clone(),
-        })
-    }
-}
-
-/// The journal status JSON of a running instance (the body of `GET /admin/journal`).
-pub fn journal_status_json(engine: &Engine) -> Value {
-    engine.journal().status().to_json()
-}
-
-/// Admin routes owned by this module: `GET /admin/journal` (status), `GET
-/// /admin/reconcile` (differences) and `POST /admin/reconcile?fix=true` (rewrite counters
-/// from the ledger, then report what differed). `None` when the path is not ours.
-pub async fn admin_route(
-    engine: &Engine,
-    method: &str,
-    path: &str,
-    query: Option<&str>,
-) -> Option<(u16, Value)> {
-    match (method, path) {
-        ("GET", "/admin/journal") => Some((200, journal_status_json(engine))),
-        ("GET" | "POST", "/admin/reconcile") => {
-            let fix = method == "POST"
-                && query.is_some_and(|q| q.split('&').any(|kv| kv == "fix=true" || kv == "fix"));
-            Some(match crate::reconcile::reconcile(engine, fix).await {
-                Ok(report) => (200, report.to_json()),
-                Err(e) => {
-                    let trace_id = uuid::Uuid::now_v7().to_string();
-                    let e = engine.store_failure(&trace_id, "ledger", &e);
-                    (
-                        503,
-                        json!({"error": {"message": e.message, "code": "store_unavailable", "trace_id": trace_id}}),
-                    )
-                }
-            })
-        }
-        _ => None,
-    }
+/// The outbox over `db` for `config`'s Postgres (no connection is made yet).
+pub fn open_outbox(config: &Config, db: Db) -> Result<Arc<outbox::Outbox>, SharedError> {
+    let pg = crate::ledger::postgres::PgLedger::new(&config.postgres_url())?;
+    Ok(outbox::Outbox::new(db, pg)?)
 }
 
 #[cfg(test)]
