@@ -23,6 +23,12 @@ pub fn from_text(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// The start of the UTC hour containing `t`.
+pub fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
+    let secs = t.timestamp().div_euclid(3_600) * 3_600;
+    DateTime::from_timestamp(secs, 0).unwrap_or(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,10 +51,4 @@ mod tests {
                 .unwrap()
         }
     }
-}
-
-/// The start of the UTC hour containing `t`.
-pub fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
-    let secs = t.timestamp().div_euclid(3_600) * 3_600;
-    DateTime::from_timestamp(secs, 0).unwrap_or(t)
 }
