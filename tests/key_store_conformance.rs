@@ -347,6 +347,34 @@ mod suite {
         assert_eq!(store.config_rev().await.unwrap(), rev);
     }
 
+    /// Every key of a user belongs to one tenant (or all to none): the user's limits are
+    /// then counted in one place. A key that would split them is refused.
+    pub async fn a_user_stays_in_one_tenant(b: &Backend) {
+        let store = b.store();
+        store.create(new_key("first", &[])).await.unwrap();
+        let rev = store.config_rev().await.unwrap();
+        let mut other = new_key("second", &[]);
+        other.tenant = Some("globex".into());
+        let e = store.create(other).await.unwrap_err();
+        assert!(is_invalid(&e, "belongs to one tenant"), "{e:?}");
+        let mut none = new_key("third", &[]);
+        none.tenant = None;
+        let e = store.create(none).await.unwrap_err();
+        assert!(is_invalid(&e, "no tenant"), "{e:?}");
+        assert_eq!(store.config_rev().await.unwrap(), rev, "nothing written");
+        // The same tenant, another user, or no user at all: fine.
+        store.create(new_key("fourth", &[])).await.unwrap();
+        let mut bob = new_key("bob's", &[]);
+        bob.user = Some("bob".into());
+        bob.tenant = Some("globex".into());
+        store.create(bob).await.unwrap();
+        let mut nobody = new_key("service", &[]);
+        nobody.user = None;
+        nobody.tenant = Some("initech".into());
+        store.create(nobody).await.unwrap();
+        assert_eq!(store.list().await.unwrap().len(), 4);
+    }
+
     /// Every change moves the revision forward, and a snapshot carries the revision it
     /// was read at.
     pub async fn revision_moves_on_every_change(b: &Backend) {
@@ -409,4 +437,5 @@ every_backend!(
     limits_set_clear_replace,
     create_validates,
     revision_moves_on_every_change,
+    a_user_stays_in_one_tenant,
 );

@@ -116,6 +116,21 @@ pub fn canonical_limits(specs: &[String]) -> Result<Vec<String>, DbError> {
         .collect()
 }
 
+/// Why a user may not get a key in `tenant` when its other keys are in `existing`: a
+/// user's limits are counted under its tenant (one Redis hash tag per request), so every
+/// key of a user belongs to the same tenant, or all to none.
+pub fn tenant_conflict(user: &str, tenant: Option<&str>, existing: Option<&str>) -> String {
+    let name = |t: Option<&str>| match t {
+        Some(t) => format!("tenant `{t}`"),
+        None => "no tenant".to_string(),
+    };
+    format!(
+        "user `{user}` already has keys with {}; a key with {} would count the user's limits in two places — every key of a user belongs to one tenant",
+        name(existing),
+        name(tenant)
+    )
+}
+
 /// Names, users, tenants and plans are 1-200 printable characters.
 pub fn validate_name(what: &str, v: &Option<String>) -> Result<(), DbError> {
     if let Some(s) = v

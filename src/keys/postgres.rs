@@ -92,6 +92,26 @@ impl PgKeyStore {
         };
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
+        if let Some(user) = &rec.user {
+            // One creation per user at a time, so two concurrent keys cannot pick two
+            // tenants.
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[user])
+                .await?;
+            let other = tx
+                .query_opt(
+                    "SELECT tenant_id FROM api_keys WHERE user_id = $1 AND tenant_id IS DISTINCT FROM $2 LIMIT 1",
+                    &[user, &rec.tenant],
+                )
+                .await?;
+            if let Some(row) = other {
+                let existing: Option<String> = row.get(0);
+                return Err(PgError::Invalid(super::tenant_conflict(
+                    user,
+                    rec.tenant.as_deref(),
+                    existing.as_deref(),
+                )));
+            }
+        }
         tx.execute(
             "INSERT INTO api_keys (id, key_hash, name, user_id, tenant_id, plan, status, created_at)
              VALUES ($1, $2, $3, $4, $5, $6, 'active', ($7::text)::timestamptz)",

@@ -47,6 +47,22 @@ pub async fn create(db: &Db, new: NewKey) -> Result<(KeyRecord, String), DbError
     };
     let r = rec.clone();
     db.call(move |c| {
+        if let Some(user) = &r.user {
+            let other: Option<Option<String>> = c
+                .query_row(
+                    "SELECT tenant_id FROM api_keys WHERE user_id = ?1 AND tenant_id IS NOT ?2 LIMIT 1",
+                    params![user, r.tenant],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(existing) = other {
+                return Err(DbError::Invalid(super::tenant_conflict(
+                    user,
+                    r.tenant.as_deref(),
+                    existing.as_deref(),
+                )));
+            }
+        }
         c.execute(
             "INSERT INTO api_keys (id, key_hash, name, user_id, tenant_id, plan, status, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'active', ?7)",
