@@ -44,7 +44,8 @@ if [[ "${1:-}" == "--test" ]]; then
   if [[ "$(cat "$sdk/.venv/.requirements.sha256" 2>/dev/null)" != "$(stamp "$sdk/python/requirements.txt")" ]]; then
     echo "installing the Python SDKs into $sdk/.venv"
     rm -rf "$sdk/.venv"
-    python3 -m venv "$sdk/.venv"
+    # ensurepip has been seen to fail once under heavy load and succeed at once after.
+    python3 -m venv "$sdk/.venv" || { rm -rf "$sdk/.venv"; sleep 2; python3 -m venv "$sdk/.venv"; }
     "$sdk/.venv/bin/pip" install -q --disable-pip-version-check -r "$sdk/python/requirements.txt"
     stamp "$sdk/python/requirements.txt" >"$sdk/.venv/.requirements.sha256"
   fi
