@@ -104,12 +104,25 @@ pub fn build_engine_parts(
             let known = Arc::new(LastKnown::default());
             // The share starts from what the previous run last heard, so a process
             // started during an outage does not take the whole remainder.
-            let last_live = db
+            let recorded = db
                 .call_blocking(|c| crate::journal::outbox::meta_get(c, FLEET_LIVE))
                 .ok()
                 .flatten()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(1);
+                .and_then(|v| v.parse::<usize>().ok());
+            let last_live = recorded.unwrap_or(1);
+            let has_history = db
+                .call_blocking(|c| {
+                    Ok(
+                        c.query_row("SELECT EXISTS (SELECT 1 FROM journal_events)", [], |r| {
+                            r.get::<_, bool>(0)
+                        })?,
+                    )
+                })
+                .unwrap_or(false);
+            let alone_at_start = match recorded {
+                Some(n) => n <= 1,
+                None => has_history,
+            };
             let fleet =
                 Arc::new(Fleet::new(config.server.instance_id.clone()).with_last_live(last_live));
             {
@@ -149,6 +162,7 @@ pub fn build_engine_parts(
                             not_below: Arc::new(not_below()),
                             journal: ob.ledger_loader(),
                             fleet: fleet.clone(),
+                            alone_at_start,
                         }),
                     )
                 }

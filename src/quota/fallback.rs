@@ -214,6 +214,9 @@ impl FallbackStore {
     /// Heartbeat as `fleet`'s instance while the primary answers, and enforce this
     /// instance's share of the fleet in the local counters (set once, at start).
     pub fn set_fleet(&self, fleet: Arc<Fleet>) {
+        // The last size heard (kept in the journal): a process started during an outage
+        // takes its share of it, not the whole remainder.
+        self.local.set_share(fleet.live());
         let _ = self.fleet.set(fleet);
     }
 
@@ -244,6 +247,17 @@ impl FallbackStore {
             Ok(Some(hb)) => {
                 fleet.observe(&hb.peers, hb.twin);
                 self.local.set_share(fleet.live());
+                // Local copies made while rebuilds were deferred go once nothing is waited
+                // for: the next deferral loads fresh ones.
+                if fleet.waiting_on().is_empty()
+                    && !fleet.self_behind()
+                    && self.deferred.load(std::sync::atomic::Ordering::Relaxed)
+                    && self.state.lock().local.is_empty()
+                {
+                    self.local.clear();
+                    self.deferred
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
                 let was = self
                     .twin
                     .swap(hb.twin, std::sync::atomic::Ordering::Relaxed);

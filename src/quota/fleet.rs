@@ -82,6 +82,11 @@ struct View {
     last_beat: Option<Instant>,
     /// Since when this instance has been in contact with the store without a break.
     contact_since: Option<Instant>,
+    /// This instance lost contact with the store (an outage, or it started while the store
+    /// was unreachable): peers silent since may be replaying that outage's backlog.
+    lost: bool,
+    /// The store answered a heartbeat in this run.
+    heard: bool,
     peers: HashMap<String, Heard>,
     /// Instances heard from within [`LIVE_FOR`] at the last answer (this one included).
     live: usize,
@@ -190,9 +195,9 @@ impl Fleet {
 
     fn observe_at(&self, peers: &[Peer], now: Instant) {
         let mut v = self.view.lock();
+        v.heard = true;
         v.last_beat = Some(now);
         v.contact_since.get_or_insert(now);
-        let mut live = 1;
         for p in peers.iter().filter(|p| p.id != self.me) {
             let at = now.checked_sub(p.age).unwrap_or(now);
             let e = v.peers.entry(p.id.clone()).or_insert(Heard {
@@ -203,14 +208,20 @@ impl Fleet {
                 e.at = at;
                 e.behind = p.behind;
             }
-            if p.age <= LIVE_FOR {
-                live += 1;
-            }
         }
-        v.live = live;
         let since = v.contact_since.unwrap_or(now);
         v.peers
             .retain(|_, h| now.duration_since(h.at.max(since)) < FORGET_AFTER);
+        // From this instance's view, not this one answer: a store that lost its fleet
+        // hash (restarted empty) answers with this instance alone at first.
+        v.live = 1 + v
+            .peers
+            .values()
+            .filter(|h| now.duration_since(h.at) <= LIVE_FOR)
+            .count();
+        if v.lost && now.duration_since(since) >= FORGET_AFTER {
+            v.lost = false;
+        }
     }
 
     /// The shared store did not answer: contact is broken until the next answer.
@@ -218,6 +229,12 @@ impl Fleet {
         let mut v = self.view.lock();
         v.contact_since = None;
         v.last_beat = None;
+        v.lost = true;
+    }
+
+    /// Whether the store answered a heartbeat in this run.
+    pub fn heard(&self) -> bool {
+        self.view.lock().heard
     }
 
     /// Instances that counted in the share the last time the store answered (≥ 1).
@@ -235,13 +252,18 @@ impl Fleet {
     fn waiting_on_at(&self, now: Instant) -> Vec<String> {
         let v = self.view.lock();
         let since = v.contact_since.unwrap_or(now);
+        // Silence matters only after this instance lost contact itself: then a silent peer
+        // may be in the same outage, with a backlog it cannot report. A peer that falls
+        // silent while this instance is in contact (stopped, redeployed) holds nothing
+        // back: what it left unapplied comes back with it.
+        let recovering = v.lost;
         let mut out: Vec<String> = v
             .peers
             .iter()
             .filter(|(_, h)| {
                 let silent = now.duration_since(h.at);
                 let gone = now.duration_since(h.at.max(since)) >= FORGET_AFTER;
-                !gone && (h.behind || silent >= STALE_AFTER)
+                !gone && (h.behind || (recovering && silent >= STALE_AFTER))
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -294,6 +316,10 @@ pub struct AloneOrNotBelow {
     pub not_below: Arc<dyn CounterLoader>,
     pub journal: Arc<dyn CounterLoader>,
     pub fleet: Arc<Fleet>,
+    /// What the journal said at start: its last fleet size was 1, or (never recorded) it
+    /// holds a history this instance made on its own. A fresh journal knows nothing: not
+    /// alone, so its counters are refused rather than started from zero.
+    pub alone_at_start: bool,
 }
 
 #[async_trait::async_trait]
@@ -310,7 +336,9 @@ impl CounterLoader for AloneOrNotBelow {
                 *counter = c;
                 Ok(())
             }
-            Err(_) if self.fleet.live() <= 1 => self.journal.load(limit, counter, now).await,
+            Err(_) if self.fleet.live() <= 1 && (self.fleet.heard() || self.alone_at_start) => {
+                self.journal.load(limit, counter, now).await
+            }
             Err(e) => Err(e),
         }
     }
@@ -362,6 +390,24 @@ mod tests {
         assert_eq!(f.waiting_on(), vec!["b".to_string()]);
         f.observe(&[peer("a", 0, false), peer("b", 50, false)], false);
         assert!(f.waiting_on().is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_falls_silent_while_in_contact_holds_nothing_back() {
+        let f = Fleet::new("a");
+        let t0 = Instant::now();
+        f.observe_at(&[peer("b", 0, false)], t0);
+        // b stopped (a deploy) while a kept its contact: nothing to wait for.
+        let later = t0 + Duration::from_secs(10);
+        f.observe_at(&[peer("a", 0, false)], later);
+        assert!(f.waiting_on_at(later).is_empty());
+        assert_eq!(f.live(), 2, "b was heard within LIVE_FOR");
+        // The store restarted empty: a counts b from its own view.
+        let f = Fleet::new("a");
+        f.observe_at(&[peer("b", 0, false)], t0);
+        f.lost_contact();
+        f.observe_at(&[peer("a", 0, false)], t0 + Duration::from_secs(1));
+        assert_eq!(f.live(), 2);
     }
 
     #[test]
