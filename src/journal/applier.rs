@@ -311,6 +311,11 @@ impl Applier {
                             tracing::error!(seq, error = %e, "journal event set aside: the quota store refused it; run `tollgate reconcile --fix`");
                             self.set_aside
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            // Its hold is no longer kept alive: it expires by
+                            // `reservation_ttl` instead of holding room for good.
+                            if let Some(ev) = mine.iter().find(|ev| ev.seq == seq) {
+                                self.store.forget(&ev.trace_id);
+                            }
                             self.applied(seq);
                         }
                         Err(e) => {

@@ -644,6 +644,11 @@ impl QuotaStore for FallbackStore {
         vec![("redis", self.primary_up())]
     }
 
+    fn forget(&self, trace_id: &str) {
+        self.state.lock().primary_holds.remove(trace_id);
+        self.primary.forget(trace_id);
+    }
+
     fn fleet(&self) -> Option<(usize, Vec<String>)> {
         self.fleet.get().map(|f| (f.live(), f.waiting_on()))
     }
