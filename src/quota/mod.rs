@@ -4,6 +4,7 @@
 //! mode). Every backend builds on [`Counter`] and the window bounds computed here, so they
 //! agree on what a limit means.
 
+pub mod counter;
 pub mod fallback;
 pub mod fleet;
 pub mod limit;
@@ -14,11 +15,11 @@ pub mod store;
 pub mod subject;
 pub mod window;
 
+pub use counter::Counter;
 pub use limit::{LimitParseError, LimitSpec, Metric};
 pub use subject::Subject;
 pub use window::{
-    CalendarUnit, Counter, RollingUnit, RollingWindow, Window, WindowParseError, calendar_bounds,
-    ceil_secs,
+    CalendarUnit, RollingUnit, RollingWindow, Window, WindowParseError, calendar_bounds, ceil_secs,
 };
 
 /// `quota.on_unavailable`: what an instance does while the shared counter store (Redis)
