@@ -1,7 +1,7 @@
 //! The module layering of docs/architecture.md (*Layers*), checked against the source.
 //!
 //! Every `src/**/*.rs` file belongs to a top-level module (`src/quota/redis/layout.rs` →
-//! `quota`, `src/engine.rs` → `engine`). A module may use modules of lower layers only:
+//! `quota`, `src/engine/parse.rs` → `engine`). A module may use modules of lower layers only:
 //! every `crate::<module>` path in code (`use` items, grouped `crate::{a, b}` imports and
 //! fully qualified paths alike; `tollgate::<module>` in the binary, `src/main.rs`) that
 //! names a module of the same or a higher layer is reported, and so is any use of a pingora
