@@ -486,8 +486,11 @@ mod tests {
         ) {
             let url = format!("{scheme}://{user}:{password}@{host}{tail}");
             // A password that is also some other part of the URL proves nothing.
+            // (The mask may also stand alone, as `scheme://***@`: a password such as `//*`
+            // is then "shown" by the separator and the mask.)
             let rest = format!("{scheme}://{user}:***@{host}{tail}/***?***");
-            proptest::prop_assume!(!rest.contains(&password));
+            let masked = format!("{scheme}://***@{host}{tail}/***?***");
+            proptest::prop_assume!(!rest.contains(&password) && !masked.contains(&password));
             let shown = redact_url(&url, keep_path);
             proptest::prop_assert!(!shown.contains(&password), "{} -> {}", url, shown);
         }
