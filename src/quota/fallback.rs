@@ -356,21 +356,19 @@ impl FallbackStore {
         match self.primary.reserve(req).await {
             Ok(out) => {
                 if let ReserveOutcome::Admitted(states) = &out {
-                    {
-                        self.remember(states);
-                        if self.policy == OnUnavailable::Local {
-                            let late = {
-                                let mut s = self.state.lock();
-                                if s.primary_up {
-                                    s.primary_holds.insert(req.trace_id.clone(), req.clone());
-                                }
-                                !s.primary_up
-                            };
-                            // The primary went down since it answered: carry this one over.
-                            if late {
-                                let _g = self.handover.read().await;
-                                self.hold_locally(req).await;
+                    self.remember(states);
+                    if self.policy == OnUnavailable::Local {
+                        let late = {
+                            let mut s = self.state.lock();
+                            if s.primary_up {
+                                s.primary_holds.insert(req.trace_id.clone(), req.clone());
                             }
+                            !s.primary_up
+                        };
+                        // The primary went down since it answered: carry this one over.
+                        if late {
+                            let _g = self.handover.read().await;
+                            self.hold_locally(req).await;
                         }
                     }
                 }

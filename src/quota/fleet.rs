@@ -443,4 +443,64 @@ mod tests {
         f.observe_at(&[peer("a", 0, false), peer("b", 10, false)], back);
         assert!(f.waiting_on_at(back).is_empty());
     }
+
+    /// A loader that fails, or adds `n` to the counter.
+    struct Stub(Option<i64>);
+
+    #[async_trait::async_trait]
+    impl CounterLoader for Stub {
+        async fn load(
+            &self,
+            _limit: &AppliedLimit,
+            counter: &mut Counter,
+            now: DateTime<Utc>,
+        ) -> Result<(), QuotaError> {
+            match self.0 {
+                Some(n) => {
+                    counter.add(now, n, now);
+                    Ok(())
+                }
+                None => Err(QuotaError::Other("ledger unreachable".into())),
+            }
+        }
+    }
+
+    /// With the ledger of record unreachable, only an instance that knows it is alone takes
+    /// its journal as the fleet's usage: a fresh journal, or one that heard of others,
+    /// refuses.
+    #[tokio::test]
+    async fn only_a_known_lone_instance_rebuilds_from_its_journal() {
+        use std::str::FromStr;
+        let limit = AppliedLimit {
+            subject: crate::quota::Subject::Key("k_1".into()),
+            spec: crate::quota::LimitSpec::from_str("requests:total=10").unwrap(),
+            plan: None,
+        };
+        let load = |fleet: Arc<Fleet>, alone_at_start: bool| {
+            let l = AloneOrNotBelow {
+                not_below: Arc::new(Stub(None)),
+                journal: Arc::new(Stub(Some(3))),
+                fleet,
+                alone_at_start,
+            };
+            let limit = limit.clone();
+            async move {
+                let now = Utc::now();
+                let mut c = Counter::new(limit.spec.window, chrono_tz::UTC);
+                l.load(&limit, &mut c, now).await.map(|()| c.used(now))
+            }
+        };
+        // Fresh journal, never heard from Redis: refused.
+        assert!(load(Arc::new(Fleet::new("a")), false).await.is_err());
+        // A history made alone (or a recorded fleet of 1): the journal.
+        assert_eq!(load(Arc::new(Fleet::new("a")), true).await.unwrap(), 3);
+        // Heard of another instance this run: refused, whatever the journal says.
+        let f = Arc::new(Fleet::new("a"));
+        f.observe(&[peer("b", 0, false)], false);
+        assert!(load(f, true).await.is_err());
+        // Heard, and alone: the journal.
+        let f = Arc::new(Fleet::new("a"));
+        f.observe(&[peer("a", 0, false)], false);
+        assert_eq!(load(f, false).await.unwrap(), 3);
+    }
 }
