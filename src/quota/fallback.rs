@@ -874,6 +874,26 @@ mod tests {
         assert!(!admit_settle(&store, &journal, "c", &l).await);
     }
 
+    /// A process started during an outage (Redis down from the start) takes its share of
+    /// the fleet size its journal recorded, not the whole remainder.
+    #[tokio::test]
+    async fn a_process_started_in_an_outage_takes_its_share_of_the_recorded_fleet() {
+        let primary = Flaky::new();
+        primary.down.store(true, Ordering::SeqCst);
+        let (store, journal) =
+            fallback(&primary, OnUnavailable::Local, Some(Arc::new(EmptyHistory)));
+        store.set_fleet(Arc::new(Fleet::new("a").with_last_live(2)));
+        let l = vec![limit("requests:total=10")];
+        let mut admitted = 0;
+        for i in 0..10 {
+            if admit_settle(&store, &journal, &format!("r{i}"), &l).await {
+                admitted += 1;
+            }
+        }
+        assert!(!store.primary_up());
+        assert_eq!(admitted, 5, "half of the 10 for one of two instances");
+    }
+
     /// Durable history with no settled rows (what a ledger holds while requests run).
     struct EmptyHistory;
 
